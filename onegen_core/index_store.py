@@ -1,0 +1,230 @@
+"""Index directories (Contract 2): ``manifest.json`` + ``index.faiss`` + ``docstore.sqlite``.
+
+* ``index.faiss`` — a plain FAISS index (``faiss.read_index`` opens it); vector ids are
+  positions 0..N-1 (or explicit ids through an ``IndexIDMap``) and key the docstore.
+* ``docstore.sqlite`` — table ``documents(vector_id, doc_id, title, text, metadata,
+  source, start, end)``; open it with any SQLite client.
+* ``manifest.json`` — format version, checkpoint fingerprint, special-token ids,
+  dimension, metric (inner product on L2-normalised vectors), FAISS factory string,
+  vector count, corpus digest, build time.
+
+The engine opens an index only if its fingerprint matches the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INDEX_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+DOCSTORE = "docstore.sqlite"
+
+
+class IndexError_(ValueError):
+    """A missing, malformed or mismatched index directory."""
+
+
+class FingerprintMismatchError(IndexError_):
+    pass
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the FAISS backend needs faiss: pip install faiss-cpu (or the 'gpu' extra)") from e
+    return faiss
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+    source: str | None = None  # source document id when the document is a chunk
+    start: int | None = None  # token offsets of a chunk in its source
+    end: int | None = None
+
+
+@dataclass
+class Manifest:
+    checkpoint_fingerprint: str
+    dim: int
+    count: int
+    factory: str = "Flat"
+    metric: str = "inner_product"
+    normalized: bool = True
+    special_token_ids: dict[str, int] = field(default_factory=dict)
+    corpus_digest: str = ""
+    build_time: str = ""
+    format_version: int = INDEX_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # builder settings, training size, …
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_file(cls, path: Path) -> Manifest:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise IndexError_(f"{path}:{e.lineno}:{e.colno}: malformed manifest JSON: {e.msg}") from None
+        if data.get("format_version") != INDEX_FORMAT_VERSION:
+            raise IndexError_(f"{path}: index format_version {data.get('format_version')} is not supported")
+        known = set(cls.__dataclass_fields__)
+        extra = {k: v for k, v in data.items() if k not in known}
+        data = {k: v for k, v in data.items() if k in known}
+        data.setdefault("extra", {}).update(extra)
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise IndexError_(f"{path}: {e}") from None
+
+
+class DocStore:
+    """Read access to ``docstore.sqlite`` (thread-safe: one connection per call)."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise IndexError_(f"{path}: docstore not found")
+        self.path = path
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    def get(self, vector_ids: list[int]) -> list[Document | None]:
+        if not vector_ids:
+            return []
+        with self._connect() as con:
+            q = ",".join("?" * len(set(vector_ids)))
+            rows = con.execute(
+                f"SELECT vector_id, doc_id, title, text, metadata, source, start, end FROM documents "
+                f"WHERE vector_id IN ({q})",
+                [int(v) for v in set(vector_ids)],
+            ).fetchall()
+        by_id = {r[0]: _row_to_doc(r) for r in rows}
+        return [by_id.get(int(v)) for v in vector_ids]
+
+    def __len__(self) -> int:
+        with self._connect() as con:
+            return con.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+
+
+def _row_to_doc(r: tuple) -> Document:
+    return Document(id=r[1], title=r[2], text=r[3], metadata=json.loads(r[4]) if r[4] else None,
+                    source=r[5], start=r[6], end=r[7])
+
+
+def create_docstore(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path)
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS documents (vector_id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL, title TEXT, "
+        "text TEXT NOT NULL, metadata TEXT, source TEXT, start INTEGER, end INTEGER)"
+    )
+    con.execute("CREATE INDEX IF NOT EXISTS documents_doc_id ON documents(doc_id)")
+    return con
+
+
+def insert_documents(con: sqlite3.Connection, first_vector_id: int, docs: list[Document]) -> None:
+    con.executemany(
+        "INSERT INTO documents VALUES (?,?,?,?,?,?,?,?)",
+        [
+            (first_vector_id + i, d.id, d.title, d.text, json.dumps(d.metadata) if d.metadata is not None else None,
+             d.source, d.start, d.end)
+            for i, d in enumerate(docs)
+        ],
+    )
+
+
+class IndexStore:
+    """An opened index directory: FAISS index + docstore + manifest."""
+
+    def __init__(self, path: Path, manifest: Manifest, index: Any, docstore: DocStore):
+        self.path = path
+        self.manifest = manifest
+        self.index = index
+        self.docstore = docstore
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, expected_fingerprint: str | None = None, mmap: bool = False) -> IndexStore:
+        faiss = import_faiss()
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise IndexError_(f"{path}: not an index directory (no {MANIFEST}); build one with python -m index_builder build")
+        manifest = Manifest.from_file(path / MANIFEST)
+        if expected_fingerprint is not None and manifest.checkpoint_fingerprint != expected_fingerprint:
+            raise FingerprintMismatchError(
+                f"index {path} was built with checkpoint fingerprint {manifest.checkpoint_fingerprint}, "
+                f"but the checkpoint being served has fingerprint {expected_fingerprint}; rebuild the index "
+                "with this checkpoint (python -m index_builder build)"
+            )
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(path / INDEX_FILE), flags)
+        if index.d != manifest.dim or index.ntotal != manifest.count:
+            raise IndexError_(
+                f"{path}: index.faiss has dim {index.d} and {index.ntotal} vectors but the manifest says "
+                f"dim {manifest.dim} and {manifest.count}"
+            )
+        return cls(path, manifest, index, DocStore(path / DOCSTORE))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``queries``: [n, d] float32, L2-normalised. Returns (scores [n, k], vector ids [n, k]; -1 = none)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return self.index.search(q, min(k, max(self.index.ntotal, 1)))
+
+
+def write_index_dir(
+    out: str | os.PathLike,
+    vectors: np.ndarray,
+    documents: list[Document],
+    *,
+    checkpoint_fingerprint: str,
+    special_token_ids: dict[str, int] | None = None,
+    factory: str = "Flat",
+    corpus_digest: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete index dir from in-memory vectors (small corpora, tests). Atomic: built aside, renamed."""
+    faiss = import_faiss()
+    out = Path(out)
+    if len(vectors) != len(documents):
+        raise ValueError(f"{len(vectors)} vectors but {len(documents)} documents")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    faiss.write_index(index, str(tmp / INDEX_FILE))
+    con = create_docstore(tmp / DOCSTORE)
+    with con:
+        insert_documents(con, 0, documents)
+    con.close()
+    manifest = Manifest(
+        checkpoint_fingerprint=checkpoint_fingerprint,
+        dim=int(vectors.shape[1]),
+        count=len(documents),
+        factory=factory,
+        special_token_ids=special_token_ids or {},
+        corpus_digest=corpus_digest,
+        build_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        extra=extra or {},
+    )
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
