@@ -1,0 +1,117 @@
+"""The one encoder: documents and queries to L2-normalised vectors with the generation model.
+
+A document is rendered as ``document template + [RD]`` and a query as
+``query template + [RQ]`` (``rendering.Renderer``); the vector is the final-layer
+hidden state (after the last norm) at that RET token, L2-normalised. The index
+builder, ``/retrieve`` and the tests call this and nothing else, so index vectors
+and query vectors come from the same code as the engine's in-flight queries
+(``normalize`` is shared with the engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .model import build_attention_metadata, build_model
+from .rendering import Renderer
+
+
+def normalize(h: torch.Tensor) -> torch.Tensor:
+    """[N, d] hidden states -> float32 unit vectors (the metric is inner product on these)."""
+    return F.normalize(h.float(), p=2.0, dim=-1)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r} is not supported; one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+class Encoder:
+    def __init__(self, checkpoint: Checkpoint, model: Any, device: torch.device, max_length: int):
+        self.checkpoint = checkpoint
+        self.model = model
+        self.device = device
+        self.max_length = max_length
+        self.renderer = Renderer.for_checkpoint(checkpoint)
+        self.dim = model.hidden_size
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Checkpoint, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+        max_length: int | None = None,
+    ) -> Encoder:
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        dev = resolve_device(device)
+        model = build_model(ckpt, resolve_dtype(dtype, dev), dev)
+        return cls(ckpt, model, dev, max_length or ckpt.config.max_position_embeddings)
+
+    @torch.inference_mode()
+    def encode_token_ids(self, seqs: Sequence[Sequence[int]], *, batch_tokens: int = 8192) -> torch.Tensor:
+        """Hidden state at each sequence's last token, normalised: [n, d] float32 on the CPU.
+
+        Sequences are packed in the given order into batches of at most ``batch_tokens``
+        tokens (sort by length first to waste little padding).
+        """
+        for i, s in enumerate(seqs):
+            if len(s) == 0:
+                raise ValueError(f"sequence {i} is empty")
+            if len(s) > self.max_length:
+                raise ValueError(
+                    f"sequence {i} has {len(s)} tokens, more than the model's maximum of {self.max_length}; "
+                    "chunk long documents first"
+                )
+        out = torch.empty(len(seqs), self.dim, dtype=torch.float32)
+        i = 0
+        while i < len(seqs):
+            j, tokens = i, 0
+            while j < len(seqs) and (j == i or tokens + len(seqs[j]) <= batch_tokens):
+                tokens += len(seqs[j])
+                j += 1
+            lens = [len(s) for s in seqs[i:j]]
+            ids = torch.tensor([t for s in seqs[i:j] for t in s], dtype=torch.long, device=self.device)
+            meta = build_attention_metadata(lens, lens, device=self.device)
+            hidden = self.model(ids, meta)  # [T, d]
+            last = torch.tensor(lens, device=self.device).cumsum(0) - 1
+            out[i:j] = normalize(hidden[last]).cpu()
+            i = j
+        return out
+
+    def _encode_sorted(self, seqs: list[list[int]], batch_tokens: int) -> np.ndarray:
+        order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
+        vecs = self.encode_token_ids([seqs[k] for k in order], batch_tokens=batch_tokens)
+        out = torch.empty_like(vecs)
+        out[torch.tensor(order, dtype=torch.long)] = vecs
+        return out.numpy()
+
+    def encode_documents(self, docs: Sequence[tuple[str, str | None] | str], *, batch_tokens: int = 8192) -> np.ndarray:
+        """Documents ``(text, title)`` (or plain texts) -> [n, d] float32 unit vectors."""
+        seqs = []
+        for d in docs:
+            text, title = (d, None) if isinstance(d, str) else d
+            seqs.append(self.renderer.document(text, title))
+        return self._encode_sorted(seqs, batch_tokens)
+
+    def encode_queries(self, queries: Sequence[str], *, batch_tokens: int = 8192) -> np.ndarray:
+        """Queries -> [n, d] float32 unit vectors (query template + the query RET token)."""
+        return self._encode_sorted([self.renderer.query(q) for q in queries], batch_tokens)

@@ -1,0 +1,6 @@
+"""Native model code: the Llama-family forward, attention backends and weight loading."""
+
+from .attention import AttentionMetadata, build_attention_metadata
+from .llama import LlamaFamilyModel, build_model
+
+__all__ = ["AttentionMetadata", "LlamaFamilyModel", "build_attention_metadata", "build_model"]
