@@ -133,3 +133,40 @@ def build_tiny_checkpoint(
     tokenizer.save_pretrained(out)
     spec.save(out)
     return out
+
+
+def make_query_token_likely(ckpt_dir: str | os.PathLike, prompts: list[str] | None = None, rank: int = 1) -> int:
+    """Make a random tiny model emit its first query token sometimes (tests of in-flight retrieval).
+
+    Greedy-decodes a few prompts with transformers, picks the ``rank``-th most frequent
+    generated token and gives the query token that token's LM-head row scaled by 1.05:
+    wherever that token would win, the query token now wins instead; once retrieval is
+    spent (the token masked out) the original token takes its place again. Returns the
+    id of the token whose row was copied.
+    """
+    from collections import Counter
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .spec import OneGenSpec
+
+    ckpt_dir = Path(ckpt_dir)
+    spec = OneGenSpec.load(ckpt_dir)
+    tok = AutoTokenizer.from_pretrained(ckpt_dir)
+    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
+    special = set(tok.convert_tokens_to_ids(spec.special_tokens)) | set(tok.all_special_ids)
+    counts: Counter[int] = Counter()
+    for p in prompts or ["The river flows", "Paris is the capital", "Question: who wrote", "Zorblat lives in"]:
+        ids = torch.tensor([tok.encode(p, add_special_tokens=False)])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False)
+        counts.update(t for t in out[0, ids.shape[1]:].tolist() if t not in special)
+    donor = [t for t, _ in counts.most_common()][min(rank, len(counts) - 1)]
+    qid = tok.convert_tokens_to_ids(spec.query_tokens[0].token)
+    path = ckpt_dir / "model.safetensors"
+    sd = load_file(str(path))
+    key = "lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight"
+    sd[key][qid] = sd[key][donor] * 1.05
+    save_file(sd, str(path), metadata={"format": "pt"})
+    return donor

@@ -1,0 +1,104 @@
+"""Per-request state. The scheduler and the model runner read these fields and keep none of their own.
+
+``token_ids`` is the whole sequence as the model sees it: prompt, generated tokens,
+and inserted passages, each token with its role. ``num_cached_tokens`` counts the
+tokens whose K/V are in the cache; everything after it is scheduled next (a decode
+token, a prompt chunk, or an inserted passage as an *extend*).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .outputs import FinishReason, GenerationResult, RetrievalRecord, Usage
+from .params import RetrievalParams, SamplingParams
+from .roles import Role
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]
+    roles: list[Role]
+    sampling: SamplingParams
+    retrieval: RetrievalParams  # k / max_retrievals resolved against the checkpoint's defaults
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None = None  # per-request RNG when a seed is given
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_cached_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # generated tokens (query RET tokens included)
+    logprobs: list[float] | None = None
+    num_retrieved_tokens: int = 0
+    pending_query: int | None = None  # sampled query token id awaiting its forward + search
+    forced_next: int | None = None  # token to append instead of sampling (annotate follow-up)
+    trace: list[RetrievalRecord] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+        if self.sampling.logprobs:
+            self.logprobs = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncached(self) -> int:
+        return len(self.token_ids) - self.num_cached_tokens
+
+    @property
+    def num_retrievals(self) -> int:
+        return len(self.trace)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append(self, ids: list[int], role: Role) -> None:
+        self.token_ids.extend(ids)
+        self.roles.extend([role] * len(ids))
+
+    def may_retrieve(self) -> bool:
+        return self.retrieval.enabled and self.num_retrievals < (self.retrieval.max_retrievals or 0)
+
+    def usage(self) -> Usage:
+        return Usage(self.num_prompt_tokens, len(self.output_ids), self.num_retrieved_tokens)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            request_id=self.request_id,
+            text=self.detok.text,
+            token_ids=list(self.output_ids),
+            finish_reason=self.finish_reason or "abort",
+            usage=self.usage(),
+            retrievals=list(self.trace),
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            error=self.error,
+            arrival_time=self.arrival_time,
+            first_scheduled_time=self.first_scheduled_time,
+            first_token_time=self.first_token_time,
+            finish_time=self.finish_time,
+        )
+
+    def describe(self) -> dict[str, Any]:  # for logs / debugging
+        return {"request_id": self.request_id, "status": self.status.value, "tokens": self.num_tokens,
+                "cached": self.num_cached_tokens, "generated": len(self.output_ids), "retrievals": self.num_retrievals}
