@@ -35,7 +35,11 @@ def naive_generate(hf_model, engine, prompt: str, *, max_tokens: int, max_retrie
             if queries_out is not None:
                 queries_out.append(q)
             hits = engine.retriever.search(q[None], k)[0]
-            for hit in hits:
-                ids += engine.renderer.passage(hit.text, hit.title)
             n_ret += 1
+            if tid.query[t].action == "insert":
+                for hit in hits:
+                    ids += engine.renderer.passage(hit.text, hit.title)
+            elif t in tid.follow_up:  # annotate: nothing inserted; the follow-up token is forced
+                ids.append(tid.follow_up[t])
+                out.append(tid.follow_up[t])
     return out
