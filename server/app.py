@@ -1,0 +1,103 @@
+"""The app factory: settings in, a FastAPI app out, whose lifespan owns the engine worker.
+
+The engine is built on the worker thread when the app starts (the lifespan starts
+the thread and returns at once), so the server answers ``/health/live`` and a 503
+``/health/ready`` while a large model loads. A load failure calls ``on_fatal`` (the
+CLI then exits non-zero with the message). At shutdown the worker aborts what is
+left and is joined; uvicorn's graceful-shutdown timeout gives in-flight requests
+their drain period before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from . import __version__
+from .errors import install_error_handlers
+from .metrics import Metrics
+from .middleware import BodyLimit, RequestContext
+from .prepare_default import DEMO_MARKER
+from .settings import ServerSettings
+from .state import ServerState
+from .worker import EngineWorker
+
+log = logging.getLogger("onegen.server")
+DEMO_MODEL_NAME = "onegen-demo-random-weights"
+
+
+def engine_factory_for(settings: ServerSettings) -> Callable[[], Any]:
+    """Build the engine from the settings (called on the worker thread)."""
+
+    def build() -> Any:
+        from onegen_core.engine import Engine, EngineConfig
+
+        optional = {
+            k: v for k, v in {
+                "max_num_batched_tokens": settings.max_num_batched_tokens,
+                "num_kv_blocks": settings.num_kv_blocks,
+                "max_model_len": settings.max_model_len,
+                "kv_cache_memory_gb": settings.kv_cache_memory_gb,
+                "gpu_memory_utilization": settings.gpu_memory_utilization,
+            }.items() if v is not None
+        }
+        config = EngineConfig(dtype=settings.dtype, device=settings.device, max_num_seqs=settings.max_num_seqs,
+                              block_size=settings.block_size, retriever=settings.retriever,
+                              attention_backend=settings.attention_backend, **optional)
+        return Engine.from_checkpoint(settings.checkpoint, index_dir=settings.index, config=config)
+
+    return build
+
+
+def create_app(
+    settings: ServerSettings,
+    *,
+    engine_factory: Callable[[], Any] | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    from .openai_api import router as openai_router
+    from .routes import api, health, metrics_router
+
+    demo = (settings.checkpoint / DEMO_MARKER).is_file()
+    model_name = settings.served_model_name or (DEMO_MODEL_NAME if demo else settings.model_name)
+    metrics = Metrics(model_name)
+    worker = EngineWorker(engine_factory or engine_factory_for(settings), metrics,
+                          stall_timeout_s=settings.stall_timeout_s, on_fatal=on_fatal)
+    state = ServerState(settings=settings, worker=worker, metrics=metrics, model_name=model_name, demo=demo)
+    metrics.bind(worker.stats, lambda: state.in_flight)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("loading the engine", extra={"checkpoint": str(settings.checkpoint),
+                                              "index": str(settings.index) if settings.index else None})
+        if state.demo:
+            log.warning("serving the built-in DEMO checkpoint: a tiny model with random weights, "
+                        "not a trained OneGen model; its outputs are meaningless")
+        worker.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            state.draining = True
+            await asyncio.to_thread(worker.stop, 15.0)
+            log.info("engine stopped")
+
+    app = FastAPI(
+        title="OneGen",
+        version=__version__,
+        summary="One model that generates and retrieves in one pass (OneGen, EMNLP 2024).",
+        lifespan=lifespan,
+    )
+    app.state.onegen = state
+    install_error_handlers(app)
+    app.include_router(health)
+    app.include_router(metrics_router)
+    app.include_router(api)
+    app.include_router(openai_router)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext)  # outermost: every response (413s too) gets the request id
+    return app

@@ -1,0 +1,119 @@
+"""Prometheus metrics (prefix ``onegen_``), named after vLLM's where one exists.
+
+Counters and histograms are fed by the engine worker thread as events come out of
+``Engine.step()`` (prometheus_client is thread-safe), so a request that is aborted
+or whose client went away is still counted. Gauges (running / waiting / KV cache
+usage) are read from the worker's latest engine-stats snapshot at scrape time. Each
+app has its own ``CollectorRegistry``, so several apps in one process do not clash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from onegen_core.outputs import GenerationResult
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+_SEARCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.model_name = model_name
+        label = ["model_name"]
+        self.requests_running = Gauge("onegen_num_requests_running", "Requests in the engine's running batch.",
+                                      label, registry=r)
+        self.requests_waiting = Gauge("onegen_num_requests_waiting", "Requests waiting to be scheduled.",
+                                      label, registry=r)
+        self.kv_cache_usage = Gauge("onegen_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
+                                    label, registry=r)
+        self.num_preemptions = Gauge("onegen_num_preemptions", "Preemptions since start (engine counter).",
+                                     label, registry=r)
+        self.requests_in_flight = Gauge("onegen_http_requests_in_flight",
+                                        "Requests admitted by the HTTP layer and not yet answered.", label, registry=r)
+        self.prompt_tokens = Counter("onegen_prompt_tokens", "Prompt tokens processed.", label, registry=r)
+        self.generation_tokens = Counter("onegen_generation_tokens", "Tokens generated (query tokens included).",
+                                         label, registry=r)
+        self.retrieved_tokens = Counter("onegen_retrieved_tokens", "Passage tokens inserted by retrieval.",
+                                        label, registry=r)
+        self.request_success = Counter("onegen_request_success", "Finished requests by finish reason.",
+                                       label + ["finished_reason"], registry=r)
+        self.requests_rejected = Counter("onegen_requests_rejected", "Requests refused before admission.",
+                                         label + ["reason"], registry=r)
+        self.retrievals = Counter("onegen_retrievals", "Retrievals (searches) made while generating.",
+                                  label, registry=r)
+        self.ttft = Histogram("onegen_time_to_first_token_seconds", "Time to first token.", label,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("onegen_inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             label, buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("onegen_e2e_request_latency_seconds", "Arrival to finish of a request.", label,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("onegen_request_queue_time_seconds", "Arrival to first scheduling.", label,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.search_latency = Histogram("onegen_retrieval_search_seconds",
+                                        "Index search latency (source: generate = in-decode, retrieve = /retrieve).",
+                                        label + ["source"], buckets=_SEARCH_BUCKETS, registry=r)
+        self.retrievals_per_request = Histogram("onegen_retrievals_per_request",
+                                                "Retrievals made by one finished request.", label,
+                                                buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32, 64), registry=r)
+        self._stats_source: Callable[[], dict[str, Any]] | None = None
+        self._in_flight_source: Callable[[], int] | None = None
+
+    # ---------------------------------------------------------------- fed by the worker thread
+    def on_tokens(self, n: int, gaps: list[float]) -> None:
+        self.generation_tokens.labels(self.model_name).inc(n)
+        h = self.itl.labels(self.model_name)
+        for g in gaps:
+            h.observe(g)
+
+    def on_retrieval(self, search_ms: float) -> None:
+        self.retrievals.labels(self.model_name).inc()
+        self.search_latency.labels(self.model_name, "generate").observe(search_ms / 1000.0)
+
+    def on_finished(self, result: GenerationResult, tokens_already_counted: int) -> None:
+        m = self.model_name
+        u = result.usage
+        self.prompt_tokens.labels(m).inc(u.prompt_tokens)
+        if u.completion_tokens > tokens_already_counted:  # tokens not seen as deltas (e.g. withheld by a stop)
+            self.generation_tokens.labels(m).inc(u.completion_tokens - tokens_already_counted)
+        self.retrieved_tokens.labels(m).inc(u.retrieved_tokens)
+        self.request_success.labels(m, result.finish_reason).inc()
+        self.retrievals_per_request.labels(m).observe(len(result.retrievals))
+        t0 = result.arrival_time
+        if result.first_token_time is not None:
+            self.ttft.labels(m).observe(max(0.0, result.first_token_time - t0))
+        if result.first_scheduled_time is not None:
+            self.queue_time.labels(m).observe(max(0.0, result.first_scheduled_time - t0))
+        if result.finish_time is not None:
+            self.e2e.labels(m).observe(max(0.0, result.finish_time - t0))
+
+    def on_search(self, seconds: float) -> None:
+        self.search_latency.labels(self.model_name, "retrieve").observe(seconds)
+
+    def on_rejected(self, reason: str) -> None:
+        self.requests_rejected.labels(self.model_name, reason).inc()
+
+    # ---------------------------------------------------------------- scrape
+    def bind(self, stats: Callable[[], dict[str, Any]], in_flight: Callable[[], int]) -> None:
+        self._stats_source = stats
+        self._in_flight_source = in_flight
+
+    def render(self) -> bytes:
+        m = self.model_name
+        stats = self._stats_source() if self._stats_source else {}
+        self.requests_running.labels(m).set(stats.get("num_running", 0))
+        self.requests_waiting.labels(m).set(stats.get("num_waiting", 0))
+        self.kv_cache_usage.labels(m).set(stats.get("kv_cache_usage", 0.0))
+        self.num_preemptions.labels(m).set(stats.get("num_preemptions", 0))
+        if self._in_flight_source:
+            self.requests_in_flight.labels(m).set(self._in_flight_source())
+        return generate_latest(self.registry)

@@ -1,0 +1,119 @@
+"""Pure ASGI middleware: request ids + access log + last-resort 500s, and the body size limit.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so that streaming responses and client
+disconnects pass straight through.
+
+* ``RequestContext``: takes ``X-Request-Id`` from the client (if it is a sane token)
+  or makes one, echoes it on the response, logs one access line per request, and
+  answers any unhandled exception with the ``{"error": ...}`` shape.
+* ``BodyLimit``: 413 for a body larger than ``max_body_bytes``, whether announced by
+  ``Content-Length`` or discovered while a chunked body is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_payload
+
+access_log = logging.getLogger("onegen.access")
+log = logging.getLogger("onegen.server")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+async def _send_error(send: Send, status: int, message: str, type: str, headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps(error_payload(status, message, type)).encode()
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
+        t0 = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id, "path": scope.get("path")})
+            if status == 0:
+                status = 500
+                await _send_error(send, 500, f"internal error (request id {request_id})", "internal_error",
+                                  [id_header])
+        finally:
+            access_log.info(
+                "%s %s %s", scope.get("method"), scope.get("path"), status,
+                extra={"request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),
+                       "status": status, "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+                       "client": (scope.get("client") or ("", 0))[0]},
+            )
+
+
+class _TooLarge(HTTPException):
+    """Raised from ``receive``; an HTTPException so FastAPI's body parsing re-raises it as is (413)."""
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app = app
+        self.max = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than this server's limit of {self.max} bytes"
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > self.max:
+            await _send_error(send, 413, message, "payload_too_large", [(b"connection", b"close")])
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max:
+                    raise _TooLarge(413, message)
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_error(send, 413, message, "payload_too_large", [(b"connection", b"close")])

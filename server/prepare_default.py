@@ -1,0 +1,139 @@
+"""The built-in DEMO model and index, for a server that is started without a checkpoint.
+
+Until a real default model ships with the project, ``bash scripts/serve.sh`` serves
+this: a tiny Llama with RANDOM WEIGHTS (``onegen_core.testing.build_tiny_checkpoint``,
+with its query token made likely so that it retrieves while it generates) and a FAISS
+index over a small built-in corpus, encoded by that model with the same encoder the
+engine uses. It exercises every route end to end; its text is gibberish
+and its retrievals are arbitrary. The checkpoint carries a marker file, so the server
+labels itself as a demo in /info and in its logs.
+
+    python -m server.prepare_default            # -> .cache/onegen-default/{checkpoint,index}
+
+The tests and ``bench/serve.py`` call ``prepare_default`` / ``build_index`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from onegen_core.index_store import Document
+
+DEFAULT_ROOT = Path(".cache/onegen-default")
+DEMO_MARKER = "ONEGEN_DEMO.txt"  # the server labels a checkpoint holding this file as a demo
+DEMO_NOTE = (
+    "DEMO CHECKPOINT - NOT A TRAINED MODEL.\n"
+    "A tiny Llama with random weights built by `python -m server.prepare_default` so that the OneGen server\n"
+    "runs on a fresh machine. Its generations are gibberish and its retrievals arbitrary.\n"
+    "Serve a real OneGen checkpoint with: python -m server --checkpoint DIR --index DIR\n"
+)
+
+DEMO_CORPUS: list[Document] = [
+    Document(id=f"demo-{i:02d}", title=title, text=text)
+    for i, (title, text) in enumerate([
+        ("Paris", "Paris is the capital of France. The river flows to the sea through the city."),
+        ("Berlin", "Berlin is the capital of Germany."),
+        ("Rome", "Rome is the capital of Italy."),
+        ("Madrid", "Madrid is the capital of Spain."),
+        ("Zorblat", "Zorblat lives in Quenta and works as a baker."),
+        ("Mirelle", "Mirelle was born in Odrin and plays the harp."),
+        ("Quenta", "Quenta is a small town where Zorblat bakes bread for the people."),
+        ("Odrin", "Odrin is the town where Mirelle was born in the year 1990."),
+        ("The quick brown fox", "The quick brown fox jumps over the lazy dog."),
+        ("Retrieval", "A retrieval augmented model reads passages and answers questions."),
+        ("OneGen", "One model both generates text and retrieves documents in a single pass."),
+        ("Entity linking", "Entity linking maps a mention in the text to a document title."),
+        ("The book", "Question: who wrote the book? Answer: the author wrote it in the year 1990."),
+        ("Numbers", "Numbers 0 1 2 3 4 5 6 7 8 9 10 11 12 100 2024."),
+        ("The harp", "The harp is an instrument with strings; Mirelle plays it in Odrin."),
+        ("Bread", "A baker works early and bakes bread; Zorblat is a baker in Quenta."),
+    ])
+]
+
+
+def corpus_text(documents: list[Document]) -> str:
+    return "\n".join(f"{d.title}. {d.text}" for d in documents)
+
+
+def build_index(checkpoint_dir: str | Path, documents: list[Document], out_dir: str | Path) -> Path:
+    """Encode ``documents`` with the checkpoint's model (the engine's encoder) and write an index dir."""
+    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.encoder import Encoder
+    from onegen_core.index_store import write_index_dir
+
+    ckpt = load_checkpoint(checkpoint_dir)
+    vectors = Encoder.from_checkpoint(ckpt).encode_documents([(d.text, d.title) for d in documents])
+    digest = hashlib.sha256(
+        json.dumps([[d.id, d.title, d.text] for d in documents], ensure_ascii=False).encode()
+    ).hexdigest()[:32]
+    return write_index_dir(
+        out_dir, vectors, documents, checkpoint_fingerprint=ckpt.fingerprint,
+        special_token_ids=dict(ckpt.token_ids.by_name), corpus_digest=digest,
+        extra={"source": "server.prepare_default demo corpus"},
+    )
+
+
+def _index_matches(checkpoint_dir: Path, index_dir: Path) -> bool:
+    from onegen_core.checkpoint import load_checkpoint
+
+    try:
+        manifest = json.loads((index_dir / "manifest.json").read_text())
+        return manifest.get("checkpoint_fingerprint") == load_checkpoint(checkpoint_dir).fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_default(
+    root: str | Path = DEFAULT_ROOT,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    index_dir: str | Path | None = None,
+    force: bool = False,
+) -> tuple[Path, Path]:
+    """Build (or reuse) the demo checkpoint and its index; returns ``(checkpoint_dir, index_dir)``."""
+    from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
+
+    root = Path(root)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else root / "checkpoint"
+    index = Path(index_dir) if index_dir else root / "index"
+    have_ckpt = (ckpt / "onegen.json").is_file() and (ckpt / DEMO_MARKER).is_file()
+    if force or not have_ckpt:
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        partial = ckpt.with_name(ckpt.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build_tiny_checkpoint(partial, arch="llama", extra_text=corpus_text(DEMO_CORPUS), max_positions=2048)
+        make_query_token_likely(partial, rank=0)  # so that the demo retrieves while it generates
+        (partial / DEMO_MARKER).write_text(DEMO_NOTE)
+        partial.rename(ckpt)
+    if force or not have_ckpt or not _index_matches(ckpt, index):
+        build_index(ckpt, DEMO_CORPUS, index)
+    return ckpt, index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m server.prepare_default",
+        description="Build the DEMO checkpoint (tiny, random weights: not a trained model) and an index over a "
+        "small built-in corpus, so that the server runs without a checkpoint. Reuses what is already there.",
+    )
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"where to put both (default: {DEFAULT_ROOT})")
+    parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint directory (default: ROOT/checkpoint)")
+    parser.add_argument("--index-dir", type=Path, help="index directory (default: ROOT/index)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if both exist")
+    args = parser.parse_args(argv)
+    ckpt, index = prepare_default(args.root, checkpoint_dir=args.checkpoint_dir, index_dir=args.index_dir,
+                                  force=args.force)
+    print("DEMO checkpoint (random weights, not a trained model):", file=sys.stderr)
+    print(f"ONEGEN_CHECKPOINT={ckpt}")
+    print(f"ONEGEN_INDEX={index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

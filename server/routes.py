@@ -1,0 +1,218 @@
+"""Native routes: /generate (plain and SSE), /retrieve, /health/live, /health/ready, /info, /metrics.
+
+SSE of /generate sends ``data:`` lines with a ``type``: ``token`` (text delta, token
+ids, logprobs), ``retrieval`` (one per search, with where it happened and the hits),
+``final`` (the same body as the non-streamed response: text, usage, trace, timings)
+or ``error``, and then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import onegen_core
+from onegen_core.outputs import Finished, RetrievalEvent, TokenDelta
+
+from . import __version__
+from .auth import require_api_key, require_api_key_for_metrics
+from .errors import ERROR_RESPONSES, APIError, error_payload, error_response
+from .generation import (
+    SSE_DONE,
+    ClientDisconnected,
+    EventStream,
+    Generation,
+    check_finished_ok,
+    retrieval_params,
+    sampling_params,
+    sse,
+    until_disconnected,
+)
+from .schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    Hit,
+    IndexInfo,
+    InfoResponse,
+    LiveResponse,
+    QueryResult,
+    ReadyResponse,
+    Retrieval,
+    RetrieveRequest,
+    RetrieveResponse,
+    generate_response,
+)
+from .state import ServerState, get_state, new_request_id
+from .worker import EngineUnavailable
+
+SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "JSON body, or server-sent events when stream is true"}
+
+health = APIRouter(tags=["health"])
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+metrics_router = APIRouter(dependencies=[Depends(require_api_key_for_metrics)], tags=["operations"])
+
+
+# ---------------------------------------------------------------------------- health, info, metrics
+@health.get("/health/live", response_model=LiveResponse, responses={503: ERROR_RESPONSES[503]})
+async def live(state: ServerState = Depends(get_state)) -> Any:
+    """The process answers and the engine thread has not died (loading counts as alive)."""
+    if state.worker.state == "failed":
+        return error_response(503, f"the engine has failed: {state.worker.error}", "service_unavailable")
+    return {"status": "ok"}
+
+
+@health.get("/health/ready", response_model=ReadyResponse, responses={503: ERROR_RESPONSES[503]})
+async def ready(state: ServerState = Depends(get_state)) -> Any:
+    """200 when requests can be served; 503 while loading, draining, or when the engine loop is stalled."""
+    reason = state.unavailable_reason()
+    if reason is not None:
+        return error_response(503, reason, "service_unavailable")
+    return {"status": "ready"}
+
+
+@metrics_router.get("/metrics", response_class=Response,
+                    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                                     "description": "Prometheus text format"}, 401: ERROR_RESPONSES[401]})
+async def metrics(state: ServerState = Depends(get_state)) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@api.get("/info", response_model=InfoResponse, tags=["operations"])
+async def info(state: ServerState = Depends(get_state)) -> Any:
+    """Model, dtype, limits, special tokens, index type / size / dimension, version."""
+    s = state.settings
+    limits: dict[str, int | float] = {
+        "max_pending_requests": s.max_pending_requests, "max_num_seqs": s.max_num_seqs,
+        "max_tokens": s.max_tokens_limit, "default_max_tokens": s.default_max_tokens,
+        "max_retrieve_batch": s.max_retrieve_batch, "max_retrieve_k": s.max_retrieve_k,
+        "max_prompts_per_request": s.max_prompts_per_request, "max_body_bytes": s.max_body_bytes,
+        "drain_timeout_s": s.drain_timeout_s,
+    }
+    out: dict[str, Any] = {
+        "model": state.model_name, "version": f"server {__version__}, onegen_core {onegen_core.__version__}",
+        "state": "draining" if state.draining else state.worker.state, "limits": limits, "demo": state.demo,
+    }
+    engine = state.engine
+    if engine is None:
+        return out
+    ckpt = engine.checkpoint
+    spec = ckpt.spec
+    limits["max_model_len"] = engine.max_model_len
+    out.update(
+        checkpoint=str(ckpt.path), checkpoint_fingerprint=ckpt.fingerprint, architecture=ckpt.model_type,
+        dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device), max_model_len=engine.max_model_len,
+        special_tokens={
+            "query": [{"token": q.token, "id": ckpt.token_ids.by_name[q.token], "action": q.action,
+                       "follow_up": q.follow_up} for q in spec.query_tokens],
+            "document": {"token": spec.document_token, "id": ckpt.token_ids.document},
+            "passage_open": {"token": spec.passage_open, "id": ckpt.token_ids.passage_open},
+            "passage_close": {"token": spec.passage_close, "id": ckpt.token_ids.passage_close},
+        },
+        retrieval_defaults={"k": spec.retrieval.k, "max_retrievals": spec.retrieval.max_retrievals},
+    )
+    if engine.index is not None:
+        m = engine.index.manifest
+        out["index"] = IndexInfo(path=str(engine.index.path), type=m.factory, size=m.count, dimension=m.dim,
+                                 metric=m.metric, checkpoint_fingerprint=m.checkpoint_fingerprint,
+                                 build_time=m.build_time)
+    return out
+
+
+# ---------------------------------------------------------------------------- /generate
+@api.post("/generate", response_model=GenerateResponse, responses={200: SSE_RESPONSE}, tags=["generation"])
+async def generate(body: GenerateRequest, request: Request, state: ServerState = Depends(get_state)) -> Any:
+    """Generate from a prompt or chat messages; the model retrieves in the same pass when it emits [RQ]."""
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(422, "give exactly one of 'prompt' and 'messages'", param="prompt")
+    sampling = sampling_params(
+        state, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        stop=body.stop, seed=body.seed, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
+    )
+    retrieval = retrieval_params(state, body.retrieval)
+    ticket = state.admit()
+    gen = Generation(state, new_request_id("gen"), request)
+    try:
+        if body.prompt is not None:
+            await gen.add(prompt=body.prompt, sampling=sampling, retrieval=retrieval, param="prompt")
+        else:
+            await gen.add(messages=[m.model_dump() for m in body.messages or []], sampling=sampling,
+                          retrieval=retrieval, param="messages")
+    except BaseException:
+        gen.close()
+        ticket.release()
+        raise
+    if body.stream:
+        def on_close() -> None:
+            gen.close()
+            ticket.release()
+        return EventStream(_generate_events(gen, state), on_close)
+    try:
+        [result] = await until_disconnected(request, gen.wait())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        gen.close()
+        ticket.release()
+    check_finished_ok([result])
+    out = generate_response(result, state.model_name)
+    out.id = gen.request_id
+    return out
+
+
+async def _generate_events(gen: Generation, state: ServerState) -> AsyncIterator[bytes]:
+    async for ev in gen.events():
+        if isinstance(ev, TokenDelta):
+            item: dict[str, Any] = {"type": "token", "text": ev.text, "token_ids": ev.token_ids}
+            if ev.logprobs is not None:
+                item["logprobs"] = ev.logprobs
+            yield sse(item)
+        elif isinstance(ev, RetrievalEvent):
+            yield sse({"type": "retrieval", **Retrieval.of(ev.record).model_dump()})
+        elif isinstance(ev, Finished):
+            r = ev.result
+            if r.finish_reason == "error":
+                yield sse({"type": "error", **error_payload(500, r.error or "engine error", "engine_error")})
+            else:
+                out = generate_response(r, state.model_name)
+                out.id = gen.request_id
+                yield sse({"type": "final", **out.model_dump()})
+    yield SSE_DONE
+
+
+# ---------------------------------------------------------------------------- /retrieve
+@api.post("/retrieve", response_model=RetrieveResponse, tags=["retrieval"])
+async def retrieve(body: RetrieveRequest, request: Request, state: ServerState = Depends(get_state)) -> Any:
+    """Encode queries with the model (query template + [RQ]) and return the top-k documents of each."""
+    queries = body.query_list()
+    s = state.settings
+    if len(queries) > s.max_retrieve_batch:
+        raise APIError(422, f"queries: {len(queries)} queries is more than this server's limit of "
+                       f"{s.max_retrieve_batch} per request", param="queries")
+    if body.k > s.max_retrieve_k:
+        raise APIError(422, f"k: {body.k} is more than this server's limit of {s.max_retrieve_k}", param="k")
+    if state.engine is not None and state.engine.index is None:
+        raise APIError(422, "this server has no index loaded (start it with --index)", type="no_index",
+                       param="queries")
+    ticket = state.admit()
+    try:
+        t0 = time.perf_counter()
+        hits = await until_disconnected(request, state.worker.search(queries, body.k, body.return_text))
+        search_ms = (time.perf_counter() - t0) * 1000
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except EngineUnavailable as e:
+        raise APIError(503, str(e), type="service_unavailable") from None
+    except ValueError as e:
+        raise APIError(422, str(e), param="queries") from None
+    finally:
+        ticket.release()
+    return RetrieveResponse(
+        model=state.model_name, search_ms=round(search_ms, 3),
+        results=[QueryResult(query=q, hits=[Hit.of(h) for h in row]) for q, row in zip(queries, hits, strict=True)],
+    )

@@ -1,0 +1,202 @@
+"""Request and response bodies of the native routes (/generate, /retrieve, /info), with bounds.
+
+Static bounds here are the hard limits of the API; the server's own (configurable)
+limits — max_tokens, /retrieve batch size and k — are checked by the routes against
+``ServerSettings`` and answered with 422 naming the field. Unknown fields are
+rejected (a misspelt option should not be silently ignored).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from onegen_core.outputs import GenerationResult, RetrievalHit, RetrievalRecord
+
+MAX_SEED = 2**63 - 1
+StopString = Annotated[str, Field(min_length=1, max_length=512)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=16)] | None
+QueryString = Annotated[str, Field(max_length=100_000)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1_000_000)
+
+
+class RetrievalOptions(_Strict):
+    enabled: bool = Field(True, description="let the model retrieve when it emits a query token")
+    k: int | None = Field(None, ge=1, le=1000, description="passages per retrieval (default: the checkpoint's)")
+    max_retrievals: int | None = Field(
+        None, ge=0, le=1024, description="retrievals per request (default: the checkpoint's)"
+    )
+    return_passages: bool = Field(False, description="include the passage text in the retrieval trace")
+
+
+class GenerateRequest(_Strict):
+    prompt: str | None = Field(None, max_length=1_000_000, description="raw prompt (or give messages)")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=1024, description="chat messages, rendered with the chat template"
+    )
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="generated tokens (passages excluded)")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
+    stop: Stop = Field(None, description="stop strings (not included in the text); at most 16")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    logprobs: bool = Field(False, description="log-probability of each generated token")
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
+    retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
+    stream: bool = Field(False, description="server-sent events: token, retrieval, final, then [DONE]")
+
+
+class Hit(BaseModel):
+    doc_id: str
+    score: float
+    title: str | None = None
+    text: str | None = None
+    metadata: dict | None = None
+
+    @classmethod
+    def of(cls, h: RetrievalHit) -> Hit:
+        return cls(doc_id=h.doc_id, score=float(h.score), title=h.title, text=h.text, metadata=h.metadata)
+
+
+class Retrieval(BaseModel):
+    """One retrieval made while generating: where, with which token, what it found."""
+
+    query_token: str
+    action: str
+    output_token_index: int
+    output_text_offset: int = Field(description="character offset in the output text where the query token was")
+    hits: list[Hit]
+    inserted_tokens: int
+    search_ms: float
+
+    @classmethod
+    def of(cls, r: RetrievalRecord) -> Retrieval:
+        return cls(
+            query_token=r.query_token, action=r.action, output_token_index=r.output_token_index,
+            output_text_offset=r.output_text_offset, hits=[Hit.of(h) for h in r.hits],
+            inserted_tokens=r.inserted_tokens, search_ms=float(r.search_ms),
+        )
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    retrieved_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    queue_s: float | None = Field(None, description="arrival to first scheduling")
+    time_to_first_token_s: float | None = None
+    e2e_s: float | None = Field(None, description="arrival to finish")
+    inter_token_s: float | None = Field(None, description="mean time per generated token after the first")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: str
+    usage: UsageOut
+    retrievals: list[Retrieval]
+    logprobs: list[float] | None = None
+    timings: Timings
+
+
+def usage_of(result: GenerationResult) -> UsageOut:
+    u = result.usage
+    return UsageOut(
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+        retrieved_tokens=u.retrieved_tokens, total_tokens=u.total_tokens,
+    )
+
+
+def timings_of(result: GenerationResult) -> Timings:
+    t0 = result.arrival_time
+
+    def since(t: float | None) -> float | None:
+        return None if t is None else round(max(0.0, t - t0), 6)
+
+    itl = None
+    n = len(result.token_ids)
+    if result.first_token_time is not None and result.finish_time is not None and n > 1:
+        itl = round(max(0.0, result.finish_time - result.first_token_time) / (n - 1), 6)
+    return Timings(
+        queue_s=since(result.first_scheduled_time), time_to_first_token_s=since(result.first_token_time),
+        e2e_s=since(result.finish_time), inter_token_s=itl,
+    )
+
+
+def generate_response(result: GenerationResult, model: str) -> GenerateResponse:
+    return GenerateResponse(
+        id=result.request_id, model=model, text=result.text, finish_reason=result.finish_reason,
+        usage=usage_of(result), retrievals=[Retrieval.of(r) for r in result.retrievals],
+        logprobs=result.logprobs, timings=timings_of(result),
+    )
+
+
+class RetrieveRequest(_Strict):
+    queries: QueryString | Annotated[list[QueryString], Field(min_length=1)] = Field(
+        description="one query or a list; each is encoded by the model (query template + query token)"
+    )
+    k: int = Field(5, ge=1, le=1000, description="documents per query")
+    return_text: bool = Field(False, description="include document text")
+
+    def query_list(self) -> list[str]:
+        return [self.queries] if isinstance(self.queries, str) else list(self.queries)
+
+
+class QueryResult(BaseModel):
+    query: str
+    hits: list[Hit]
+
+
+class RetrieveResponse(BaseModel):
+    model: str
+    results: list[QueryResult]
+    search_ms: float
+
+
+class LiveResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class IndexInfo(BaseModel):
+    path: str
+    type: str = Field(description="FAISS factory string")
+    size: int
+    dimension: int
+    metric: str
+    checkpoint_fingerprint: str
+    build_time: str
+
+
+class InfoResponse(BaseModel):
+    model: str
+    version: str
+    state: str
+    checkpoint: str | None = None
+    checkpoint_fingerprint: str | None = None
+    architecture: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    max_model_len: int | None = None
+    limits: dict[str, int | float]
+    special_tokens: dict | None = None
+    retrieval_defaults: dict | None = None
+    index: IndexInfo | None = None
+    demo: bool = Field(False, description="true for the built-in random-weight demo checkpoint")

@@ -1,0 +1,146 @@
+"""Server settings: one pydantic-settings model, every field a ``--flag`` and an ``ONEGEN_*`` variable.
+
+Precedence: command-line flag > environment variable (``ONEGEN_PORT=8080``) > default.
+The command line is generated from the fields (``--max-num-seqs`` for ``max_num_seqs``),
+so a setting added here is reachable both ways with the same help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ONEGEN_"
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``python -m server`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
+
+    # ---------------------------------------------------------------- model and index
+    checkpoint: Path = Field(description="OneGen checkpoint directory (Hugging Face model dir + onegen.json)")
+    index: Path | None = Field(None, description="index directory built with this checkpoint (omit: no retrieval)")
+    served_model_name: str | None = Field(
+        None, description="model name reported by /info and the OpenAI routes (default: checkpoint dir name)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights / compute dtype")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="sequences decoded together in one engine step")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="token budget of one engine step (default: the engine's)"
+    )
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks (default: sized from free memory)")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    max_model_len: int | None = Field(None, ge=16, description="context length limit (default: the model's)")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="CPU: KV cache size in GiB when --num-kv-blocks is not given (default: the engine's)"
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="GPU: fraction of free memory for the KV cache (default: the engine's)"
+    )
+    retriever: Literal["auto", "faiss", "torch"] = Field(
+        "auto", description="search backend: FAISS, or exact torch matmul on the model's device"
+    )
+    attention_backend: Literal["auto", "sdpa", "flash"] = Field("auto", description="attention kernels")
+
+    # ---------------------------------------------------------------- HTTP
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces, as in the container)")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    api_key: SecretStr | None = Field(
+        None, description="require 'Authorization: Bearer KEY' on every route except /health/*"
+    )
+    metrics_auth: bool = Field(True, description="with --api-key, require the key on /metrics too")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)")
+    max_pending_requests: int = Field(
+        256, ge=1, description="requests admitted at once (running + waiting); beyond it: 429 with Retry-After"
+    )
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with a 429")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of /generate and chat when not given")
+    max_retrieve_batch: int = Field(64, ge=1, description="most queries in one /retrieve request")
+    max_retrieve_k: int = Field(100, ge=1, description="largest k of /retrieve and retrieval options")
+    max_prompts_per_request: int = Field(16, ge=1, description="most prompts in one /v1/completions request")
+
+    # ---------------------------------------------------------------- operations
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may run before they are aborted"
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="/health/ready fails when the engine loop has made no progress for this long"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or plain text")
+    log_prompts: bool = Field(False, description="include prompts and outputs in the logs (off: never logged)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerSettings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            self.default_max_tokens = self.max_tokens_limit
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.checkpoint.resolve().name
+
+    def api_key_value(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _base_type(annotation: Any) -> Any:
+    """``int | None`` -> int, ``SecretStr`` -> str, ``Literal[...]`` stays."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0]
+    if annotation is SecretStr:
+        return str
+    return annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="OneGen HTTP server: one model that generates and retrieves in one pass. "
+        f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG_NAME> "
+        f"(e.g. {ENV_PREFIX}MAX_NUM_SEQS=32); flags win over the environment.",
+    )
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        help_text = f"{field.description} [env {env}]"
+        if not field.is_required():
+            help_text += f" (default: {field.default})"
+        typ = _base_type(field.annotation)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(typ) is Literal:
+            parser.add_argument(flag, choices=list(typing.get_args(typ)), **kwargs)
+        else:
+            parser.add_argument(flag, type=str, metavar=name.upper(), **kwargs)
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> ServerSettings:
+    """Flags over environment over defaults; a bad value exits with the field named (argparse style)."""
+    from pydantic import ValidationError
+
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    try:
+        return ServerSettings(**given)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors()
+        )
+        parser.error(problems)
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,327 @@
+"""The engine's own thread: it builds the engine, steps it, and routes events to asyncio queues.
+
+The ``Engine`` is not thread-safe, so exactly one thread touches it: this one. The
+event loop talks to it through a command queue (add / abort / search / stop) and
+gets events back on per-request ``asyncio.Queue``s, delivered with one
+``loop.call_soon_threadsafe`` per engine step. Model work never runs on the event loop.
+
+The thread also feeds the Prometheus counters (so aborted requests are counted),
+keeps a snapshot of ``engine.stats()`` for scrapes, and beats a heartbeat that
+``/health/ready`` reads to notice an engine loop that has stopped making progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from onegen_core.outputs import (
+    EngineEvent,
+    Finished,
+    GenerationResult,
+    RetrievalEvent,
+    RetrievalHit,
+    TokenDelta,
+    Usage,
+)
+
+from .metrics import Metrics
+
+log = logging.getLogger("onegen.server")
+
+WorkerState = Literal["loading", "ready", "failed", "stopped"]
+_IDLE_WAIT_S = 0.25  # how long an idle worker blocks on the command queue before beating the heartbeat
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is loading, has failed, or has been stopped; the message says which."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    kwargs: dict[str, Any]
+    events: asyncio.Queue
+    accepted: concurrent.futures.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Search:
+    queries: list[str]
+    k: int
+    return_text: bool
+    done: concurrent.futures.Future
+
+
+@dataclass
+class _Stop:
+    pass
+
+
+@dataclass
+class _Active:
+    """Worker-side state of one request: where its events go and what metrics need."""
+
+    events: asyncio.Queue
+    last_token_time: float | None = None
+    tokens_counted: int = 0
+    pending: list[EngineEvent] = field(default_factory=list)
+
+
+class EngineWorker:
+    def __init__(
+        self,
+        factory: Callable[[], Any],
+        metrics: Metrics,
+        *,
+        stall_timeout_s: float = 60.0,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ):
+        self._factory = factory
+        self._metrics = metrics
+        self._stall_timeout_s = stall_timeout_s
+        self._on_fatal = on_fatal
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[str, _Active] = {}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats: dict[str, Any] = {}
+        self._heartbeat = time.monotonic()
+        self._ready = threading.Event()
+        self._state_lock = threading.Lock()  # a command is queued only while the state is "ready"
+        self.state: WorkerState = "loading"
+        self.engine: Any = None  # set once loaded; only its immutable attributes are read off-thread
+        self.error: BaseException | None = None
+        self.load_seconds: float | None = None
+
+    # ------------------------------------------------------------------ event-loop side
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="onegen-engine", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+    def seconds_since_progress(self) -> float:
+        return time.monotonic() - self._heartbeat
+
+    def making_progress(self) -> bool:
+        return self.state == "ready" and self.seconds_since_progress() < self._stall_timeout_s
+
+    def unavailable_reason(self) -> str | None:
+        if self.state == "loading":
+            return "the model is still loading"
+        if self.state == "failed":
+            return f"the engine has failed: {self.error}"
+        if self.state == "stopped":
+            return "the engine has been stopped (server shutting down)"
+        if not self.making_progress():
+            return f"the engine loop has made no progress for {self.seconds_since_progress():.0f} s"
+        return None
+
+    def _submit(self, cmd: _Add | _Search) -> None:
+        with self._state_lock:
+            if self.state != "ready":
+                raise EngineUnavailable(self.unavailable_reason() or "engine unavailable")
+            self._commands.put(cmd)
+
+    def _set_state(self, state: WorkerState) -> None:
+        with self._state_lock:
+            self.state = state
+
+    async def submit(self, request_id: str, events: asyncio.Queue, **kwargs: Any) -> None:
+        """Add a request whose events will be put on ``events`` (until its ``Finished``).
+
+        ``kwargs`` go to ``Engine.add_request``; its ``ValueError`` (bad input, context
+        length exceeded) is raised here. Several requests may share one queue: events
+        carry their ``request_id``.
+        """
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(_Add(request_id, kwargs, events, accepted))
+        try:
+            await asyncio.wrap_future(accepted)
+        except asyncio.CancelledError:
+            self.abort(request_id)  # it may have been added after all
+            raise
+
+    def abort(self, request_id: str) -> None:
+        """Ask the engine to drop a request and free its cache (thread-safe, returns at once)."""
+        self._commands.put(_Abort(request_id))
+
+    async def search(self, queries: list[str], k: int, return_text: bool) -> list[list[RetrievalHit]]:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        t0 = time.perf_counter()
+        self._submit(_Search(queries, k, return_text, done))
+        hits = await asyncio.wrap_future(done)
+        self._metrics.on_search(time.perf_counter() - t0)
+        return hits
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is left, let the thread finish its last events, join it."""
+        if self._thread is None:
+            return
+        self._commands.put(_Stop())
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("engine thread did not stop within %.1f s", timeout)
+
+    # ------------------------------------------------------------------ worker thread
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.engine = self._factory()
+        except BaseException as e:  # noqa: BLE001 - any load failure ends the server with its message
+            self.error = e
+            self._set_state("failed")
+            self._ready.set()
+            log.error("engine failed to load: %s", e, extra={"error_type": type(e).__name__})
+            self._reject_commands(f"the engine failed to load: {e}")
+            if self._on_fatal and self._loop:
+                self._loop.call_soon_threadsafe(self._on_fatal, e)
+            return
+        self.load_seconds = time.perf_counter() - t0
+        self._snapshot()
+        self._set_state("ready")
+        self._ready.set()
+        try:
+            self._loop_until_stopped()
+        except BaseException as e:  # noqa: BLE001 - a broken engine fails its requests and /health
+            self.error = e
+            self._set_state("failed")
+            log.exception("engine loop failed; failing %d in-flight request(s)", len(self._active))
+            self._fail_all(f"engine error: {type(e).__name__}: {e}")
+            self._reject_commands(f"the engine has failed: {e}")
+            if self._on_fatal and self._loop:
+                self._loop.call_soon_threadsafe(self._on_fatal, e)
+            return
+
+    def _loop_until_stopped(self) -> None:
+        engine = self.engine
+        while True:
+            if not self._handle_commands(block=not engine.has_unfinished()):
+                break
+            if engine.has_unfinished():
+                events = engine.step()
+                self._snapshot()  # before the events go out: whoever sees them sees these stats
+                self._dispatch(events)
+            else:
+                self._snapshot()
+        # Stop: refuse new work, abort the rest and deliver their final events.
+        self._set_state("stopped")
+        for rid in list(self._active):
+            engine.abort(rid)
+        deadline = time.monotonic() + 10.0
+        while engine.has_unfinished() and time.monotonic() < deadline:
+            self._dispatch(engine.step())
+        self._snapshot()
+        self._fail_all("the server is shutting down")
+        self._reject_commands("the server is shutting down")
+
+    def _snapshot(self) -> None:
+        self._heartbeat = time.monotonic()
+        self._stats = dict(self.engine.stats())
+
+    def _handle_commands(self, *, block: bool) -> bool:
+        """Run queued commands; False once a stop is seen. Blocks briefly only when idle."""
+        while True:
+            try:
+                cmd = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(cmd, _Stop):
+                return False
+            if isinstance(cmd, _Add):
+                self._add(cmd)
+            elif isinstance(cmd, _Abort):
+                if cmd.request_id in self._active:
+                    self.engine.abort(cmd.request_id)
+            elif isinstance(cmd, _Search):
+                try:
+                    cmd.done.set_result(self.engine.search(cmd.queries, k=cmd.k, return_text=cmd.return_text))
+                except Exception as e:  # noqa: BLE001 - handed to the awaiting request
+                    cmd.done.set_exception(e)
+
+    def _add(self, cmd: _Add) -> None:
+        if cmd.accepted.cancelled():
+            return
+        try:
+            self.engine.add_request(request_id=cmd.request_id, **cmd.kwargs)
+        except Exception as e:  # noqa: BLE001 - ValueError and friends go back to the HTTP layer
+            cmd.accepted.set_exception(e)
+            return
+        self._active[cmd.request_id] = _Active(cmd.events)
+        cmd.accepted.set_result(cmd.request_id)
+
+    def _dispatch(self, events: list[EngineEvent]) -> None:
+        now = time.monotonic()
+        touched: list[_Active] = []
+        for ev in events:
+            entry = self._active.get(ev.request_id)
+            if entry is None:
+                continue
+            if isinstance(ev, TokenDelta):
+                n = len(ev.token_ids)
+                gaps: list[float] = []
+                if entry.last_token_time is not None and n:
+                    gaps = [(now - entry.last_token_time) / n] * n
+                if n:
+                    entry.last_token_time = now
+                entry.tokens_counted += n
+                self._metrics.on_tokens(n, gaps)
+            elif isinstance(ev, RetrievalEvent):
+                self._metrics.on_retrieval(ev.record.search_ms)
+            elif isinstance(ev, Finished):
+                self._metrics.on_finished(ev.result, entry.tokens_counted)
+                del self._active[ev.request_id]
+            if not entry.pending:
+                touched.append(entry)
+            entry.pending.append(ev)
+        if touched and self._loop is not None:
+            batch = [(e.events, e.pending) for e in touched]
+            for e in touched:
+                e.pending = []
+            self._loop.call_soon_threadsafe(_deliver, batch)
+
+    def _reject_commands(self, message: str) -> None:
+        """Answer commands that can no longer run, so that nobody awaits them forever."""
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            future = getattr(cmd, "accepted", None) or getattr(cmd, "done", None)
+            if future is not None and not future.done():
+                future.set_exception(EngineUnavailable(message))
+
+    def _fail_all(self, message: str) -> None:
+        events: list[EngineEvent] = []
+        for rid in list(self._active):
+            result = GenerationResult(
+                request_id=rid, text="", token_ids=[], finish_reason="error", usage=Usage(), retrievals=[],
+                error=message, finish_time=time.monotonic(),
+            )
+            events.append(Finished(rid, "error", result))
+        self._dispatch(events)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, list[EngineEvent]]]) -> None:
+    for q, events in batch:
+        for ev in events:
+            q.put_nowait(ev)

@@ -1,0 +1,42 @@
+"""Server fixtures: the demo checkpoint + index, and one real uvicorn process shared by the session."""
+
+from __future__ import annotations
+
+import pytest
+from server_harness import API_KEY, ServerProcess
+
+# Limits of the shared server: small enough that schemathesis' largest requests stay fast on a CPU.
+MAX_TOKENS_LIMIT = 64
+MAX_RETRIEVE_BATCH = 8
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """(checkpoint dir, index dir): the built-in demo (random tiny Llama that retrieves) — the same
+    function ``scripts/serve.sh`` runs on a fresh machine."""
+    from server.prepare_default import prepare_default
+
+    return prepare_default(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def live_server(demo_assets, tmp_path_factory):
+    ckpt, index = demo_assets
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = ServerProcess(
+        ["--checkpoint", str(ckpt), "--index", str(index), "--max-num-seqs", "32",
+         "--max-tokens-limit", str(MAX_TOKENS_LIMIT), "--default-max-tokens", "16",
+         "--max-retrieve-batch", str(MAX_RETRIEVE_BATCH), "--max-body-bytes", "65536"],
+        log, api_key=API_KEY,
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(live_server):
+    with live_server.client() as c:
+        yield c
