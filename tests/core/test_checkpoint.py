@@ -119,3 +119,25 @@ def test_lora_adapter_checkpoint_is_merged_at_load(tiny_checkpoint, tmp_path):
         ref = peft_model(ids[None]).logits[0]
     got = model.compute_logits(model(ids, build_attention_metadata([17], [17])))
     assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_sharded_safetensors_and_half_precision(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from onegen_core.model import build_attention_metadata, build_model
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    d = tmp_path / "sharded"
+    hf.save_pretrained(d, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json", "onegen.json", "chat_template.jinja"):
+        shutil.copy(tiny_checkpoint / f, d / f)
+    assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 1
+    ckpt = load_checkpoint(d)
+    ids = torch.arange(3, 30)
+    ref = hf(ids[None]).logits[0].detach()
+    scale = ref.abs().max()
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.05 * scale), (torch.float16, 0.01 * scale)):
+        model = build_model(ckpt, dtype, torch.device("cpu"))
+        got = model.compute_logits(model(ids, build_attention_metadata([27], [27])))
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, ref, atol=tol), dtype
