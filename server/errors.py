@@ -75,6 +75,7 @@ _STATUS_TYPES = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": desc}
     for status, desc in {
+        400: "the body could not be read (e.g. not UTF-8)",
         401: "missing or wrong API key",
         413: "request body too large",
         422: "invalid request: the field is named in error.param",

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from onegen_core.outputs import Finished, GenerationResult, RetrievalEvent, TokenDelta
 
 from .auth import require_api_key
-from .errors import ERROR_RESPONSES, APIError, error_payload
+from .errors import ERROR_RESPONSES, APIError, ErrorResponse, error_payload
 from .generation import (
     SSE_DONE,
     ClientDisconnected,
@@ -38,8 +38,10 @@ from .routes import SSE_RESPONSE
 from .schemas import MAX_SEED, Retrieval, RetrievalOptions, Stop
 from .state import ServerState, get_state, new_request_id
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES,
-                   tags=["openai"])
+router = APIRouter(
+    prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"],
+    responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse, "description": "unknown model"}},
+)
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 PromptText = Annotated[str, Field(max_length=1_000_000)]
@@ -48,7 +50,7 @@ PromptText = Annotated[str, Field(max_length=1_000_000)]
 class _Lenient(BaseModel):
     """OpenAI clients send fields this server does not know; they are ignored unless listed below."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Lenient):

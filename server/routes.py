@@ -50,8 +50,17 @@ from .schemas import (
 from .state import ServerState, get_state, new_request_id
 from .worker import EngineUnavailable
 
-SSE_RESPONSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                "description": "JSON body, or server-sent events when stream is true"}
+# One server-sent event (OpenAPI 3.1: the schema of a text/event-stream entry describes each event).
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "description": "a JSON object, or [DONE] after the last one"},
+    },
+    "required": ["data"],
+}
+SSE_RESPONSE = {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+                "description": "JSON body, or server-sent events (data: lines) when stream is true"}
 
 health = APIRouter(tags=["health"])
 api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)

@@ -21,10 +21,12 @@ QueryString = Annotated[str, Field(max_length=100_000)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields and loose types (``0`` for ``false``, ``"3"`` for ``3``) are refused, as the schema says."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=1_000_000)
 
