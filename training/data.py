@@ -132,7 +132,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line), None
+                yield lineno, json.loads(line.rstrip("\r\n")), None
             except json.JSONDecodeError as e:
                 yield lineno, None, f"{path}:{lineno}:{e.colno}: malformed JSON: {e.msg}"
 

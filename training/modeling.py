@@ -153,7 +153,10 @@ def build_model(cfg: TrainConfig, base_dir: Path, tokenizer: Any, new_tokens: li
     init_new_token_rows(model, tokenizer, new_tokens, token_descriptions(cfg, spec), min(old_vocab, len(tokenizer)))
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.finetune == "lora":
         peft = import_peft()
         special = sorted(token_ids.by_name.values())
