@@ -95,6 +95,9 @@ class Generation:
             raise APIError(422, str(e), type=kind, param=param) from None
         self.ids.append(rid)
         self._unfinished.add(rid)
+        if self.state.settings.log_prompts:  # off by default: prompts stay out of the logs
+            shown = {k: v for k, v in kwargs.items() if k in ("prompt", "messages", "prompt_token_ids")}
+            log.info("request received", extra={"request_id": self.http_request_id, "engine_request_id": rid, **shown})
         return rid
 
     @property

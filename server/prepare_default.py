@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -88,6 +89,33 @@ def _index_matches(checkpoint_dir: Path, index_dir: Path) -> bool:
         return False
 
 
+_BUILDING = ".onegen-demo-building"  # present while a demo checkpoint is being written
+
+
+def _build_demo_checkpoint(ckpt: Path) -> None:
+    """Write the demo checkpoint into ``ckpt`` (which may be a mount point: its contents are replaced,
+    never the directory itself). Refuses a non-empty directory that is not a demo checkpoint."""
+    from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    ours = (ckpt / DEMO_MARKER).is_file() or (ckpt / _BUILDING).is_file()
+    existing = list(ckpt.iterdir())
+    if existing and not ours:
+        raise ValueError(f"{ckpt} is not empty and holds no demo checkpoint; refusing to overwrite it")
+    (ckpt / _BUILDING).touch()
+    for p in existing:
+        if p.name != _BUILDING:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    work = ckpt / ".build"
+    build_tiny_checkpoint(work, arch="llama", extra_text=corpus_text(DEMO_CORPUS), max_positions=2048)
+    make_query_token_likely(work, rank=0)  # so that the demo retrieves while it generates
+    for p in work.iterdir():
+        p.rename(ckpt / p.name)
+    work.rmdir()
+    (ckpt / DEMO_MARKER).write_text(DEMO_NOTE)  # the marker says: complete
+    (ckpt / _BUILDING).unlink()
+
+
 def prepare_default(
     root: str | Path = DEFAULT_ROOT,
     *,
@@ -96,22 +124,13 @@ def prepare_default(
     force: bool = False,
 ) -> tuple[Path, Path]:
     """Build (or reuse) the demo checkpoint and its index; returns ``(checkpoint_dir, index_dir)``."""
-    from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
-
     root = Path(root)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else root / "checkpoint"
     index = Path(index_dir) if index_dir else root / "index"
-    have_ckpt = (ckpt / "onegen.json").is_file() and (ckpt / DEMO_MARKER).is_file()
-    if force or not have_ckpt:
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        partial = ckpt.with_name(ckpt.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        build_tiny_checkpoint(partial, arch="llama", extra_text=corpus_text(DEMO_CORPUS), max_positions=2048)
-        make_query_token_likely(partial, rank=0)  # so that the demo retrieves while it generates
-        (partial / DEMO_MARKER).write_text(DEMO_NOTE)
-        partial.rename(ckpt)
-    if force or not have_ckpt or not _index_matches(ckpt, index):
+    complete = (ckpt / DEMO_MARKER).is_file() and not (ckpt / _BUILDING).exists()
+    if force or not complete:
+        _build_demo_checkpoint(ckpt)
+    if force or not complete or not _index_matches(ckpt, index):
         build_index(ckpt, DEMO_CORPUS, index)
     return ckpt, index
 
@@ -130,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, index = prepare_default(args.root, checkpoint_dir=args.checkpoint_dir, index_dir=args.index_dir,
                                   force=args.force)
     print("DEMO checkpoint (random weights, not a trained model):", file=sys.stderr)
-    print(f"ONEGEN_CHECKPOINT={ckpt}")
-    print(f"ONEGEN_INDEX={index}")
+    print(f"ONEGEN_CHECKPOINT={shlex.quote(str(ckpt))}")  # shell-quoted: `eval "$(...)"` works
+    print(f"ONEGEN_INDEX={shlex.quote(str(index))}")
     return 0
 
 

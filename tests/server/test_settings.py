@@ -1,0 +1,45 @@
+"""Settings: every flag is also an ONEGEN_* variable, flags win, bad values name the flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.settings import ServerSettings, build_parser, parse_settings
+
+
+def test_every_field_has_a_flag_with_help_naming_its_variable():
+    text = build_parser().format_help()
+    for name in ServerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in text
+        assert "ONEGEN_" + name.upper() in text
+
+
+def test_environment_then_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONEGEN_CHECKPOINT", str(tmp_path))
+    monkeypatch.setenv("ONEGEN_PORT", "9001")
+    monkeypatch.setenv("ONEGEN_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("ONEGEN_LOG_PROMPTS", "true")
+    monkeypatch.setenv("ONEGEN_API_KEY", "s3cret")
+    s = parse_settings([])
+    assert (s.checkpoint, s.port, s.max_num_seqs, s.log_prompts) == (tmp_path, 9001, 7, True)
+    assert s.api_key_value() == "s3cret" and "s3cret" not in repr(s)
+    s = parse_settings(["--port", "9002", "--no-log-prompts", "--dtype", "bfloat16"])
+    assert (s.port, s.log_prompts, s.dtype, s.max_num_seqs) == (9002, False, "bfloat16", 7)
+
+
+def test_bad_values_name_the_flag(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("ONEGEN_CHECKPOINT", raising=False)
+    with pytest.raises(SystemExit) as e:
+        parse_settings([])
+    assert e.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--checkpoint", str(tmp_path), "--port", "http"])
+    assert "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--checkpoint", str(tmp_path), "--device", "tpu"])
+    assert "--device" in capsys.readouterr().err
+
+
+def test_default_max_tokens_never_exceeds_the_limit(tmp_path):
+    s = ServerSettings(checkpoint=tmp_path, max_tokens_limit=8)
+    assert s.default_max_tokens == 8
