@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from server_harness import API_KEY, ServerProcess
-
-# Limits of the shared server: small enough that schemathesis' largest requests stay fast on a CPU.
-MAX_TOKENS_LIMIT = 64
-MAX_RETRIEVE_BATCH = 8
+from server_harness import API_KEY, MAX_RETRIEVE_BATCH, MAX_TOKENS_LIMIT, ServerProcess
 
 
 @pytest.fixture(scope="session")

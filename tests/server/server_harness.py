@@ -21,6 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123"
+# Limits of the session's shared server: small enough that schemathesis' largest requests stay fast on a CPU.
+MAX_TOKENS_LIMIT = 64
+MAX_RETRIEVE_BATCH = 8
+# Greedy decoding of the demo model retrieves on this prompt (several times): see test_generate_retrieves.
+RETRIEVING_PROMPT = "Question: who wrote the book?"
 
 
 def free_port() -> int:

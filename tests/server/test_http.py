@@ -7,14 +7,11 @@ import json
 import httpx
 import numpy as np
 import pytest
-from conftest import MAX_RETRIEVE_BATCH, MAX_TOKENS_LIMIT
-from server_harness import sse_events
+from server_harness import MAX_RETRIEVE_BATCH, MAX_TOKENS_LIMIT, RETRIEVING_PROMPT, sse_events
 
 from server.prepare_default import DEMO_CORPUS
 
 CORPUS_IDS = {d.id for d in DEMO_CORPUS}
-# Greedy decoding of the demo model retrieves on this prompt (several times): see test_generate_retrieves.
-RETRIEVING_PROMPT = "Question: who wrote the book?"
 
 
 def _stream(client: httpx.Client, path: str, body: dict) -> list[dict | str]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from server_harness import metric, scrape, wait_for
-from test_http import RETRIEVING_PROMPT
+from server_harness import RETRIEVING_PROMPT, metric, scrape, wait_for
 
 EXPECTED = [
     "onegen_num_requests_running", "onegen_num_requests_waiting", "onegen_kv_cache_usage_perc",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from test_http import RETRIEVING_PROMPT
+from server_harness import RETRIEVING_PROMPT
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,10 @@ def test_ready_503_while_loading_then_200(demo_assets):
             await asyncio.sleep(0.1)
         r = await ac.post("/generate", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 200, r.text
+        app.state.onegen.draining = True  # what the SIGTERM handler of `python -m server` sets
+        r = await ac.get("/health/ready")
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        assert (await ac.post("/generate", json={"prompt": "x", "max_tokens": 2})).status_code == 503
 
     asyncio.run(_with_app(app, check))
 
