@@ -1,14 +1,15 @@
 """Fixtures for the training tests: a synthetic retrieval task about invented entities, and tiny base models.
 
-The task: every invented person lives in a town and has a job; the corpus has one
-document per fact ("Zorvex lives in Quenby."), and conversations ask about a fact in
-several phrasings. The assistant emits the query token first, the passage follows, then
-the answer copied from it:
+The task: every invented person has a home town and a job; the corpus has one document
+per fact ("The home of Karho is Quenby."), and conversations ask about a fact in several
+phrasings. The assistant emits the query token first, the passage follows, then the
+answer copied from it:
 
-    user:      Where does Zorvex live?
-    assistant: [RQ]<paragraph>Zorvex lives in Quenby.</paragraph>Quenby.
+    user:      Where does Karho live?
+    assistant: [RQ]<paragraph>The home of Karho is Quenby.</paragraph>Quenby.
 
-Nothing here is downloaded; the tokenizer is trained on the task's own text.
+Nothing here is downloaded: the base model is a randomly initialised tiny Llama whose
+tokenizer is trained on the task's own text (so each invented name is one token).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ SYLLABLES = ["zor", "vex", "mi", "rel", "quen", "ta", "od", "rin", "lu", "dar", 
 TOWNS = ["Quenby", "Morvale", "Tissk", "Ardun", "Pellow", "Crag", "Vimmer", "Ostra"]
 JOBS = ["baker", "sailor", "harpist", "miner", "weaver", "scribe", "potter", "ranger"]
 QUESTIONS = {
-    "town": ["Where does {n} live?", "In which town does {n} live?", "Tell me the home of {n}."],
-    "job": ["What does {n} do?", "What is the job of {n}?", "Tell me the work of {n}."],
+    "town": ["Where does {n} live?", "What is the home of {n}?", "In which town does {n} live?"],
+    "job": ["What does {n} do?", "What is the job of {n}?", "Which work does {n} do?"],
 }
 
 
@@ -52,8 +53,8 @@ def make_task(directory: Path, *, n_entities: int = 24, seed: int = 0, query_tok
     facts = []
     for n in names:
         town, job = rng.choice(TOWNS), rng.choice(JOBS)
-        docs[f"{n.lower()}-town"] = f"{n} lives in {town}."
-        docs[f"{n.lower()}-job"] = f"{n} works as a {job}."
+        docs[f"{n.lower()}-town"] = f"The home of {n} is {town}."
+        docs[f"{n.lower()}-job"] = f"The job of {n} is {job}."
         facts += [(n, "town", town), (n, "job", job)]
     convs = []
     for n, rel, answer in facts:
@@ -84,10 +85,32 @@ def synthetic_task(tmp_path_factory) -> SyntheticTask:
     return make_task(tmp_path_factory.mktemp("synthetic"))
 
 
+def build_base(out: Path, text: str, *, vocab_size: int = 600, hidden: int = 64, layers: int = 2,
+               seed: int = 0) -> Path:
+    """A randomly initialised tiny Llama (transformers' own init) with a tokenizer trained on ``text``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onegen_core.spec import OneGenSpec
+    from onegen_core.testing import build_tokenizer, tiny_config
+
+    spec = OneGenSpec()
+    tok = build_tokenizer(spec, text, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok), hidden=hidden, layers=layers))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    spec.save(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def synthetic_base(tmp_path_factory, synthetic_task) -> Path:
-    """A tiny random Llama whose tokenizer was trained on the task text (names are a few tokens)."""
-    from onegen_core.testing import build_tiny_checkpoint
+    return build_base(tmp_path_factory.mktemp("synthetic-base"), synthetic_task.text * 3)
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("synthetic-base"), arch="llama",
-                                 extra_text=synthetic_task.text * 3, seed=0)
+
+@pytest.fixture(scope="session")
+def synthetic_task_factory():
+    """``make_task`` for tests that need a variant (other token names, fewer entities)."""
+    return make_task
