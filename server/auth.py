@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import APIError
@@ -40,7 +40,6 @@ async def require_api_key(
 
 
 async def require_api_key_for_metrics(
-    request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     state: ServerState = Depends(get_state),
 ) -> None:

@@ -8,6 +8,7 @@ or ``error``, and then ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -113,8 +114,9 @@ async def info(state: ServerState = Depends(get_state)) -> Any:
     ckpt = engine.checkpoint
     spec = ckpt.spec
     limits["max_model_len"] = engine.max_model_len
+    fingerprint = await asyncio.to_thread(lambda: ckpt.fingerprint)  # hashes the weights once: off the loop
     out.update(
-        checkpoint=str(ckpt.path), checkpoint_fingerprint=ckpt.fingerprint, architecture=ckpt.model_type,
+        checkpoint=str(ckpt.path), checkpoint_fingerprint=fingerprint, architecture=ckpt.model_type,
         dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device), max_model_len=engine.max_model_len,
         special_tokens={
             "query": [{"token": q.token, "id": ckpt.token_ids.by_name[q.token], "action": q.action,
