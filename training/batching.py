@@ -153,7 +153,8 @@ def epoch_order(n: int, *, seed: int, epoch: int, rank: int, world_size: int, sh
     else:
         order = list(range(n))
     total = -(-n // world_size) * world_size
-    order += order[: total - n]
+    while len(order) < total:  # repeat from the start so every rank gets as many examples
+        order += order[: total - len(order)]
     return order[rank::world_size]
 
 

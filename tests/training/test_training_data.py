@@ -203,6 +203,7 @@ def test_epoch_order_shards_like_distributed_sampler():
     assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
     assert epoch_order(10, seed=3, epoch=2, rank=0, world_size=1) != whole
     assert len(epoch_order(3, seed=0, epoch=0, rank=3, world_size=4)) == 1
+    assert [len(epoch_order(3, seed=0, epoch=0, rank=r, world_size=8)) for r in range(8)] == [1] * 8
 
 
 def test_bad_data_leaves_no_checkpoint(tmp_path, tiny_checkpoint):
