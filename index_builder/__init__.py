@@ -1,0 +1,15 @@
+"""index_builder: encode a corpus offline into a OneGen index directory (Contract 2).
+
+``python -m index_builder build --checkpoint CKPT --corpus corpus.jsonl --out INDEX``
+reads the corpus (JSONL, OneGen db.jsonl, .txt/.md folders; gzip), optionally chunks
+it by tokens, encodes every document with the engine's own encoder (document template
++ [RD], hidden state at [RD]) in length-sorted batches, and writes ``index.faiss``,
+``docstore.sqlite`` and ``manifest.json``. Builds are sharded, resumable and atomic,
+and run on several ranks under ``torchrun``. ``info``, ``search`` and ``verify``
+inspect the result. The library entry point is ``build_index(BuildConfig(...))``.
+"""
+
+from .builder import BuildConfig, BuildResult, build_index
+from .errors import BuildError, VerifyError
+
+__all__ = ["BuildConfig", "BuildError", "BuildResult", "VerifyError", "build_index"]

@@ -1,0 +1,196 @@
+"""Looking at a built index: ``info`` (what is in it), ``search`` (try it by hand), ``verify``.
+
+``verify`` checks an index against a checkpoint: the manifest's fingerprint and
+special-token ids must be the checkpoint's, the FAISS index, docstore and manifest
+must agree on the count and dimension, and a seeded sample of documents is encoded
+again with the engine's encoder (``Encoder.encode_documents``) and compared with the
+stored vectors. An exact index (Flat storage) must hold the same vector within
+``atol``; a compressed one (PQ, SQ) must hold what its own codec makes of the fresh
+vector, so a quantised index is checked as strictly as its codec allows.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onegen_core.checkpoint import Checkpoint
+from onegen_core.index_store import (
+    DOCSTORE,
+    INDEX_FILE,
+    MANIFEST,
+    FingerprintMismatchError,
+    IndexError_,
+    IndexStore,
+)
+
+from .errors import BuildError, VerifyError
+from .faiss_index import codec_of, is_exact, reconstruct
+
+
+def open_index(path: str | Path, *, expected_fingerprint: str | None = None) -> IndexStore:
+    """``IndexStore.open`` with user-facing errors (a mismatched fingerprint stays a ``VerifyError``)."""
+    try:
+        return IndexStore.open(path, expected_fingerprint=expected_fingerprint)
+    except FingerprintMismatchError as e:
+        raise VerifyError(str(e)) from None
+    except (IndexError_, RuntimeError, OSError) as e:
+        raise BuildError(f"{path}: cannot open the index: {str(e).strip()}") from None
+
+
+# ---------------------------------------------------------------------- info
+def index_info(path: str | Path, *, samples: int = 3) -> dict[str, Any]:
+    """What is in an index dir: the manifest, file sizes, the FAISS type, docstore counts, a few documents."""
+    store = open_index(path)
+    path = Path(path)
+    with sqlite3.connect(f"file:{path / DOCSTORE}?mode=ro", uri=True) as con:
+        n_docs = con.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+        n_chunks = con.execute("SELECT COUNT(*) FROM documents WHERE source IS NOT NULL").fetchone()[0]
+        n_sources = con.execute("SELECT COUNT(DISTINCT COALESCE(source, doc_id)) FROM documents").fetchone()[0]
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    from .faiss_index import import_faiss
+
+    faiss = import_faiss()
+    m = store.manifest
+    return {
+        "path": str(path),
+        "manifest": json.loads(m.to_json()),
+        "faiss_type": type(faiss.downcast_index(store.index)).__name__,
+        "ntotal": int(store.index.ntotal),
+        "docstore_rows": n_docs,
+        "documents_with_source": n_chunks,
+        "distinct_sources": n_sources,
+        "files": files,
+        "sample": [
+            {"vector_id": i, "id": d.id, "title": d.title, "text": _snippet(d.text)}
+            for i, d in zip(range(min(samples, m.count)), store.docstore.get(list(range(min(samples, m.count)))),
+                            strict=True) if d is not None
+        ],
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    m = info["manifest"]
+    extra = m.get("extra", {})
+    corpus = extra.get("corpus", {})
+    lines = [
+        f"index        {info['path']}",
+        f"vectors      {m['count']} x {m['dim']} ({m['metric']}, normalised={m['normalized']})",
+        f"faiss        {m['factory']} ({info['faiss_type']})"
+        + (f", trained on {extra['train_size']} vectors" if extra.get("train_size") else ""),
+        f"search       {extra.get('search_defaults') or '-'}",
+        f"checkpoint   {m['checkpoint_fingerprint']}",
+        f"tokens       {m['special_token_ids']}",
+        f"corpus       {m['corpus_digest']}",
+        f"documents    {info['docstore_rows']} rows, {info['distinct_sources']} sources, "
+        f"{info['documents_with_source']} chunk/truncated rows",
+    ]
+    if corpus:
+        lines.append(
+            f"ingest       {corpus.get('files')} file(s), {corpus.get('truncated', 0)} truncated, "
+            f"{corpus.get('rejected', 0)} rejected, {corpus.get('tokens', 0)} tokens"
+        )
+    lines.append(f"built        {m['build_time']}")
+    lines.append("files        " + ", ".join(f"{k} ({_size(v)})" for k, v in info["files"].items()))
+    for s in info["sample"]:
+        lines.append(f"  [{s['vector_id']}] {s['id']}" + (f" — {s['title']}" if s["title"] else "") + f": {s['text']}")
+    return "\n".join(lines)
+
+
+def _snippet(text: str, n: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---------------------------------------------------------------------- search
+def search(path: str | Path, checkpoint: Checkpoint, queries: list[str], k: int = 5, *,
+           nprobe: int | None = None, ef_search: int | None = None, device: str = "cpu",
+           dtype: str = "float32") -> list[list[Any]]:
+    """Encode ``queries`` with the checkpoint (query template + [RQ]) and search the index: hits per query."""
+    from onegen_core.encoder import Encoder
+    from onegen_core.retriever import FaissRetriever
+
+    store = open_index(path, expected_fingerprint=checkpoint.fingerprint)
+    retriever = FaissRetriever(store, nprobe=nprobe, ef_search=ef_search)
+    encoder = Encoder.from_checkpoint(checkpoint, dtype=dtype, device=device)
+    return retriever.search(encoder.encode_queries(queries), k)
+
+
+# ---------------------------------------------------------------------- verify
+@dataclass
+class VerifyReport:
+    path: str
+    fingerprint: str
+    count: int
+    checked: int
+    exact: bool
+    max_abs_diff: float
+    min_cosine: float
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def verify(path: str | Path, checkpoint: Checkpoint, *, sample: int = 32, seed: int = 0, atol: float = 1e-4,
+           device: str = "cpu", dtype: str | None = None) -> VerifyReport:
+    """Check the index against ``checkpoint``; raises ``VerifyError`` on a fingerprint mismatch."""
+    from onegen_core.encoder import Encoder
+
+    store = open_index(path, expected_fingerprint=checkpoint.fingerprint)
+    m = store.manifest
+    failures: list[str] = []
+    if m.special_token_ids and m.special_token_ids != dict(checkpoint.token_ids.by_name):
+        failures.append(f"special-token ids differ: index {m.special_token_ids}, checkpoint "
+                        f"{dict(checkpoint.token_ids.by_name)}")
+    if m.dim != int(checkpoint.config.hidden_size):
+        failures.append(f"dimension {m.dim} differs from the model's hidden size {checkpoint.config.hidden_size}")
+    n_rows = len(store.docstore)
+    if n_rows != m.count:
+        failures.append(f"{DOCSTORE} has {n_rows} rows but {MANIFEST} and {INDEX_FILE} hold {m.count} vectors")
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(m.count, size=min(sample, m.count), replace=False))
+    docs = store.docstore.get([int(i) for i in ids])
+    missing = [int(i) for i, d in zip(ids, docs, strict=True) if d is None]
+    if missing:
+        failures.append(f"vector ids {missing[:10]} have no row in {DOCSTORE}")
+    keep = [k for k, d in enumerate(docs) if d is not None]
+    ids = ids[keep]
+    docs = [docs[k] for k in keep]
+    exact = is_exact(store.index)
+    max_diff, min_cos = 0.0, 1.0
+    if docs:
+        build_dtype = dtype or m.extra.get("builder", {}).get("dtype", "float32")
+        encoder = Encoder.from_checkpoint(checkpoint, dtype=build_dtype, device=device)
+        fresh = encoder.encode_documents([(d.text, d.title) for d in docs])
+        stored = reconstruct(store.index, ids)
+        if exact:
+            expected = fresh
+        else:
+            codec = codec_of(store.index)
+            expected = codec.sa_decode(codec.sa_encode(np.ascontiguousarray(fresh, dtype=np.float32)))
+        diff = np.abs(expected - stored).max(axis=1)
+        max_diff = float(diff.max())
+        min_cos = float((fresh * stored).sum(axis=1).min())
+        bad = [(int(i), float(x)) for i, x in zip(ids, diff, strict=True) if x > atol]
+        limit = 0 if exact else max(1, len(ids) // 20)  # a quantiser may round a borderline vector differently
+        if len(bad) > limit:
+            shown = ", ".join(f"{i} ({docs[list(ids).index(i)].id!r}: {x:.2g})" for i, x in bad[:5])
+            failures.append(
+                f"{len(bad)} of {len(ids)} re-encoded vectors differ from the stored ones by more than {atol:g}: {shown}"
+            )
+    return VerifyReport(str(path), m.checkpoint_fingerprint, m.count, len(docs), exact, max_diff, min_cos, failures)
