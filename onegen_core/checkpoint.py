@@ -112,8 +112,8 @@ def _merged_adapter_state_dict(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(ckpt.model_path, dtype=torch.float32)
-    if base.get_input_embeddings().weight.shape[0] != len(ckpt.tokenizer):
-        base.resize_token_embeddings(len(ckpt.tokenizer))
+    if base.get_input_embeddings().weight.shape[0] < len(ckpt.tokenizer):  # the adapter added tokens
+        base.resize_token_embeddings(len(ckpt.tokenizer), mean_resizing=False)
     model = PeftModel.from_pretrained(base, str(ckpt.adapter_path)).merge_and_unload()
     sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
@@ -153,6 +153,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     tok_dir = adapter_path if adapter_path and (adapter_path / "tokenizer_config.json").is_file() else model_path
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     token_ids = resolve_special_tokens(tokenizer, spec, source=str(spec_dir / SPEC_FILENAME))
+    if adapter_path is not None and len(tokenizer) > config.vocab_size:
+        config.vocab_size = len(tokenizer)  # training added special tokens; the merged weights carry their rows
     return Checkpoint(path, model_path, adapter_path, config, tokenizer, spec, token_ids)
 
 

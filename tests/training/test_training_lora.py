@@ -68,8 +68,6 @@ def test_lora_adapter_checkpoint(tmp_path, multihop_task, synthetic_base):
     torch.testing.assert_close(sd["lm_head.weight"], model.get_output_embeddings().weight)
 
 
-@pytest.mark.xfail(strict=True, reason="onegen_core builds the native model with the base config's vocab_size, "
-                                       "smaller than an adapter whose tokenizer gained tokens (reported)")
 def test_engine_serves_a_lora_adapter_with_new_tokens(tmp_path, multihop_task, synthetic_base):
     from transformers import AutoModelForCausalLM
 
