@@ -109,7 +109,7 @@ class BuildResult:
     count: int
     factory: str
     shards: int
-    shards_encoded: int  # by this run (all ranks)
+    shards_encoded: int  # by this run (rank 0: all ranks; other ranks: their own)
     shards_reused: int  # found complete from an interrupted run
     documents_encoded: int
     rejected: int
@@ -212,20 +212,22 @@ def build_index(cfg: BuildConfig, *, dist: Dist | None = None) -> BuildResult:
         dist.sync(err)
         ingest = json.loads(work.ingest_done.read_text())
         count = int(ingest["count"])
-        factory = resolve_factory(cfg.index, dim, count)
+        factory = ""
         try:
+            factory = resolve_factory(cfg.index, dim, count)
             check_trainable(factory, dim, count, cfg.train_size)
-            encoded, reused = _encode(work, cfg, ckpt, count, dim, device, dist)
+            encoded, encoded_docs, reused = _encode(work, cfg, ckpt, count, dim, device, dist)
         except BaseException as e:
             err = e
         dist.sync(err)
         n_shards = _n_shards(count, cfg.shard_size)
         reused_docs = sum(min(cfg.shard_size, count - i * cfg.shard_size) for i in reused)
-        result = BuildResult(cfg.out, count, factory, n_shards, encoded, len(reused), count - reused_docs,
-                             int(ingest["rejected"]), int(ingest["truncated"]), 0.0)
+        result = BuildResult(cfg.out, count, factory, n_shards, encoded, len(reused), encoded_docs,
+                             int(ingest["rejected"]), int(ingest["truncated"]), time.monotonic() - t0)
         if not dist.is_main:
-            return result
+            return result  # this rank's share
         result.shards_encoded = n_shards - len(reused)  # all ranks together
+        result.documents_encoded = count - reused_docs
         result.manifest = _merge_and_publish(work, cfg, ckpt, ingest, factory, dim, dist.world)
         result.seconds = time.monotonic() - t0
         return result
@@ -447,8 +449,8 @@ def _shard_done(work: WorkDir, i: int, rows: int, dim: int) -> bool:
 
 
 def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: int, device: str,
-            dist: Dist) -> tuple[int, set[int]]:
-    """Encode this rank's share of the shards still missing. Returns (shards it encoded, shards reused)."""
+            dist: Dist) -> tuple[int, int, set[int]]:
+    """Encode this rank's share of the missing shards. Returns (shards and documents it encoded, shards reused)."""
     n = _n_shards(count, cfg.shard_size)
     rows = [min(cfg.shard_size, count - i * cfg.shard_size) for i in range(n)]
     pending = [i for i in range(n) if not _shard_done(work, i, rows[i], dim)]
@@ -458,7 +460,7 @@ def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: 
     if reused and dist.is_main:
         cfg.log(f"{len(reused)} of {n} shard(s) already encoded; encoding the other {len(pending)}")
     if not mine:
-        return 0, reused
+        return 0, 0, reused
     from onegen_core.encoder import Encoder
 
     encoder = Encoder.from_checkpoint(ckpt, dtype=cfg.dtype, device=device)
@@ -484,7 +486,7 @@ def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: 
     finally:
         con.close()
         bar.close()
-    return len(mine), reused
+    return len(mine), total, reused
 
 
 # The encoder runs a batch's attention as one padded call when padding costs at most this factor of the
@@ -529,8 +531,18 @@ def encode_sorted(encoder: Any, seqs: list[list[int]], batch_tokens: int, batch_
 def _merge_and_publish(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, Any], factory: str,
                        dim: int, world: int) -> Manifest:
     faiss = import_faiss()
-    if cfg.faiss_threads is not None:
+    threads = faiss.omp_get_max_threads()
+    if cfg.faiss_threads is not None:  # FAISS and torch may share one OpenMP runtime: restored below
         faiss.omp_set_num_threads(cfg.faiss_threads)
+    try:
+        return _merge(work, cfg, ckpt, ingest, factory, dim, world)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _merge(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, Any], factory: str, dim: int,
+           world: int) -> Manifest:
+    faiss = import_faiss()
     count = int(ingest["count"])
     n = _n_shards(count, cfg.shard_size)
     missing = [i for i in range(n) if not work.shard_path(i).is_file()]

@@ -190,17 +190,20 @@ def _build(args: argparse.Namespace) -> int:
             return 2
     finally:
         dist.close()
-    if dist.is_main:
-        m = result.manifest
-        assert m is not None
-        rate = result.documents_encoded / result.seconds if result.seconds > 0 else 0.0
-        print(
-            f"built {result.out}: {result.count} vectors ({m.factory}, dim {m.dim}) in {result.seconds:.1f}s; "
-            f"encoded {result.documents_encoded} documents ({rate:.1f} doc/s) in {result.shards_encoded} shard(s), "
-            f"reused {result.shards_reused} shard(s) of an interrupted build"
-            + (f"; {result.truncated} truncated" if result.truncated else "")
-            + (f"; {result.rejected} rejected (see rejected.jsonl)" if result.rejected else "")
-        )
+    if not dist.is_main:
+        print(f"rank {dist.rank}: encoded {result.documents_encoded} documents in {result.shards_encoded} shard(s)",
+              file=sys.stderr)
+        return 0
+    m = result.manifest
+    assert m is not None
+    rate = result.documents_encoded / result.seconds if result.seconds > 0 else 0.0
+    print(
+        f"built {result.out}: {result.count} vectors ({m.factory}, dim {m.dim}) in {result.seconds:.1f}s; "
+        f"encoded {result.documents_encoded} documents ({rate:.1f} doc/s) in {result.shards_encoded} shard(s), "
+        f"reused {result.shards_reused} shard(s) of an interrupted build"
+        + (f"; {result.truncated} truncated" if result.truncated else "")
+        + (f"; {result.rejected} rejected (see rejected.jsonl)" if result.rejected else "")
+    )
     return 0
 
 

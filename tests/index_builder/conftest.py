@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import pytest
 from ib_data import make_records, write_jsonl
-
-# FAISS's OpenMP threads spin-wait; on a small shared CI CPU that makes k-means tens of times slower.
-faiss.omp_set_num_threads(1)
 
 
 @pytest.fixture
