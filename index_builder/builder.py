@@ -116,6 +116,7 @@ class BuildResult:
     truncated: int
     seconds: float
     manifest: Manifest | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: read, load_model, encode, merge
 
 
 # ---------------------------------------------------------------------- the work directory
@@ -184,6 +185,7 @@ def build_index(cfg: BuildConfig, *, dist: Dist | None = None) -> BuildResult:
     max_length = int(ckpt.config.max_position_embeddings)
     device = _resolve_device(cfg.device, dist)
     settings = _settings(cfg, ckpt, device)
+    timings: dict[str, float] = {}
     try:
         err: BaseException | None = None
         try:
@@ -202,8 +204,10 @@ def build_index(cfg: BuildConfig, *, dist: Dist | None = None) -> BuildResult:
                     "needs its output on a filesystem every rank sees"
                 )
             if dist.is_main and not work.ingest_done.is_file():
+                t_read = time.monotonic()
                 try:
                     _ingest(work, cfg, ckpt, files, max_length)
+                    timings["read"] = time.monotonic() - t_read
                 except BuildError:
                     _discard(work)  # an invalid corpus leaves nothing behind: the next run starts afresh
                     raise
@@ -216,19 +220,24 @@ def build_index(cfg: BuildConfig, *, dist: Dist | None = None) -> BuildResult:
         try:
             factory = resolve_factory(cfg.index, dim, count)
             check_trainable(factory, dim, count, cfg.train_size)
-            encoded, encoded_docs, reused = _encode(work, cfg, ckpt, count, dim, device, dist)
+            t_encode = time.monotonic()
+            encoded, encoded_docs, reused = _encode(work, cfg, ckpt, count, dim, device, dist, timings)
+            timings["encode"] = time.monotonic() - t_encode - timings.get("load_model", 0.0)
         except BaseException as e:
             err = e
         dist.sync(err)
         n_shards = _n_shards(count, cfg.shard_size)
         reused_docs = sum(min(cfg.shard_size, count - i * cfg.shard_size) for i in reused)
         result = BuildResult(cfg.out, count, factory, n_shards, encoded, len(reused), encoded_docs,
-                             int(ingest["rejected"]), int(ingest["truncated"]), time.monotonic() - t0)
+                             int(ingest["rejected"]), int(ingest["truncated"]), time.monotonic() - t0,
+                             timings=timings)
         if not dist.is_main:
             return result  # this rank's share
         result.shards_encoded = n_shards - len(reused)  # all ranks together
         result.documents_encoded = count - reused_docs
+        t_merge = time.monotonic()
         result.manifest = _merge_and_publish(work, cfg, ckpt, ingest, factory, dim, dist.world)
+        timings["merge"] = time.monotonic() - t_merge
         result.seconds = time.monotonic() - t0
         return result
     finally:
@@ -449,7 +458,7 @@ def _shard_done(work: WorkDir, i: int, rows: int, dim: int) -> bool:
 
 
 def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: int, device: str,
-            dist: Dist) -> tuple[int, int, set[int]]:
+            dist: Dist, timings: dict[str, float]) -> tuple[int, int, set[int]]:
     """Encode this rank's share of the missing shards. Returns (shards and documents it encoded, shards reused)."""
     n = _n_shards(count, cfg.shard_size)
     rows = [min(cfg.shard_size, count - i * cfg.shard_size) for i in range(n)]
@@ -463,7 +472,9 @@ def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: 
         return 0, 0, reused
     from onegen_core.encoder import Encoder
 
+    t_load = time.monotonic()
     encoder = Encoder.from_checkpoint(ckpt, dtype=cfg.dtype, device=device)
+    timings["load_model"] = time.monotonic() - t_load
     if encoder.dim != dim:
         raise AssertionError(f"encoder dim {encoder.dim} != config hidden size {dim}")
     renderer = Renderer.for_checkpoint(ckpt)

@@ -196,11 +196,13 @@ def _build(args: argparse.Namespace) -> int:
         return 0
     m = result.manifest
     assert m is not None
-    rate = result.documents_encoded / result.seconds if result.seconds > 0 else 0.0
+    encode_s = result.timings.get("encode", 0.0)
+    rate = f" at {result.documents_encoded / encode_s:.1f} doc/s" if encode_s > 0 else ""
     print(
         f"built {result.out}: {result.count} vectors ({m.factory}, dim {m.dim}) in {result.seconds:.1f}s; "
-        f"encoded {result.documents_encoded} documents ({rate:.1f} doc/s) in {result.shards_encoded} shard(s), "
-        f"reused {result.shards_reused} shard(s) of an interrupted build"
+        f"encoded {result.documents_encoded} documents{rate} in {result.shards_encoded} shard(s), "
+        f"reused {result.shards_reused} shard(s) of an interrupted build "
+        f"({', '.join(f'{k} {v:.1f}s' for k, v in result.timings.items())})"
         + (f"; {result.truncated} truncated" if result.truncated else "")
         + (f"; {result.rejected} rejected (see rejected.jsonl)" if result.rejected else "")
     )
