@@ -64,9 +64,12 @@ class Chunker:
             raise ValueError(f"the model's context ({max_length} tokens) cannot hold a document")
 
     def split(self, rec: SourceRecord) -> list[Piece]:
-        enc = self.tokenizer(rec.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids: list[int] = enc["input_ids"]
-        offsets: list[tuple[int, int]] = enc["offset_mapping"]
+        try:
+            enc = self.tokenizer(rec.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            ids: list[int] = enc["input_ids"]
+            offsets: list[tuple[int, int]] | None = enc["offset_mapping"]
+        except NotImplementedError:  # a slow (Python) tokenizer has no offsets: windows are decoded instead
+            ids, offsets = self.renderer.text(rec.text), None
         n = len(ids)
         cfg = self.config
         if cfg.chunk_tokens is not None and n > cfg.chunk_tokens:
@@ -79,29 +82,28 @@ class Chunker:
                 if end == n:
                     break
                 start += step
-            pieces = [self._piece(rec, offsets, s, e, n, f"{rec.id}#{k}", chunk=True) for k, (s, e) in enumerate(spans)]
-            return pieces
+            return [self._piece(rec, ids, offsets, s, e, n, f"{rec.id}#{k}", chunk=True)
+                    for k, (s, e) in enumerate(spans)]
         limit = cfg.max_doc_tokens if cfg.chunk_tokens is None else None
         end = min(n, limit) if limit else n
-        return [self._piece(rec, offsets, 0, end, n, rec.id, chunk=False)]
+        return [self._piece(rec, ids, offsets, 0, end, n, rec.id, chunk=False)]
 
-    def _piece(self, rec: SourceRecord, offsets: list[tuple[int, int]], start: int, end: int, n: int,
-               doc_id: str, *, chunk: bool) -> Piece:
+    def _piece(self, rec: SourceRecord, ids: list[int], offsets: list[tuple[int, int]] | None, start: int,
+               end: int, n: int, doc_id: str, *, chunk: bool) -> Piece:
         truncated = not chunk and end < n
         while True:
-            text = self._span_text(rec.text, offsets, start, end, n)
+            text = self._span_text(rec.text, ids, offsets, start, end, n)
             n_tokens = len(self.renderer.document(text, rec.title))
             if n_tokens <= self.max_length:
                 break
-            # Cut the span by the excess (rendering adds template tokens around it) and measure again.
-            end = max(start + 1, end - (n_tokens - self.max_length))
-            truncated = True
-            if end == start + 1 and len(self.renderer.document(self._span_text(rec.text, offsets, start, end, n),
-                                                             rec.title)) > self.max_length:
+            if end - start <= 1:
                 raise ValueError(
                     f"{rec.origin}: document {rec.id!r} cannot fit the model's context of {self.max_length} tokens "
                     "even with one text token (is the title or the document template too long?)"
                 )
+            # Cut the span by the excess (rendering adds template tokens around it) and measure again.
+            end = max(start + 1, end - (n_tokens - self.max_length))
+            truncated = True
         whole = start == 0 and end == n
         doc = Document(
             id=doc_id,
@@ -114,8 +116,10 @@ class Chunker:
         )
         return Piece(doc, n_tokens, truncated)
 
-    @staticmethod
-    def _span_text(text: str, offsets: list[tuple[int, int]], start: int, end: int, n: int) -> str:
+    def _span_text(self, text: str, ids: list[int], offsets: list[tuple[int, int]] | None, start: int, end: int,
+                   n: int) -> str:
         if start == 0 and end == n:
             return text
+        if offsets is None:
+            return self.tokenizer.decode(ids[start:end])
         return text[offsets[start][0]:offsets[end - 1][1]]

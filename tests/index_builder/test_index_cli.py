@@ -150,3 +150,17 @@ def test_a_real_process_exits_2_without_a_traceback(tiny_checkpoint, tmp_path):
     assert f"error: invalid corpus input:\n  {corpus}:2: malformed JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert_nothing_written(out)
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from index_builder import builder as builder_mod
+
+    def interrupted(path, array):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builder_mod, "save_npy_atomic", interrupted)
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_records(4))
+    out = tmp_path / "idx"
+    assert build(["--checkpoint", str(tiny_checkpoint), "--corpus", str(corpus), "--out", str(out)]) == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "idx.building" / "ingest.json").is_file()

@@ -73,3 +73,12 @@ def test_documents_are_cut_to_the_models_context(renderer):
 def test_invalid_chunk_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ChunkConfig(**kwargs)
+
+
+def test_a_title_longer_than_the_context_is_an_error_naming_the_line(renderer):
+    from dataclasses import replace
+
+    titled = Renderer(renderer.tokenizer, replace(renderer.spec, document_template="{title}\n{text}"),
+                      renderer.token_ids)
+    with pytest.raises(ValueError, match=r"c.jsonl:3: document 'doc' cannot fit the model's context of 4 tokens"):
+        Chunker(titled, ChunkConfig(), max_length=4).split(record(title="a title far longer than four tokens"))
