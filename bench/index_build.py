@@ -267,7 +267,8 @@ def main() -> None:
                    "counts (default: 2)")
     p.add_argument("--max-words", type=int, default=400, help="longest document in words (default: 400)")
     p.add_argument("--hf-batch-size", type=int, default=32, help="documents per batch of the HF loop (default: 32)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="the builder's token budget (default: 16384)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="the builder's token budget (default: 4096, "
+                   "its CPU default)")
     p.add_argument("--batch-size", type=int, default=512, help="the builder's most documents per batch (default: 512)")
     p.add_argument("--vectors", type=int, default=100_000, help="vectors in part 2 (default: 100000)")
     p.add_argument("--dim", type=int, default=128, help="dimension in part 2 (default: 128)")

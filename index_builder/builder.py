@@ -30,7 +30,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,7 +68,7 @@ class BuildConfig:
     corpus: list[Path]
     out: Path
     index: str = "flat"  # flat | hnsw | ivfpq | a FAISS factory string
-    batch_tokens: int = 16384  # token budget of one packed forward
+    batch_tokens: int | None = None  # token budget of one packed forward; None: 4096 on CPU, 16384 on GPU
     batch_size: int = 512  # most documents in one forward
     device: str = "auto"
     dtype: str = "float32"
@@ -91,13 +91,15 @@ class BuildConfig:
         self.checkpoint = Path(self.checkpoint)
         self.out = Path(self.out)
         self.corpus = [Path(p) for p in self.corpus]
-        for name in ("batch_tokens", "batch_size", "shard_size", "train_size"):
+        for name in ("batch_size", "shard_size", "train_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("nprobe", "ef_search", "faiss_threads"):
+        for name in ("batch_tokens", "nprobe", "ef_search", "faiss_threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"--dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.on_invalid not in ("error", "skip"):
             raise ValueError(f"on_invalid must be 'error' or 'skip', got {self.on_invalid!r}")
         self.chunking = ChunkConfig(self.chunk_tokens, self.chunk_overlap, self.max_doc_tokens)
@@ -184,6 +186,8 @@ def build_index(cfg: BuildConfig, *, dist: Dist | None = None) -> BuildResult:
     dim = int(ckpt.config.hidden_size)
     max_length = int(ckpt.config.max_position_embeddings)
     device = _resolve_device(cfg.device, dist)
+    if cfg.batch_tokens is None:  # a CPU runs big GEMMs out of cache; a GPU wants them big
+        cfg = replace(cfg, batch_tokens=4096 if device == "cpu" else 16384)
     settings = _settings(cfg, ckpt, device)
     timings: dict[str, float] = {}
     try:
@@ -607,6 +611,7 @@ def _merge(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, 
                 "chunk_overlap": cfg.chunk_overlap,
                 "max_doc_tokens": cfg.max_doc_tokens,
                 "shard_size": cfg.shard_size,
+                "batch_tokens": cfg.batch_tokens,
                 "world_size": world,
             },
             "train_size": facts["train_size"],
