@@ -46,6 +46,7 @@ from onegen_core.index_store import (
     create_docstore,
     import_faiss,
 )
+from onegen_core.model.attention import MAX_PAD_WASTE
 from onegen_core.rendering import Renderer
 from onegen_core.spec import SpecError
 
@@ -506,7 +507,7 @@ def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: 
 
 # The encoder runs a batch's attention as one padded call when padding costs at most this factor of the
 # real work (onegen_core.model.attention), else one call per sequence: batches are cut to stay under it.
-PAD_WASTE = 1.5
+PAD_WASTE = MAX_PAD_WASTE  # the attention's own threshold for one padded call
 
 
 def length_batches(lengths: list[int], batch_tokens: int, batch_size: int) -> Iterator[list[int]]:

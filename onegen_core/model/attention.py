@@ -69,10 +69,15 @@ class AttentionMetadata:
         return all(q == 1 for q in self.q_lens)
 
 
+# Prefill rows share one padded SDPA call when padding adds at most this factor of attention work
+# (else one call each). Batch makers (the index builder) use it to keep batches on the one-call path.
+MAX_PAD_WASTE = 1.5
+
+
 def _pad_waste_ok(q_lens: list[int], ctx_lens: list[int]) -> bool:
     real = sum(q * c for q, c in zip(q_lens, ctx_lens, strict=True))
     padded = len(q_lens) * max(q_lens) * max(ctx_lens)
-    return padded <= 1.5 * real
+    return padded <= MAX_PAD_WASTE * real
 
 
 def _make_group(
