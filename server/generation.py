@@ -26,7 +26,7 @@ from onegen_core.params import RetrievalParams, SamplingParams
 
 from .errors import APIError
 from .schemas import RetrievalOptions
-from .state import ServerState
+from .state import ServerState, Ticket, new_request_id
 from .worker import EngineUnavailable
 
 log = logging.getLogger("onegen.server")
@@ -208,3 +208,44 @@ class EventStream(StreamingResponse):
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             self._on_close()
+
+
+async def admit_generation(
+    state: ServerState, request: Request, id_prefix: str, inputs: list[dict[str, Any]],
+    sampling: SamplingParams, retrieval: RetrievalParams,
+) -> tuple[Generation, Ticket]:
+    """Admit one HTTP request (429 when full) and add each input (``prompt=`` / ``messages=`` /
+    ``prompt_token_ids=`` plus ``param=``) as an engine request; on any failure undo both."""
+    ticket = state.admit()
+    gen = Generation(state, new_request_id(id_prefix), request)
+    try:
+        for kw in inputs:
+            await gen.add(**kw, sampling=sampling, retrieval=retrieval)
+    except BaseException:
+        gen.close()
+        ticket.release()
+        raise
+    return gen, ticket
+
+
+def stream_generation(gen: Generation, ticket: Ticket, chunks: AsyncIterator[bytes]) -> EventStream:
+    """SSE response over ``chunks``; when it ends or the client goes, unfinished requests are aborted."""
+
+    def on_close() -> None:
+        gen.close()
+        ticket.release()
+
+    return EventStream(chunks, on_close)
+
+
+async def wait_generation(request: Request, gen: Generation, ticket: Ticket) -> list[GenerationResult] | None:
+    """All results in order, or None when the client disconnected first (its requests are aborted)."""
+    try:
+        results = await until_disconnected(request, gen.wait())
+    except ClientDisconnected:
+        return None
+    finally:
+        gen.close()
+        ticket.release()
+    check_finished_ok(results)
+    return results

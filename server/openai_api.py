@@ -25,18 +25,17 @@ from .auth import require_api_key
 from .errors import ERROR_RESPONSES, APIError, ErrorResponse, error_payload
 from .generation import (
     SSE_DONE,
-    ClientDisconnected,
-    EventStream,
     Generation,
-    check_finished_ok,
+    admit_generation,
     retrieval_params,
     sampling_params,
     sse,
-    until_disconnected,
+    stream_generation,
+    wait_generation,
 )
 from .routes import SSE_RESPONSE
 from .schemas import MAX_SEED, Retrieval, RetrievalOptions, Stop
-from .state import ServerState, get_state, new_request_id
+from .state import ServerState, get_state
 
 router = APIRouter(
     prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"],
@@ -243,16 +242,6 @@ def _temperature(t: float | None) -> float:
     return 1.0 if t is None else t
 
 
-async def _run(request: Request, gen: Generation, ticket: Any) -> list[GenerationResult]:
-    try:
-        results = await until_disconnected(request, gen.wait())
-    finally:
-        gen.close()
-        ticket.release()
-    check_finished_ok(results)
-    return results
-
-
 # ---------------------------------------------------------------------------- routes
 @router.get("/models", response_model=ModelList)
 async def models(state: ServerState = Depends(get_state)) -> Any:
@@ -284,27 +273,14 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
         ignore_eos=body.ignore_eos,
     )
     retrieval = retrieval_params(state, body.retrieval)
-    ticket = state.admit()
-    gen = Generation(state, new_request_id("cmpl"), request)
-    try:
-        for kw in prompts:
-            await gen.add(**kw, sampling=sampling, retrieval=retrieval, param="prompt")
-    except BaseException:
-        gen.close()
-        ticket.release()
-        raise
+    inputs = [{**kw, "param": "prompt"} for kw in prompts]
+    gen, ticket = await admit_generation(state, request, "cmpl", inputs, sampling, retrieval)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def on_close() -> None:
-            gen.close()
-            ticket.release()
-
-        return EventStream(_completion_chunks(state, gen, created, include_usage), on_close)
-    try:
-        results = await _run(request, gen, ticket)
-    except ClientDisconnected:
+        return stream_generation(gen, ticket, _completion_chunks(state, gen, created, include_usage))
+    results = await wait_generation(request, gen, ticket)
+    if results is None:
         return Response(status_code=499)
     return CompletionResponse(
         id=gen.request_id, created=created, model=state.model_name, usage=_usage(results),
@@ -357,27 +333,16 @@ async def chat_completions(body: ChatRequest, request: Request, state: ServerSta
         stop=body.stop, seed=body.seed, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
     )
     retrieval = retrieval_params(state, body.retrieval)
-    ticket = state.admit()
-    gen = Generation(state, new_request_id("chatcmpl"), request)
-    try:
-        await gen.add(messages=messages, sampling=sampling, retrieval=retrieval, param="messages")
-    except BaseException:
-        gen.close()
-        ticket.release()
-        raise
+    inputs = [{"messages": messages, "param": "messages"}]
+    gen, ticket = await admit_generation(state, request, "chatcmpl", inputs, sampling, retrieval)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def on_close() -> None:
-            gen.close()
-            ticket.release()
-
-        return EventStream(_chat_chunks(state, gen, created, include_usage), on_close)
-    try:
-        [r] = await _run(request, gen, ticket)
-    except ClientDisconnected:
+        return stream_generation(gen, ticket, _chat_chunks(state, gen, created, include_usage))
+    results = await wait_generation(request, gen, ticket)
+    if results is None:
         return Response(status_code=499)
+    [r] = results
     return ChatResponse(
         id=gen.request_id, created=created, model=state.model_name, usage=_usage([r]),
         choices=[ChatChoice(index=0, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,

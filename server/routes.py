@@ -26,13 +26,14 @@ from .errors import ERROR_RESPONSES, APIError, error_payload, error_response
 from .generation import (
     SSE_DONE,
     ClientDisconnected,
-    EventStream,
     Generation,
-    check_finished_ok,
+    admit_generation,
     retrieval_params,
     sampling_params,
     sse,
+    stream_generation,
     until_disconnected,
+    wait_generation,
 )
 from .schemas import (
     GenerateRequest,
@@ -48,7 +49,7 @@ from .schemas import (
     RetrieveResponse,
     generate_response,
 )
-from .state import ServerState, get_state, new_request_id
+from .state import ServerState, get_state
 from .worker import EngineUnavailable
 
 # One server-sent event (OpenAPI 3.1: the schema of a text/event-stream entry describes each event).
@@ -146,31 +147,17 @@ async def generate(body: GenerateRequest, request: Request, state: ServerState =
         stop=body.stop, seed=body.seed, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
     )
     retrieval = retrieval_params(state, body.retrieval)
-    ticket = state.admit()
-    gen = Generation(state, new_request_id("gen"), request)
-    try:
-        if body.prompt is not None:
-            await gen.add(prompt=body.prompt, sampling=sampling, retrieval=retrieval, param="prompt")
-        else:
-            await gen.add(messages=[m.model_dump() for m in body.messages or []], sampling=sampling,
-                          retrieval=retrieval, param="messages")
-    except BaseException:
-        gen.close()
-        ticket.release()
-        raise
+    if body.prompt is not None:
+        inputs = [{"prompt": body.prompt, "param": "prompt"}]
+    else:
+        inputs = [{"messages": [m.model_dump() for m in body.messages or []], "param": "messages"}]
+    gen, ticket = await admit_generation(state, request, "gen", inputs, sampling, retrieval)
     if body.stream:
-        def on_close() -> None:
-            gen.close()
-            ticket.release()
-        return EventStream(_generate_events(gen, state), on_close)
-    try:
-        [result] = await until_disconnected(request, gen.wait())
-    except ClientDisconnected:
+        return stream_generation(gen, ticket, _generate_events(gen, state))
+    results = await wait_generation(request, gen, ticket)
+    if results is None:
         return Response(status_code=499)
-    finally:
-        gen.close()
-        ticket.release()
-    check_finished_ok([result])
+    [result] = results
     out = generate_response(result, state.model_name)
     out.id = gen.request_id
     return out
