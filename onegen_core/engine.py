@@ -77,6 +77,8 @@ class EngineConfig:
     retriever: str = "auto"  # auto | faiss | torch (torch = exact matmul on the model's device)
     attention_backend: str = "auto"  # auto | sdpa | flash
     seed: int = 0  # engine RNG for requests without a seed
+    # Replay captured CUDA graphs for decode steps (CUDA + flash backend only). Off until verified on a GPU.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -143,8 +145,14 @@ class Engine:
             num_blocks = max(1, min(int(budget // per_block), useful))
         self.kv_cache = allocate_kv_cache(n_layers, num_blocks, config.block_size, m.num_kv_heads, m.head_dim,
                                           self.dtype, self.device)
-        self.max_model_len = min(max_len, num_blocks * config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        use_graphs = config.cuda_graphs and self.device.type == "cuda" and self.backend == "flash"
+        if config.cuda_graphs and not use_graphs:
+            log.warning("cuda_graphs needs a CUDA device and the flash attention backend; running eagerly")
+        usable_blocks = num_blocks - 1 if use_graphs else num_blocks  # the last block is the graphs' scratch
+        if usable_blocks < 1:
+            raise ValueError("the KV cache needs at least 2 blocks with cuda_graphs")
+        self.max_model_len = min(max_len, usable_blocks * config.block_size)
+        self.block_manager = BlockManager(usable_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         banned = [self.token_ids.document, self.token_ids.passage_open, self.token_ids.passage_close]
         banned += list(self.token_ids.follow_up.values())  # only ever forced
@@ -156,6 +164,15 @@ class Engine:
         self.default_k = spec.retrieval.k
         self.default_max_retrievals = spec.retrieval.max_retrievals
         self.num_steps = 0
+        self.graph_runner = None
+        if use_graphs:
+            from .model.cuda_graphs import DecodeGraphRunner
+
+            self.graph_runner = DecodeGraphRunner(
+                m, self.kv_cache, max_bs=config.max_num_seqs,
+                max_blocks=(self.max_model_len + config.block_size - 1) // config.block_size,
+                block_size=config.block_size, scratch_block=num_blocks - 1,
+            )
         log.info("engine ready: %s %s on %s, %d KV blocks x %d, max_model_len %d, attention %s",
                  checkpoint.model_type, self.dtype, self.device, num_blocks, config.block_size, self.max_model_len,
                  self.backend)
@@ -307,12 +324,16 @@ class Engine:
             ids.extend(c.seq.token_ids[c.start : c.start + c.num_new_tokens])
         q_lens = [c.num_new_tokens for c in chunks]
         ctx_lens = [c.start + c.num_new_tokens for c in chunks]
-        meta = build_attention_metadata(
-            q_lens, ctx_lens, block_tables=[c.seq.block_table for c in chunks],
-            block_size=self.config.block_size, device=self.device, backend=self.backend,
-        )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, meta, self.kv_cache)  # [T, d]
+        block_tables = [c.seq.block_table for c in chunks]
+        if self.graph_runner is not None and len(ids) == len(chunks) and self.graph_runner.can_run(len(chunks)):
+            hidden = self.graph_runner.run(ids, [c.start for c in chunks], block_tables)  # decode: replay a graph
+        else:
+            meta = build_attention_metadata(
+                q_lens, ctx_lens, block_tables=block_tables,
+                block_size=self.config.block_size, device=self.device, backend=self.backend,
+            )
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            hidden = self.model(input_ids, meta, self.kv_cache)  # [T, d]
         ends = []
         pos = 0
         for c in chunks:

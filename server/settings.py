@@ -49,6 +49,7 @@ class ServerSettings(BaseSettings):
         "auto", description="search backend: FAISS, or exact torch matmul on the model's device"
     )
     attention_backend: Literal["auto", "sdpa", "flash"] = Field("auto", description="attention kernels")
+    cuda_graphs: bool = Field(False, description="replay CUDA graphs for decode steps (CUDA + flash backend)")
 
     # ---------------------------------------------------------------- HTTP
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces, as in the container)")

@@ -57,6 +57,17 @@ def test_flash_backend_matches_sdpa(retrieving_checkpoint):
     assert torch.allclose(outs["flash"], outs["sdpa"], atol=5e-2, rtol=5e-2)
 
 
+def test_cuda_graph_decode_equals_eager(retrieving_checkpoint, tiny_index):
+    """Replayed decode graphs (with padded batch sizes) give the eager flash engine's tokens."""
+    pytest.importorskip("flash_attn")
+    cfg = dict(device="cuda", dtype="bfloat16", attention_backend="flash", block_size=256, num_kv_blocks=40,
+               max_num_seqs=12)
+    eager = Engine.from_checkpoint(retrieving_checkpoint, tiny_index, EngineConfig(**cfg))
+    graphs = Engine.from_checkpoint(retrieving_checkpoint, tiny_index, EngineConfig(**cfg, cuda_graphs=True))
+    assert graphs.graph_runner is not None and graphs.graph_runner.sizes == [1, 2, 4, 8, 12]
+    assert _tokens(graphs) == _tokens(eager)
+
+
 def test_cuda_bf16_runs_with_retrieval(retrieving_checkpoint, tiny_index):
     gpu = Engine.from_checkpoint(retrieving_checkpoint, tiny_index, EngineConfig(device="cuda", dtype="bfloat16"))
     res = gpu.generate(PROMPTS, SamplingParams(max_tokens=24), RetrievalParams(max_retrievals=2))
