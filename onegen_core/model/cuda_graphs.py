@@ -73,23 +73,36 @@ class DecodeGraphRunner:
         """One decode step for B sequences (token at ``positions[i]`` of sequence i) -> hidden [B, d]."""
         B = len(input_ids)
         bs = next(s for s in self.sizes if s >= B)
-        bsz = self.block_size
-        pos = torch.tensor(positions, dtype=torch.long)
-        bt = torch.full((bs, self.block_tables.shape[1]), self.scratch_block, dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        slots = torch.full((bs,), self.scratch_block * bsz, dtype=torch.long)
-        slots[:B] = bt[torch.arange(B), pos // bsz].long() * bsz + pos % bsz
-        ids = torch.zeros(bs, dtype=torch.long)
-        ids[:B] = torch.tensor(input_ids, dtype=torch.long)
-        full_pos = torch.zeros(bs, dtype=torch.long)
-        full_pos[:B] = pos
-        ctx = torch.ones(bs, dtype=torch.int32)
-        ctx[:B] = (pos + 1).to(torch.int32)
+        ids, pos, slots, ctx, bt = decode_host_inputs(
+            input_ids, positions, block_tables, padded_size=bs, max_blocks=self.block_tables.shape[1],
+            block_size=self.block_size, scratch_block=self.scratch_block,
+        )
         self.input_ids[:bs].copy_(ids, non_blocking=True)
-        self.positions[:bs].copy_(full_pos, non_blocking=True)
+        self.positions[:bs].copy_(pos, non_blocking=True)
         self.slot_mapping[:bs].copy_(slots, non_blocking=True)
         self.ctx_lens[:bs].copy_(ctx, non_blocking=True)
         self.block_tables[:bs].copy_(bt, non_blocking=True)
         self.graphs[bs].replay()
         return self.hidden[:B]
+
+
+def decode_host_inputs(
+    input_ids: list[int], positions: list[int], block_tables: list[list[int]], *, padded_size: int, max_blocks: int,
+    block_size: int, scratch_block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host tensors for a padded decode step: ids, positions, cache slots, context lengths, block tables.
+
+    Rows past ``len(input_ids)`` are padding: token 0 at position 0, writing and reading
+    only the scratch block's first slot.
+    """
+    B = len(input_ids)
+    pos = torch.zeros(padded_size, dtype=torch.long)
+    pos[:B] = torch.tensor(positions, dtype=torch.long)
+    bt = torch.full((padded_size, max_blocks), scratch_block, dtype=torch.int32)
+    for i, t in enumerate(block_tables):
+        bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    slots = bt[torch.arange(padded_size), pos // block_size].long() * block_size + pos % block_size
+    ids = torch.zeros(padded_size, dtype=torch.long)
+    ids[:B] = torch.tensor(input_ids, dtype=torch.long)
+    ctx = (pos + 1).to(torch.int32)
+    return ids, pos, slots, ctx, bt

@@ -62,3 +62,20 @@ def test_unsupported_architecture_is_refused(tmp_path):
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="unsupported architecture 'gpt2'.*supported: LlamaForCausalLM"):
         load_checkpoint(tmp_path)
+
+
+def test_cuda_graph_decode_inputs_match_the_eager_metadata():
+    """The graph runner's host-side inputs (runs on CPU) equal what the eager path computes; padding
+    rows touch only the scratch block."""
+    from onegen_core.model.cuda_graphs import capture_sizes, decode_host_inputs
+
+    assert capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40] and capture_sizes(3) == [1, 2, 3]
+    block_tables = [[3, 9, 1], [5], [7, 2]]
+    positions = [37, 4, 16]
+    ids, pos, slots, ctx, bt = decode_host_inputs([11, 12, 13], positions, block_tables, padded_size=4,
+                                                  max_blocks=5, block_size=16, scratch_block=99)
+    meta = build_attention_metadata([1, 1, 1], [p + 1 for p in positions], block_tables=block_tables, block_size=16)
+    assert slots[:3].tolist() == meta.slot_mapping.tolist()
+    assert ids.tolist() == [11, 12, 13, 0] and ctx.tolist() == [38, 5, 17, 1] and pos.tolist() == positions + [0]
+    assert slots[3].item() == 99 * 16 and bt[3].tolist() == [99] * 5
+    assert bt[0].tolist() == [3, 9, 1, 99, 99]
