@@ -52,7 +52,7 @@ from .retriever import FaissRetriever, Retriever, TorchRetriever
 from .roles import Role
 from .sampler import Sampler, SamplingRow
 from .scheduler import ScheduledChunk, Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Engine:
         if index_dir is not None:
             store = IndexStore.open(index_dir, expected_fingerprint=ckpt.fingerprint)
             dev = resolve_device(config.device)
-            flat = store.manifest.factory.replace("IDMap,", "") in ("Flat", "IDMap,Flat")
+            flat = store.manifest.factory.replace("IDMap,", "") == "Flat"
             use_torch = config.retriever == "torch" or (config.retriever == "auto" and flat and dev.type == "cuda")
             if use_torch:
                 retriever = TorchRetriever.from_index(store, device=dev)
@@ -397,15 +397,16 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[EngineEvent]:
-        forced = [s for s in seqs if s.forced_next is not None]
-        free = [s for s in seqs if s.forced_next is None]
+        free_rows = [i for i, s in enumerate(seqs) if s.forced_next is None]  # rows of ``hidden`` to sample
+        free = [seqs[i] for i in free_rows]
         events: list[EngineEvent] = []
         new_tokens: dict[Sequence, tuple[int, float | None]] = {}
-        for s in forced:
-            new_tokens[s] = (s.forced_next, None)
-            s.forced_next = None
+        for s in seqs:
+            if s.forced_next is not None:
+                new_tokens[s] = (s.forced_next, None)
+                s.forced_next = None
         if free:
-            rows_h = hidden[[seqs.index(s) for s in free]]
+            rows_h = hidden[free_rows]
             logits = self.model.compute_logits(rows_h)  # [B, V] float32
             query_ids = self.token_ids.query_ids
             rows = [
@@ -499,15 +500,3 @@ class Engine:
                 for h in row:
                     h.text = None
         return hits
-
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
-
-    def sequence_status(self, request_id: str) -> SequenceStatus | None:
-        s = self.sequences.get(request_id)
-        return s.status if s else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import torch
 
@@ -98,7 +97,3 @@ class Sequence:
             first_token_time=self.first_token_time,
             finish_time=self.finish_time,
         )
-
-    def describe(self) -> dict[str, Any]:  # for logs / debugging
-        return {"request_id": self.request_id, "status": self.status.value, "tokens": self.num_tokens,
-                "cached": self.num_cached_tokens, "generated": len(self.output_ids), "retrievals": self.num_retrievals}
