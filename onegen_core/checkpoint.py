@@ -72,9 +72,7 @@ class Checkpoint:
         dirs = [self.model_path] + ([self.adapter_path] if self.adapter_path else [])
         for d in dirs:
             for p in sorted(d.iterdir()):
-                if p.is_file() and (p.suffix in (".json", ".safetensors", ".model", ".txt") or p.name == "merges.txt"):
-                    if p.name.startswith(".") or p.suffix == ".tmp":
-                        continue
+                if p.is_file() and p.suffix in (".json", ".safetensors", ".model", ".txt") and not p.name.startswith("."):
                     h.update(p.name.encode() + b"\0")
                     with open(p, "rb") as f:
                         for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -9,12 +9,13 @@ engine strips it from traces unless the request asked for passages).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from .index_store import Document, IndexStore
+from .index_store import Document, IndexStore, import_faiss
 from .outputs import RetrievalHit
 
 
@@ -26,7 +27,7 @@ class Retriever(Protocol):
     def __len__(self) -> int: ...
 
 
-def _hits(scores: np.ndarray, ids: np.ndarray, docs_for: callable) -> list[list[RetrievalHit]]:
+def _hits(scores: np.ndarray, ids: np.ndarray, docs_for: Callable[[list[int]], list[Document | None]]) -> list[list[RetrievalHit]]:
     out: list[list[RetrievalHit]] = []
     for srow, irow in zip(scores, ids, strict=True):
         valid = [(float(s), int(i)) for s, i in zip(srow, irow, strict=True) if i >= 0]
@@ -42,7 +43,7 @@ class TorchRetriever:
     """Exact search by one matmul on the model's device (small corpora, tests, GPU-resident indexes)."""
 
     def __init__(self, vectors: torch.Tensor | np.ndarray, documents: list[Document], device: str | torch.device = "cpu"):
-        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32) if not isinstance(vectors, torch.Tensor) else vectors)
+        v = vectors if isinstance(vectors, torch.Tensor) else torch.from_numpy(np.asarray(vectors, dtype=np.float32))
         if v.ndim != 2 or v.shape[0] != len(documents):
             raise ValueError(f"need [n, d] vectors for n documents; got {tuple(v.shape)} for {len(documents)}")
         self.vectors = v.float().to(device)
@@ -77,19 +78,14 @@ class FaissRetriever:
         self.store = store
         self.index = store.index
         self.dim = store.manifest.dim
+        faiss = import_faiss()
         if nprobe is not None or ef_search is not None:
-            from .index_store import import_faiss
-
-            faiss = import_faiss()
             ps = faiss.ParameterSpace()
             if nprobe is not None:
                 ps.set_index_parameter(self.index, "nprobe", nprobe)
             if ef_search is not None:
                 ps.set_index_parameter(self.index, "efSearch", ef_search)
         if use_gpu:
-            from .index_store import import_faiss
-
-            faiss = import_faiss()
             if not hasattr(faiss, "StandardGpuResources"):
                 raise ImportError("FAISS GPU search needs the GPU build: pip install 'onegen[gpu]'")
             self._res = faiss.StandardGpuResources()

@@ -122,8 +122,6 @@ def build_tiny_checkpoint(
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
-            elif "bias" in str(p):
-                pass
     if arch == "qwen2":  # make the q/k/v bias non-zero so that tests see it
         with torch.no_grad():
             for layer in model.model.layers:

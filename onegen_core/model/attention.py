@@ -157,7 +157,8 @@ def build_attention_metadata(
         return meta
 
     decode = [i for i, q in enumerate(q_lens) if q == 1 and block_tables is not None]
-    rest = [i for i in range(len(q_lens)) if i not in set(decode)]
+    decode_set = set(decode)
+    rest = [i for i in range(len(q_lens)) if i not in decode_set]
     if decode:
         meta.groups.append(_make_group(decode, q_lens, ctx_lens, starts, block_tables, block_size, device))
     if rest:
