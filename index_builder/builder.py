@@ -45,6 +45,7 @@ from onegen_core.index_store import (
     Manifest,
     create_docstore,
     import_faiss,
+    insert_documents,
 )
 from onegen_core.model.attention import MAX_PAD_WASTE
 from onegen_core.rendering import Renderer
@@ -389,12 +390,7 @@ def _ingest(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, files: list, max_
             stats["sources"] += 1
             stats["chunked_sources"] += len(pieces) > 1
             for p in pieces:
-                d = p.document
-                con.execute(
-                    "INSERT INTO documents VALUES (?,?,?,?,?,?,?,?)",
-                    (vid, d.id, d.title, d.text, json.dumps(d.metadata) if d.metadata is not None else None,
-                     d.source, d.start, d.end),
-                )
+                insert_documents(con, vid, [p.document])
                 con.execute("INSERT INTO origins VALUES (?,?,?)", (vid, item.origin, p.n_tokens))
                 stats["truncated"] += p.truncated
                 stats["tokens"] += p.n_tokens
@@ -602,7 +598,6 @@ def _merge(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, 
         factory=factory,
         special_token_ids=dict(ckpt.token_ids.by_name),
         corpus_digest=ingest["digest"],
-        build_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         extra={
             "builder": {
                 "version": BUILDER_VERSION,

@@ -67,7 +67,7 @@ class Manifest:
     normalized: bool = True
     special_token_ids: dict[str, int] = field(default_factory=dict)
     corpus_digest: str = ""
-    build_time: str = ""
+    build_time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     format_version: int = INDEX_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # builder settings, training size, …
 
@@ -220,7 +220,6 @@ def write_index_dir(
         factory=factory,
         special_token_ids=special_token_ids or {},
         corpus_digest=corpus_digest,
-        build_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         extra=extra or {},
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
