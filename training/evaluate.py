@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from onegen_core.encoder import normalize
 
 from .data import Corpus, Example
 from .modeling import OneGenModel
@@ -66,7 +67,7 @@ def encode_units(model: OneGenModel, corpus: Corpus, units: np.ndarray, *, batch
                 if u in wanted:
                     vec_of_unit[u] = h[r, int(corpus.unit_pos[u])].float()
     vecs = torch.stack([vec_of_unit[int(u)] for u in units]) if len(units) else torch.zeros(0, 1, device=device)
-    return F.normalize(vecs, dim=-1)
+    return normalize(vecs)
 
 
 @torch.no_grad()
@@ -101,7 +102,7 @@ def evaluate(model: OneGenModel, examples: list[Example], corpus: Corpus, *, bat
             units = eval_pool(corpus, examples, pool_size, seed)
             dvec = encode_units(model, corpus, units, batch_size=batch_size, pad_id=pad_id, device=device,
                                 autocast=autocast)
-            qvec = F.normalize(torch.stack(queries), dim=-1)
+            qvec = normalize(torch.stack(queries))
             scores = qvec @ dvec.T  # [Q, P]
             kmax = min(max(ks), len(units))
             top = units[scores.topk(kmax, dim=1).indices.cpu().numpy()]  # [Q, kmax] unit ids
