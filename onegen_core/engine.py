@@ -37,6 +37,7 @@ from .encoder import Encoder, normalize, resolve_device, resolve_dtype
 from .index_store import IndexStore
 from .kv_cache import BlockManager, allocate_kv_cache, kv_bytes_per_block
 from .model import build_attention_metadata, build_model
+from .model.linear import BACKENDS as LINEAR_BACKENDS
 from .outputs import (
     EngineEvent,
     Finished,
@@ -76,6 +77,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     retriever: str = "auto"  # auto | faiss | torch (torch = exact matmul on the model's device)
     attention_backend: str = "auto"  # auto | sdpa | flash
+    linear_backend: str = "auto"  # auto | aten | onednn (auto: oneDNN-prepacked weights on CPU, see model/linear.py)
     seed: int = 0  # engine RNG for requests without a seed
     # Replay captured CUDA graphs for decode steps (CUDA + flash backend only). Off until verified on a GPU.
     cuda_graphs: bool = False
@@ -90,6 +92,8 @@ class EngineConfig:
             raise ValueError(f"retriever must be auto, faiss or torch, got {self.retriever!r}")
         if self.attention_backend not in ("auto", "sdpa", "flash"):
             raise ValueError(f"attention_backend must be auto, sdpa or flash, got {self.attention_backend!r}")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
@@ -130,7 +134,8 @@ class Engine:
         if self.backend == "flash" and config.block_size % 256:
             raise ValueError("the flash attention backend needs block_size to be a multiple of 256")
 
-        self.model = build_model(checkpoint, self.dtype, self.device, max_positions=max_len)
+        self.model = build_model(checkpoint, self.dtype, self.device, max_positions=max_len,
+                                 linear_backend=config.linear_backend)
         m = self.model
         n_layers = len(m.layers)
         per_block = kv_bytes_per_block(n_layers, config.block_size, m.num_kv_heads, m.head_dim, self.dtype)
@@ -173,9 +178,9 @@ class Engine:
                 max_blocks=(self.max_model_len + config.block_size - 1) // config.block_size,
                 block_size=config.block_size, scratch_block=num_blocks - 1,
             )
-        log.info("engine ready: %s %s on %s, %d KV blocks x %d, max_model_len %d, attention %s",
+        log.info("engine ready: %s %s on %s, %d KV blocks x %d, max_model_len %d, attention %s, linear %s",
                  checkpoint.model_type, self.dtype, self.device, num_blocks, config.block_size, self.max_model_len,
-                 self.backend)
+                 self.backend, m.linear_backend)
 
     # ------------------------------------------------------------------ construction
     @classmethod

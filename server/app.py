@@ -48,7 +48,8 @@ def engine_factory_for(settings: ServerSettings) -> Callable[[], Any]:
         }
         config = EngineConfig(dtype=settings.dtype, device=settings.device, max_num_seqs=settings.max_num_seqs,
                               block_size=settings.block_size, retriever=settings.retriever,
-                              attention_backend=settings.attention_backend, cuda_graphs=settings.cuda_graphs,
+                              attention_backend=settings.attention_backend, linear_backend=settings.linear_backend,
+                              cuda_graphs=settings.cuda_graphs,
                               **optional)
         return Engine.from_checkpoint(settings.checkpoint, index_dir=settings.index, config=config)
 

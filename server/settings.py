@@ -49,6 +49,9 @@ class ServerSettings(BaseSettings):
         "auto", description="search backend: FAISS, or exact torch matmul on the model's device"
     )
     attention_backend: Literal["auto", "sdpa", "flash"] = Field("auto", description="attention kernels")
+    linear_backend: Literal["auto", "aten", "onednn"] = Field(
+        "auto", description="projection kernels: onednn (prepacked weights, CPU) or aten; auto picks onednn on CPU"
+    )
     cuda_graphs: bool = Field(False, description="replay CUDA graphs for decode steps (CUDA + flash backend)")
 
     # ---------------------------------------------------------------- HTTP

@@ -5,6 +5,9 @@ tied embeddings (SmolLM2, small Qwen2), grouped-query attention, rope scaling
 (transformers' own rope utilities compute the inverse frequencies, so Llama 3.x
 scaling and YaRN match it exactly). q/k/v and gate/up projections are fused at load.
 
+Projections are ``nn.Linear`` (aten) or, on the CPU, oneDNN-prepacked ``PackedLinear``
+(``linear.py``; chosen by ``build_model``'s ``linear_backend``).
+
 ``forward`` works on a packed token stream (see ``attention.py``) and returns the
 final-layer hidden states after the last norm; ``compute_logits`` is a separate call,
 so a retrieval token's hidden state costs nothing extra.
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMetadata, attention
+from .linear import PackedLinear, pack_linears, resolve_linear_backend
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,7 @@ class LlamaFamilyModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.linear_backend = "aten"
         cos, sin = rope if rope is not None else rope_cos_sin(config, max_positions or config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -159,8 +164,17 @@ class LlamaFamilyModel(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:  # tied, aten backend
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def use_linear_backend(self, backend: str) -> None:
+        """Switch every projection (logits included) to ``backend`` ("aten" keeps them as they are)."""
+        if backend == "onednn":
+            pack_linears(self)
+            if self.lm_head is None:  # tied: the table stays for lookups, a packed copy computes the logits
+                self.lm_head = PackedLinear(self.embed_tokens.weight)
+        self.linear_backend = backend
 
     # ------------------------------------------------------------------ weights
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
@@ -194,7 +208,7 @@ class LlamaFamilyModel(nn.Module):
                 new[p + f"{n}.weight"] = take(p + f"{n}.weight")
         new["embed_tokens.weight"] = take("embed_tokens.weight")
         new["norm.weight"] = take("norm.weight")
-        if self.lm_head is not None:
+        if not self.tie_word_embeddings:
             new["lm_head.weight"] = take("lm_head.weight")
         sd.pop("lm_head.weight", None)  # tied checkpoints may still carry a copy
         unused = sorted(set(sd) - used - {"lm_head.weight"})
@@ -207,8 +221,14 @@ class LlamaFamilyModel(nn.Module):
         self.load_state_dict(new, strict=False)
 
 
-def build_model(checkpoint: Any, dtype: torch.dtype, device: torch.device, max_positions: int | None = None) -> LlamaFamilyModel:
-    """Native model for a ``Checkpoint`` with its (merged) weights, in eval mode."""
+def build_model(checkpoint: Any, dtype: torch.dtype, device: torch.device, max_positions: int | None = None,
+                linear_backend: str = "auto") -> LlamaFamilyModel:
+    """Native model for a ``Checkpoint`` with its (merged) weights, in eval mode.
+
+    ``linear_backend``: ``auto`` (oneDNN-prepacked weights on CPU where supported, else aten),
+    ``aten`` or ``onednn`` (see ``linear.py``).
+    """
+    backend = resolve_linear_backend(linear_backend, torch.device(device), dtype)
     config = checkpoint.config
     cos, sin = rope_cos_sin(config, max_positions or config.max_position_embeddings)
     with torch.device("meta"):
@@ -217,4 +237,6 @@ def build_model(checkpoint: Any, dtype: torch.dtype, device: torch.device, max_p
     model.load_hf_state_dict(checkpoint.state_dict(torch.float32))
     model = model.to(device=device, dtype=dtype)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # keep rope tables in fp32
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    model.use_linear_backend(backend)
+    return model
