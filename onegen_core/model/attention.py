@@ -30,21 +30,27 @@ class AttentionGroup:
     """Sequences whose attention runs as one padded SDPA call."""
 
     tok_idx: torch.Tensor  # [b*Qm] indices into the packed stream (padding -> 0)
-    valid: torch.Tensor  # [b*Qm] bool, real query rows
-    out_idx: torch.Tensor  # [n_valid] packed indices of the real rows (= tok_idx[valid])
-    mask: torch.Tensor  # [b, 1, Qm, S] bool, True = attend
+    valid_rows: torch.Tensor  # [n_valid] positions in tok_idx of the real query rows
+    out_idx: torch.Tensor  # [n_valid] packed indices of the real rows (= tok_idx[valid_rows])
+    mask: torch.Tensor | None  # [b, 1, Qm, S] bool, True = attend; None when every row sees every key
     b: int
     q_max: int
     s_max: int
     block_tables: torch.Tensor | None = None  # [b, nblocks] (cache) …
     k_tok_idx: torch.Tensor | None = None  # [b*S] … or packed indices of keys (no cache)
-    _rep_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    whole_stream: bool = False  # rows are the stream's tokens 0..T-1 in order, no padding: no gather/scatter
+    _rep_masks: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
-    def mask_for(self, rep: int) -> torch.Tensor:
-        """The mask with each query row repeated ``rep`` times ([b, 1, rep*Qm, S]); built once per step."""
-        if rep not in self._rep_masks:
-            self._rep_masks[rep] = self.mask.repeat(1, 1, rep, 1) if rep > 1 else self.mask
-        return self._rep_masks[rep]
+    def mask_for(self, rep: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive mask (0 / -inf) with each query row repeated ``rep`` times ([b, 1, rep*Qm, S]); built once
+        per step and dtype, not once per layer."""
+        if self.mask is None:
+            return None
+        if (rep, dtype) not in self._rep_masks:
+            m = self.mask.repeat(1, 1, rep, 1) if rep > 1 else self.mask
+            additive = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+            self._rep_masks[rep, dtype] = additive
+        return self._rep_masks[rep, dtype]
 
 
 @dataclass
@@ -82,7 +88,7 @@ def _pad_waste_ok(q_lens: list[int], ctx_lens: list[int]) -> bool:
 
 def _make_group(
     rows: list[int], q_lens: list[int], ctx_lens: list[int], starts: list[int],
-    block_tables: list[list[int]] | None, block_size: int, device: torch.device,
+    block_tables: list[list[int]] | None, block_size: int, device: torch.device, n_tokens: int,
 ) -> AttentionGroup:
     b = len(rows)
     q_max = max(q_lens[r] for r in rows)
@@ -97,9 +103,11 @@ def _make_group(
         q_pos[j, :ql] = torch.arange(cl - ql, cl)
     mask = (torch.arange(s_max)[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)  # [b, 1, Qm, S]
     tok_idx, valid = tok_idx.flatten(), valid.flatten()
+    valid_rows = valid.nonzero().flatten()
     group = AttentionGroup(
-        tok_idx=tok_idx.to(device), valid=valid.to(device), out_idx=tok_idx[valid].to(device),
-        mask=mask.to(device), b=b, q_max=q_max, s_max=s_max,
+        tok_idx=tok_idx.to(device), valid_rows=valid_rows.to(device), out_idx=tok_idx[valid_rows].to(device),
+        mask=None if bool(mask.all()) else mask.to(device), b=b, q_max=q_max, s_max=s_max,
+        whole_stream=bool(valid.all()) and tok_idx.tolist() == list(range(len(tok_idx))) and len(tok_idx) == n_tokens,
     )
     if block_tables is not None:
         nb = (s_max + block_size - 1) // block_size
@@ -160,13 +168,13 @@ def build_attention_metadata(
     decode_set = set(decode)
     rest = [i for i in range(len(q_lens)) if i not in decode_set]
     if decode:
-        meta.groups.append(_make_group(decode, q_lens, ctx_lens, starts, block_tables, block_size, device))
+        meta.groups.append(_make_group(decode, q_lens, ctx_lens, starts, block_tables, block_size, device, s))
     if rest:
         if _pad_waste_ok([q_lens[i] for i in rest], [ctx_lens[i] for i in rest]):
-            meta.groups.append(_make_group(rest, q_lens, ctx_lens, starts, block_tables, block_size, device))
+            meta.groups.append(_make_group(rest, q_lens, ctx_lens, starts, block_tables, block_size, device, s))
         else:
             for i in rest:
-                meta.groups.append(_make_group([i], q_lens, ctx_lens, starts, block_tables, block_size, device))
+                meta.groups.append(_make_group([i], q_lens, ctx_lens, starts, block_tables, block_size, device, s))
     return meta
 
 
@@ -185,13 +193,13 @@ def attention(
         v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
     if meta.backend == "flash":
         return _flash_attention(q, k_cache, v_cache, meta, scale)
-    out = torch.empty_like(q)
+    out = None
     H, D = q.shape[1], q.shape[2]
     Hkv = k.shape[1]
     rep = H // Hkv
     for g in meta.groups:
         # GQA without copying K/V: the `rep` query heads sharing a KV head are folded into the query axis.
-        qg = q.index_select(0, g.tok_idx).view(g.b, g.q_max, Hkv, rep, D)
+        qg = (q if g.whole_stream else q.index_select(0, g.tok_idx)).view(g.b, g.q_max, Hkv, rep, D)
         qg = qg.permute(0, 2, 3, 1, 4).reshape(g.b, Hkv, rep * g.q_max, D)  # [b, Hkv, rep*Qm, D]
         if g.block_tables is not None:
             nb = g.block_tables.shape[1]
@@ -202,10 +210,14 @@ def attention(
             kg = k.index_select(0, g.k_tok_idx).view(g.b, g.s_max, Hkv, D)
             vg = v.index_select(0, g.k_tok_idx).view(g.b, g.s_max, Hkv, D)
         og = F.scaled_dot_product_attention(
-            qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask_for(rep), scale=scale
+            qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask_for(rep, q.dtype), scale=scale
         )  # [b, Hkv, rep*Qm, D]
         og = og.view(g.b, Hkv, rep, g.q_max, D).permute(0, 3, 1, 2, 4).reshape(g.b * g.q_max, H, D)
-        out.index_copy_(0, g.out_idx, og[g.valid])
+        if g.whole_stream:
+            return og
+        if out is None:
+            out = torch.empty_like(q)
+        out.index_copy_(0, g.out_idx, og.index_select(0, g.valid_rows))
     return out
 
 

@@ -65,11 +65,21 @@ def rope_cos_sin(config: Any, max_positions: int) -> tuple[torch.Tensor, torch.T
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; cos/sin: [T, D]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, so that ``rotate_half(x) * sin == swap_halves(x) * signed_sin``."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, bit-identical to transformers' ``x * cos + rotate_half(x) * sin`` in four kernels.
+
+    x: [T, H, D]; cos / sin_signed: [T, D] (``signed_sin``). Swapping the halves is a flip of a
+    [2, D/2] view, and the sign of ``rotate_half`` lives in the table (negation is exact).
+    """
+    T, H, D = x.shape
+    swapped = x.reshape(T, H, 2, D // 2).flip(2).reshape(T, H, D)
+    return x * cos[:, None, :] + swapped * sin_signed[:, None, :]
 
 
 class Attention(nn.Module):
@@ -88,10 +98,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, : self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)  # one rope for q and k
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         o = attention(q, k, v, meta, k_cache, v_cache, self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -156,7 +166,7 @@ class LlamaFamilyModel(nn.Module):
     ) -> torch.Tensor:  # [T, hidden] final-layer hidden states (after the last norm)
         x = self.embed_tokens(input_ids)
         cos = self.rope_cos[meta.positions].to(x.dtype)
-        sin = self.rope_sin[meta.positions].to(x.dtype)
+        sin = signed_sin(self.rope_sin[meta.positions]).to(x.dtype)
         for i, layer in enumerate(self.layers):
             kc = kv_cache[0][i] if kv_cache is not None else None
             vc = kv_cache[1][i] if kv_cache is not None else None

@@ -79,3 +79,18 @@ def test_cuda_graph_decode_inputs_match_the_eager_metadata():
     assert ids.tolist() == [11, 12, 13, 0] and ctx.tolist() == [38, 5, 17, 1] and pos.tolist() == positions + [0]
     assert slots[3].item() == 99 * 16 and bt[3].tolist() == [99] * 5
     assert bt[0].tolist() == [3, 9, 1, 99, 99]
+
+
+def test_rope_is_bit_identical_to_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from onegen_core.model.llama import apply_rope, signed_sin
+
+    torch.manual_seed(0)
+    T, H, D = 9, 3, 16
+    q, k = torch.randn(T, H, D), torch.randn(T, 1, D)
+    ang = torch.randn(T, D // 2)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    qk = apply_rope(torch.cat([q, k], dim=1), cos, signed_sin(sin))
+    assert torch.equal(qk[:, :H], ref_q[0].transpose(0, 1)) and torch.equal(qk[:, H:], ref_k[0].transpose(0, 1))
