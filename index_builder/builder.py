@@ -237,15 +237,20 @@ def build_index(cfg: BuildConfig, *, dist: Dist | None = None) -> BuildResult:
         result = BuildResult(cfg.out, count, factory, n_shards, encoded, len(reused), encoded_docs,
                              int(ingest["rejected"]), int(ingest["truncated"]), time.monotonic() - t0,
                              timings=timings)
-        if not dist.is_main:
-            return result  # this rank's share
-        result.shards_encoded = n_shards - len(reused)  # all ranks together
-        result.documents_encoded = count - reused_docs
-        t_merge = time.monotonic()
-        result.manifest = _merge_and_publish(work, cfg, ckpt, ingest, factory, dim, dist.world)
-        timings["merge"] = time.monotonic() - t_merge
+        if dist.is_main:
+            result.shards_encoded = n_shards - len(reused)  # all ranks together
+            result.documents_encoded = count - reused_docs
+            t_merge = time.monotonic()
+            try:
+                result.manifest = _merge_and_publish(work, cfg, ckpt, ingest, factory, dim, dist.world)
+            except BaseException as e:
+                err = e
+            timings["merge"] = time.monotonic() - t_merge
+        # every rank waits for the merge: a rank exits 0 only once the index is published, and no rank tears
+        # down the process group while another still uses it (gloo can abort a process that does)
+        dist.sync(err)
         result.seconds = time.monotonic() - t0
-        return result
+        return result  # on other ranks: this rank's share
     finally:
         work.unlock()
 

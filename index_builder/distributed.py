@@ -45,8 +45,10 @@ class Dist:
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         import torch.distributed as dist
 
+        from onegen_core.distributed import init_process_group
+
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+            init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
         return cls(rank, world, local_rank, initialised=True)
 
     def sync(self, error: BaseException | None = None) -> None:

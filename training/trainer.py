@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from onegen_core.distributed import init_process_group
 from onegen_core.rendering import Renderer
 
 from .batching import Batch, OneGenCollator, batch_rng, micro_batches
@@ -95,7 +96,7 @@ def init_distributed() -> DistContext:
         torch.cuda.set_device(device)
     owns = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        init_process_group("nccl" if cuda else "gloo")
         owns = True
     return DistContext(rank=rank, world_size=world, local_rank=local, device=device, owns_group=owns)
 
