@@ -107,7 +107,8 @@ def _make_group(
     group = AttentionGroup(
         tok_idx=tok_idx.to(device), valid_rows=valid_rows.to(device), out_idx=tok_idx[valid_rows].to(device),
         mask=None if bool(mask.all()) else mask.to(device), b=b, q_max=q_max, s_max=s_max,
-        whole_stream=bool(valid.all()) and tok_idx.tolist() == list(range(len(tok_idx))) and len(tok_idx) == n_tokens,
+        # rows come in stream order, so a group of every token without padding is the stream itself
+        whole_stream=bool(valid.all()) and len(tok_idx) == n_tokens,
     )
     if block_tables is not None:
         nb = (s_max + block_size - 1) // block_size

@@ -54,7 +54,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach()),
                              persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
@@ -63,13 +63,10 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` under ``module`` by a ``PackedLinear``, in place; returns how many."""
-    n = 0
+def pack_linears(module: nn.Module) -> None:
+    """Replace every ``nn.Linear`` under ``module`` by a ``PackedLinear``, in place."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             setattr(module, name, PackedLinear(child.weight, child.bias))
-            n += 1
         else:
-            n += pack_linears(child)
-    return n
+            pack_linears(child)

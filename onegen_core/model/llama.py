@@ -148,7 +148,7 @@ class LlamaFamilyModel(nn.Module):
         self.linear_backend = "aten"
         cos, sin = rope if rope is not None else rope_cos_sin(config, max_positions or config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin_signed", signed_sin(sin), persistent=False)  # see apply_rope
 
     @property
     def num_kv_heads(self) -> int:
@@ -166,7 +166,7 @@ class LlamaFamilyModel(nn.Module):
     ) -> torch.Tensor:  # [T, hidden] final-layer hidden states (after the last norm)
         x = self.embed_tokens(input_ids)
         cos = self.rope_cos[meta.positions].to(x.dtype)
-        sin = signed_sin(self.rope_sin[meta.positions]).to(x.dtype)
+        sin = self.rope_sin_signed[meta.positions].to(x.dtype)
         for i, layer in enumerate(self.layers):
             kc = kv_cache[0][i] if kv_cache is not None else None
             vc = kv_cache[1][i] if kv_cache is not None else None
@@ -246,7 +246,7 @@ def build_model(checkpoint: Any, dtype: torch.dtype, device: torch.device, max_p
     model = model.to_empty(device="cpu")
     model.load_hf_state_dict(checkpoint.state_dict(torch.float32))
     model = model.to(device=device, dtype=dtype)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # keep rope tables in fp32
+    model.rope_cos, model.rope_sin_signed = cos.to(device), signed_sin(sin).to(device)  # rope tables stay fp32
     model = model.eval().requires_grad_(False)
     model.use_linear_backend(backend)
     return model
