@@ -64,8 +64,9 @@ class Chunker:
             raise ValueError(f"the model's context ({max_length} tokens) cannot hold a document")
 
     def split(self, rec: SourceRecord) -> list[Piece]:
-        try:
-            enc = self.tokenizer(rec.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        try:  # corpus text is plain text, as Renderer.document tokenises it: special-token strings stay characters
+            enc = self.tokenizer(rec.text, add_special_tokens=False, split_special_tokens=True,
+                                 return_offsets_mapping=True, verbose=False)
             ids: list[int] = enc["input_ids"]
             offsets: list[tuple[int, int]] | None = enc["offset_mapping"]
         except NotImplementedError:  # a slow (Python) tokenizer has no offsets: windows are decoded instead

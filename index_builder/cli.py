@@ -3,7 +3,8 @@
 User errors (bad corpus lines, a missing checkpoint, an unwritable output, an index
 type FAISS rejects) print one precise message and exit with status 2, never a
 traceback; a failed ``verify`` (mismatched fingerprint, vectors that differ) exits 1;
-an interrupted build exits 130 and resumes when rerun with the same arguments.
+an interrupted build exits 130 and resumes when rerun with the same arguments; output
+cut short by its reader (``info … | head``) ends quietly with status 141 (128 + SIGPIPE).
 Under ``torchrun --nproc_per_node N -m index_builder build …`` the ranks split the
 corpus and rank 0 merges (see ``index_builder.distributed``).
 """
@@ -130,17 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Exit status when the reader of stdout went away (``… | head``): 128 + SIGPIPE, as a tool killed by it.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.command == "build":
-            return _build(args)
-        if args.command == "info":
-            return _info(args)
-        if args.command == "search":
-            return _search(args)
-        return _verify(args)
+            status = _build(args)
+        elif args.command == "info":
+            status = _info(args)
+        elif args.command == "search":
+            status = _search(args)
+        else:
+            status = _verify(args)
+        sys.stdout.flush()  # here, so that a closed pipe is noticed inside this try, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader closed the pipe (`info … | head`): stop quietly. stdout now points at /dev/null so
+        # that the interpreter's own flush at exit does not raise (and print) the same error again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except VerifyError as e:
         print(f"verify failed: {e}", file=sys.stderr)
         return 1

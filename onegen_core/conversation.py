@@ -13,6 +13,11 @@ it is an LM target:
 * the token right after a query RET token is not a target: at inference the engine
   inserts the passage (or forces the follow-up token) there, the model never samples it.
 
+Training conversations are a trusted format: an assistant turn legitimately spells the
+query token and the passage delimiters, so its text is tokenised as markup (special
+tokens parsed). System and user contents are plain text, as the engine renders them:
+a special-token string typed there stays characters.
+
 Two ways to turn messages into text, both built on :class:`~onegen_core.rendering.Renderer`
 so a prompt renders here exactly as the engine renders it:
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .rendering import Renderer, RenderError
+from .rendering import Renderer, RenderError, slice_segments
 from .roles import Role
 
 ConversationFormat = Literal["chat_template", "concat"]
@@ -77,8 +82,8 @@ def render_conversation(
     for kind, payload, msg_index in chunks:
         if kind == "ctx_ids":
             out._extend(payload, Role.CTX, False)
-        elif kind == "ctx":
-            out._extend(renderer.text(payload), Role.CTX, False)
+        elif kind == "ctx":  # segments: template markup and plain system / user contents
+            out._extend(renderer.encode_segments(payload), Role.CTX, False)
         elif kind == "assistant":
             _append_assistant(renderer, out, payload, msg_index)
         elif kind == "tail":
@@ -105,9 +110,14 @@ def _check_messages(messages: list[dict[str, Any]]) -> None:
             raise RenderError(f"messages[{i}] needs a string 'content'")
 
 
+def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Role and content only: what the chat template sees (training rows carry positives / negatives too)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def _template_text(renderer: Renderer, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return renderer.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+    return renderer.tokenizer.apply_chat_template(_plain_messages(messages), tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
 
 
 def _chat_template_chunks(renderer: Renderer, messages: list[dict[str, Any]]) -> list[tuple[str, Any, int]]:
@@ -118,6 +128,11 @@ def _chat_template_chunks(renderer: Renderer, messages: list[dict[str, Any]]) ->
             "or use conversation_format: concat (OneGen's plain concatenation)"
         )
     full = _template_text(renderer, messages, False)
+    # The same text as segments: the template's markup, and every content plain (assistant contents are
+    # taken from ``full`` by position below and tokenised as markup by _append_assistant).
+    segments = renderer.chat_segments(_plain_messages(messages), add_generation_prompt=False)
+    if "".join(t for t, _ in segments) != full:  # pragma: no cover - chat_segments verifies against the template
+        raise AssertionError("chat segments do not spell the chat template's text")
     chunks: list[tuple[str, Any, int]] = []
     cursor = 0
     for i, m in enumerate(messages):
@@ -145,12 +160,12 @@ def _chat_template_chunks(renderer: Renderer, messages: list[dict[str, Any]]) ->
             # The text before the first assistant turn is exactly the engine's prompt: render it the same way.
             chunks.append(("ctx_ids", renderer.chat(messages[:i], add_generation_prompt=True).ids, i))
         else:
-            chunks.append(("ctx", full[cursor:len(prefix)], i))
-        chunks.append(("ctx", delta[:j], i))
+            chunks.append(("ctx", slice_segments(segments, cursor, len(prefix)), i))
+        chunks.append(("ctx", slice_segments(segments, len(prefix), len(prefix) + j), i))
         chunks.append(("assistant", content, i))
         chunks.append(("tail", delta[j + len(content):], i))
         cursor = len(upto)
-    chunks.append(("ctx", full[cursor:], len(messages)))
+    chunks.append(("ctx", slice_segments(segments, cursor, len(full)), len(messages)))
     return chunks
 
 
@@ -167,20 +182,20 @@ def _concat_chunks(renderer: Renderer, messages: list[dict[str, Any]]) -> list[t
             chunks.append(("ctx_ids", renderer.prompt(pending).ids, i))
             started = True
         elif pending:
-            chunks.append(("ctx", pending, i))
+            chunks.append(("ctx", [(pending, False)], i))
         pending = ""
         chunks.append(("assistant", m["content"], i))
     if pending:
-        chunks.append(("ctx", pending, len(messages)))
+        chunks.append(("ctx", [(pending, False)], len(messages)))
     return chunks
 
 
 def _append_assistant(renderer: Renderer, out: LabelledConversation, content: str, msg_index: int) -> None:
-    """Assistant text: GEN, query tokens RET (and targets), passage spans CTX."""
+    """Assistant text (trusted markup): GEN, query tokens RET (and targets), passage spans CTX."""
     tid = renderer.token_ids
     query_ids = set(tid.query)
     in_passage = False
-    for t in renderer.text(content):
+    for t in renderer.markup(content):
         if t == tid.passage_open:
             if in_passage:
                 raise RenderError(
@@ -211,7 +226,7 @@ def _append_assistant(renderer: Renderer, out: LabelledConversation, content: st
 
 def _append_tail(renderer: Renderer, out: LabelledConversation, tail: str) -> None:
     """End-of-turn scaffolding: GEN through the first special token (the model must learn to stop), then CTX."""
-    ids = renderer.text(tail)
+    ids = renderer.markup(tail)
     specials = set(getattr(renderer.tokenizer, "all_special_ids", []) or [])
     cut = len(ids)
     for k, t in enumerate(ids):
@@ -226,7 +241,7 @@ def count_query_tokens(renderer: Renderer, text: str) -> int:
     """Query RET tokens outside passage spans in an assistant message's text (what training labels RET)."""
     tid = renderer.token_ids
     n, in_passage = 0, False
-    for t in renderer.text(text):
+    for t in renderer.markup(text):
         if t == tid.passage_open:
             in_passage = True
         elif t == tid.passage_close:

@@ -47,6 +47,24 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return table[dtype]
 
 
+class InputTooLong(ValueError):
+    """A document or query whose rendering does not fit the model's context.
+
+    ``kind`` is ``"document"`` or ``"query"`` and ``index`` its position in the caller's list (not in the
+    length-sorted order the encoder batches in), so an HTTP route can name the offending field.
+    """
+
+    def __init__(self, kind: str, index: int, n_tokens: int, max_length: int):
+        advice = ("shorten the query" if kind == "query"
+                  else "chunk long documents first (python -m index_builder build --chunk-tokens N)")
+        super().__init__(f"{kind} {index} has {n_tokens} tokens once rendered, more than the model's maximum of "
+                         f"{max_length}; {advice}")
+        self.kind = kind
+        self.index = index
+        self.n_tokens = n_tokens
+        self.max_length = max_length
+
+
 class Encoder:
     def __init__(self, checkpoint: Checkpoint, model: Any, device: torch.device, max_length: int):
         self.checkpoint = checkpoint
@@ -73,13 +91,13 @@ class Encoder:
         Sequences are packed in the given order into batches of at most ``batch_tokens``
         tokens (sort by length first to waste little padding).
         """
-        for i, s in enumerate(seqs):
+        for i, s in enumerate(seqs):  # i is the position in ``seqs``; encode_documents / queries check first
             if len(s) == 0:
-                raise ValueError(f"sequence {i} is empty")
+                raise ValueError(f"sequence {i} of this batch is empty")
             if len(s) > self.max_length:
                 raise ValueError(
-                    f"sequence {i} has {len(s)} tokens, more than the model's maximum of {self.max_length}; "
-                    "chunk long documents first"
+                    f"sequence {i} of this batch has {len(s)} tokens, more than the model's maximum of "
+                    f"{self.max_length}"
                 )
         out = torch.empty(len(seqs), self.dim, dtype=torch.float32)
         i = 0
@@ -97,7 +115,10 @@ class Encoder:
             i = j
         return out
 
-    def _encode_sorted(self, seqs: list[list[int]], batch_tokens: int) -> np.ndarray:
+    def _encode_sorted(self, seqs: list[list[int]], batch_tokens: int, kind: str) -> np.ndarray:
+        for i, s in enumerate(seqs):  # checked in the caller's order, so the error names the caller's index
+            if len(s) > self.max_length:
+                raise InputTooLong(kind, i, len(s), self.max_length)
         order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
         vecs = self.encode_token_ids([seqs[k] for k in order], batch_tokens=batch_tokens)
         out = torch.empty_like(vecs)
@@ -110,8 +131,8 @@ class Encoder:
         for d in docs:
             text, title = (d, None) if isinstance(d, str) else d
             seqs.append(self.renderer.document(text, title))
-        return self._encode_sorted(seqs, batch_tokens)
+        return self._encode_sorted(seqs, batch_tokens, "document")
 
     def encode_queries(self, queries: Sequence[str], *, batch_tokens: int = 8192) -> np.ndarray:
         """Queries -> [n, d] float32 unit vectors (query template + the query RET token)."""
-        return self._encode_sorted([self.renderer.query(q) for q in queries], batch_tokens)
+        return self._encode_sorted([self.renderer.query(q) for q in queries], batch_tokens, "query")

@@ -235,8 +235,7 @@ class Engine:
             bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
             if bad:
                 raise ValueError(f"prompt_token_ids has ids outside the vocabulary (0..{self.model.vocab_size - 1}): {bad[:5]}")
-            rendered = self.renderer.prompt("")
-            rendered.extend(ids, Role.CTX)
+            rendered = self.renderer.prompt_ids(ids)
         if len(rendered) == 0:
             raise ValueError("the prompt is empty")
         if len(rendered) >= self.max_model_len:

@@ -23,6 +23,7 @@ SPEC_FILENAME = "onegen.json"
 SPEC_FORMAT_VERSION = 1
 
 Action = Literal["insert", "annotate"]
+QUERY_FORMATS = ("template", "chat")
 
 
 class SpecError(ValueError):
@@ -58,6 +59,11 @@ class OneGenSpec:
     document_template: str = "{text}"
     passage_template: str = "{text}"
     query_template: str = "{query}"
+    # How a query for /retrieve (and the index builder's search) becomes tokens before the query token:
+    # "template": query_template as plain text (OneGen's concat-format checkpoints); "chat": query_template
+    # as the user message of the tokenizer's chat template, ready for the assistant's turn — where a
+    # chat-trained model emits the query token, so /retrieve's vector is the one generation computes.
+    query_format: str = "template"
     # None: chat messages use the tokenizer's chat template and a raw prompt is used as is.
     # A string with {prompt}: raw prompts are formatted with it.
     prompt_template: str | None = None
@@ -89,6 +95,8 @@ class OneGenSpec:
             _check_template(name, tpl, fields)
         if self.prompt_template is not None:
             _check_template("prompt_template", self.prompt_template, {"prompt"})
+        if self.query_format not in QUERY_FORMATS:
+            raise SpecError(f"onegen.json: query_format {self.query_format!r} is not one of {list(QUERY_FORMATS)}")
         if self.retrieval.k < 1 or self.retrieval.max_retrievals < 0:
             raise SpecError("onegen.json: retrieval.k must be >= 1 and retrieval.max_retrievals >= 0")
 

@@ -4,6 +4,9 @@ SIGTERM / SIGINT: /health/ready turns 503 at once, uvicorn stops accepting
 connections and waits up to ``--drain-timeout-s`` for in-flight requests (streams
 included) to finish; what is still running then is aborted and the engine stopped.
 A model or index that fails to load ends the process with status 1 and the reason.
+Connections are bounded too: request headers must arrive within ``--header-timeout-s``
+(``http_protocol``) and be at most ``--max-header-bytes``; idle keep-alive connections
+close after ``--keep-alive-timeout-s``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from .app import create_app
+from .http_protocol import header_timeout_protocol
 from .logs import configure_logging
 from .settings import parse_settings
 
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         log_level=settings.log_level, timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
-        lifespan="on", workers=1,
+        lifespan="on", workers=1, http=header_timeout_protocol(settings.header_timeout_s),
+        timeout_keep_alive=settings.keep_alive_timeout_s, h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     server = _DrainingServer(config, on_signal)
     server.run()

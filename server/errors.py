@@ -100,12 +100,23 @@ def _loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
     return out or None
 
 
+def _fit(e: dict[str, Any]) -> tuple[int, bool]:
+    """How far a union member got: its location's depth, then whether the value had the member's type.
+
+    For ``stop`` (a string or a list of strings) given 17 strings, the str member fails on the type
+    ("Input should be a valid string") and the list member on its length; both at the same depth —
+    the list member's complaint (too many items, and the limit) is the one that explains it.
+    """
+    wrong_type = str(e.get("type", "")).endswith("_type") or e.get("type") == "none_required"
+    return len(e.get("loc", ())), not wrong_type
+
+
 def _best_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One error per field; for a union, the member that got furthest (the longest location)."""
+    """One error per field; for a union, the member that got furthest (``_fit``)."""
     best: dict[str, dict[str, Any]] = {}
     for e in errors:
         root = (_loc_to_param(e.get("loc", ())) or "").split(".")[0].split("[")[0]
-        if root not in best or len(e.get("loc", ())) > len(best[root].get("loc", ())):
+        if root not in best or _fit(e) > _fit(best[root]):
             best[root] = e
     return list(best.values())
 
@@ -118,6 +129,10 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
                               "invalid_request_error", None)
     param = _loc_to_param(first.get("loc", ()))
     msg = first.get("msg", "invalid request")
+    ctx = first.get("ctx") or {}
+    if first.get("type") == "too_long" and "max_length" in ctx:  # pydantic says "... after validation, not 17"
+        given = ctx.get("actual_length", "more than the limit")
+        msg = f"the list is too long: {given} items, at most {ctx['max_length']}"
     message = f"{param}: {msg}" if param else msg
     others = [p for e in errors[1:] if (p := _loc_to_param(e.get("loc", ())))]
     if others:

@@ -1,11 +1,15 @@
-"""Pure ASGI middleware: request ids + access log + last-resort 500s, and the body size limit.
+"""Pure ASGI middleware: request ids + access log + last-resort 500s, HEAD, the API key, the body limit.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that streaming responses and client
-disconnects pass straight through.
+disconnects pass straight through. From the outside in:
 
 * ``RequestContext``: takes ``X-Request-Id`` from the client (if it is a sane token)
   or makes one, echoes it on the response, logs one access line per request, and
   answers any unhandled exception with the ``{"error": ...}`` shape.
+* ``HeadAsGet``: a HEAD request is routed as the GET of the same path and answered
+  without its body (load balancers and health probes use HEAD).
+* ``ApiKeyGate``: 401 from the headers alone, before anything reads the body — an
+  unauthenticated request is never buffered or parsed.
 * ``BodyLimit``: 413 for a body larger than ``max_body_bytes``, whether announced by
   ``Content-Length`` or discovered while a chunked body is read.
 """
@@ -17,10 +21,12 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .auth import bearer_token, key_problem
 from .errors import error_payload
 
 access_log = logging.getLogger("onegen.access")
@@ -74,6 +80,75 @@ class RequestContext:
                        "status": status, "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
                        "client": (scope.get("client") or ("", 0))[0]},
             )
+
+
+class HeadAsGet:
+    """HEAD on any GET route: the app sees a GET (its own scope copy), the client gets the headers only.
+
+    The server's own scope still says HEAD (uvicorn drops the body of a HEAD response by it too), and
+    the access log above this middleware records the method as sent.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
+# A refused request's body up to this size is left to the server to drain (it reads and drops it, and the
+# connection stays usable); a larger or chunked (unknown size) one closes the connection instead.
+_DRAIN_LIMIT = 64 * 1024
+
+
+def _close_instead_of_draining(scope: Scope) -> bool:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            return not v.strip().isdigit() or int(v) > _DRAIN_LIMIT
+        if k == b"transfer-encoding":
+            return True
+    return False
+
+
+class ApiKeyGate:
+    """401 for a request without the API key, decided from its headers before its body is read.
+
+    ``public`` tells which paths need no key (health probes; metrics and docs when configured so).
+    The 401 closes the connection when the request announces a large (or chunked) body, so the
+    server does not go on reading, and discarding, a body it refused.
+    """
+
+    def __init__(self, app: ASGIApp, key: str | None, public: Callable[[str], bool],
+                 on_reject: Callable[[], None] | None = None):
+        self.app = app
+        self.key = key
+        self.public = public
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key is None or scope["type"] != "http" or self.public(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        problem = key_problem(bearer_token(header), self.key)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        if self.on_reject is not None:
+            self.on_reject()
+        headers = [(b"www-authenticate", b"Bearer")]
+        if _close_instead_of_draining(scope):
+            headers.append((b"connection", b"close"))
+        await _send_error(send, 401, problem, "authentication_error", headers)
 
 
 class _TooLarge(HTTPException):

@@ -238,6 +238,20 @@ def _chat_logprobs(state: ServerState, ids: list[int], logprobs: list[float] | N
     ])
 
 
+def _check_token_ids(state: ServerState, prompts: list[dict[str, Any]], *, nested: bool) -> None:
+    """422 naming the first token id outside the model's vocabulary (``prompt[j]`` or ``prompt[i][j]``)."""
+    engine = state.engine
+    if engine is None:  # still loading: admission answers 503
+        return
+    vocab = engine.model.vocab_size
+    for i, kw in enumerate(prompts):
+        for j, t in enumerate(kw.get("prompt_token_ids") or ()):
+            if t >= vocab:
+                where = f"prompt[{i}][{j}]" if nested else f"prompt[{j}]"
+                raise APIError(422, f"{where}: token id {t} is outside this model's vocabulary (ids 0 to {vocab - 1})",
+                               param=where)
+
+
 def _temperature(t: float | None) -> float:
     return 1.0 if t is None else t
 
@@ -258,6 +272,8 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
     if body.suffix:
         raise APIError(422, "suffix is not supported by this server", param="suffix")
     p = body.prompt
+    # Text is rendered as plain text (special-token strings in it stay characters); a token-id array is
+    # used as given: the way for a caller who means special tokens to send them (behind the same key).
     if isinstance(p, str):
         prompts: list[dict[str, Any]] = [{"prompt": p}]
     elif p and isinstance(p[0], int):
@@ -267,6 +283,7 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
     if len(prompts) > state.settings.max_prompts_per_request:
         raise APIError(422, f"prompt: {len(prompts)} prompts is more than this server's limit of "
                        f"{state.settings.max_prompts_per_request} per request", param="prompt")
+    _check_token_ids(state, prompts, nested=not (p and isinstance(p[0], int)))
     sampling = sampling_params(
         state, max_tokens=body.max_tokens, temperature=_temperature(body.temperature), top_p=body.top_p or 1.0,
         top_k=max(body.top_k, 0), stop=body.stop, seed=body.seed, logprobs=body.logprobs is not None,

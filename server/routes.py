@@ -207,6 +207,13 @@ async def retrieve(body: RetrieveRequest, request: Request, state: ServerState =
     except EngineUnavailable as e:
         raise APIError(503, str(e), type="service_unavailable") from None
     except ValueError as e:
+        from onegen_core.encoder import InputTooLong  # here, not at import: it loads torch (the engine has)
+
+        if isinstance(e, InputTooLong):  # e.index is the query's position in the request
+            param = "queries" if isinstance(body.queries, str) else f"queries[{e.index}]"
+            raise APIError(422, f"{param}: the query has {e.n_tokens} tokens once rendered (query template and "
+                           f"query token included), more than the model's maximum of {e.max_length}; shorten it",
+                           type="context_length_exceeded", param=param) from None
         raise APIError(422, str(e), param="queries") from None
     finally:
         ticket.release()

@@ -58,9 +58,23 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces, as in the container)")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     api_key: SecretStr | None = Field(
-        None, description="require 'Authorization: Bearer KEY' on every route except /health/*"
+        None, description="require 'Authorization: Bearer KEY' on every route except /health/* (checked before the "
+        "body is read; see --no-metrics-auth and --public-docs)"
     )
     metrics_auth: bool = Field(True, description="with --api-key, require the key on /metrics too")
+    public_docs: bool = Field(
+        False, description="with --api-key, serve /docs, /redoc and /openapi.json without the key too"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="close a connection whose request line and headers are not complete this "
+        "many seconds after it opened or after the first byte of its next request (slow-header clients)"
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, le=3600, description="seconds an idle keep-alive connection stays open between requests"
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024 * 1024, description="largest request line + headers accepted (else 400, closed)"
+    )
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body accepted (else 413)")
     max_pending_requests: int = Field(
         256, ge=1, description="requests admitted at once (running + waiting); beyond it: 429 with Retry-After"
@@ -121,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         env = ENV_PREFIX + name.upper()
         help_text = f"{field.description} [env {env}]"
-        if not field.is_required():
+        # A default of None means "not set" (its description says what happens then, often "(default: ...)").
+        if not field.is_required() and field.default is not None and "(default" not in (field.description or ""):
             help_text += f" (default: {field.default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         typ = _base_type(field.annotation)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if typ is bool:

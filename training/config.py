@@ -102,6 +102,8 @@ class TrainConfig:
     deepspeed: str | None = _f(None, "DeepSpeed config file (YAML / JSON), e.g. training/configs/deepspeed_zero3.yaml")
 
     source: str | None = field(default=None, repr=False, metadata={"help": "", "internal": True})
+    # ``python -m training validate`` writes nothing, so it does not need output_dir.
+    validate_only: bool = field(default=False, repr=False, metadata={"help": "", "internal": True})
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -110,7 +112,7 @@ class TrainConfig:
         def bad(name: str, msg: str) -> ValueError:
             return ValueError(f"{where}{name}: {msg}")
 
-        for name in ("base_model", "train_file", "db_file", "output_dir"):
+        for name in ("base_model", "train_file", "db_file") + (() if self.validate_only else ("output_dir",)):
             if not getattr(self, name):
                 raise bad(name, "is required")
         if self.preset is not None and self.preset not in PRESETS:
@@ -288,13 +290,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def build_config(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Config file fields, then flag overrides; validated."""
+def build_config(config_file: str | None, overrides: dict[str, Any], *, validate_only: bool = False) -> TrainConfig:
+    """Config file fields, then flag overrides; validated (``validate_only``: output_dir may be unset)."""
     source = str(config_file) if config_file else "flags"
     data: dict[str, Any] = read_config_file(config_file) if config_file else {}
     data = {k: _coerce(k, v, source) for k, v in data.items()}
     data.update(overrides)
-    return TrainConfig(**data, source=source)
+    return TrainConfig(**data, source=source, validate_only=validate_only)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

@@ -539,6 +539,8 @@ class Trainer:
 def run_training(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                  progress: bool = True) -> TrainResult:
     """Train per ``cfg`` and write the checkpoint; tears down the process group it created."""
+    if not cfg.output_dir:  # a validate-only config (build_config(validate_only=True)) has none
+        raise ValueError(f"{cfg.source + ': ' if cfg.source else ''}output_dir: is required")
     trainer = Trainer(cfg, on_step=on_step, progress=progress)
     try:
         trainer.setup()

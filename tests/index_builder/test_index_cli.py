@@ -152,6 +152,21 @@ def test_a_real_process_exits_2_without_a_traceback(tiny_checkpoint, tmp_path):
     assert_nothing_written(out)
 
 
+def test_output_into_a_closed_pipe_exits_quietly(flat_index):
+    """``index_builder info INDEX | head``: the reader goes away; no BrokenPipe traceback, status 141."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "index_builder", "info", str(flat_index), "--samples", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    proc.stdout.close()  # the reader is gone before anything is written: every write hits a closed pipe
+    try:
+        err = proc.stderr.read().decode(errors="replace")
+        status = proc.wait(timeout=120)
+    finally:
+        proc.stderr.close()
+    assert status == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
 def test_ctrl_c_exits_130_and_says_how_to_resume(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from index_builder import builder as builder_mod
 

@@ -24,6 +24,8 @@ API_KEY = "test-key-0123"
 # Limits of the session's shared server: small enough that schemathesis' largest requests stay fast on a CPU.
 MAX_TOKENS_LIMIT = 64
 MAX_RETRIEVE_BATCH = 8
+# The session server closes connections whose request headers are not complete after this long.
+HEADER_TIMEOUT_S = 2.0
 # Greedy decoding of the demo model retrieves on this prompt (several times): see test_generate_retrieves.
 RETRIEVING_PROMPT = "Question: who wrote the book?"
 
@@ -58,6 +60,32 @@ class ServerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict]:
+        """The JSON log lines written so far (a line still being written is skipped)."""
+        out = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+    def wait_for_log(self, predicate, timeout: float = 15.0) -> list[dict]:
+        """Log records matching ``predicate``, polled until there is one (bounded).
+
+        Lines such as the access log's are written after the response has been sent: a client can
+        hold the response before the line exists, so tests must wait for it, not read the file at once.
+        """
+        found: list[dict] = []
+
+        def check() -> bool:
+            found[:] = [r for r in self.log_records() if predicate(r)]
+            return bool(found)
+
+        assert wait_for(check, timeout=timeout), f"no matching log line after {timeout} s:\n{self.log_text()[-4000:]}"
+        return list(found)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

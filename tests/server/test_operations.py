@@ -9,7 +9,6 @@ engine behind a gate that the test opens.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -113,7 +112,7 @@ def test_sigterm_drains_in_flight_requests(long_context_checkpoint, tmp_path):
         final = rest[-2]
         assert final["type"] == "final" and final["finish_reason"] == "length"
         assert final["usage"]["completion_tokens"] == 300
-        [signal_line] = [json.loads(x) for x in srv.log_text().splitlines() if "shutdown signal" in x]
+        [signal_line] = srv.wait_for_log(lambda x: "shutdown signal" in x.get("msg", ""))
         assert signal_line["in_flight"] == 1  # the request was still running when the signal came
         # uvicorn re-raises the signal once shut down, so the exit reads as "terminated by SIGTERM" (143)
         assert srv.proc.wait(60) == -signal.SIGTERM

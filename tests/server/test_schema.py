@@ -32,7 +32,8 @@ def api_schema(live_server):
     config = schemathesis.Config.from_dict(
         {"checks": {"negative_data_rejection": {"expected-statuses": NEGATIVE_EXPECTED}}}
     )
-    return schemathesis.openapi.from_url(live_server.url + "/openapi.json", config=config)
+    # with --api-key and without --public-docs the schema itself needs the key
+    return schemathesis.openapi.from_url(live_server.url + "/openapi.json", config=config, headers=live_server.headers)
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")

@@ -43,3 +43,24 @@ def test_bad_values_name_the_flag(monkeypatch, capsys, tmp_path):
 def test_default_max_tokens_never_exceeds_the_limit(tmp_path):
     s = ServerSettings(checkpoint=tmp_path, max_tokens_limit=8)
     assert s.default_max_tokens == 8
+
+
+def test_help_states_each_default_once():
+    """A field whose description says its default ("(default: the engine's)") gets no second, generated one,
+    and an unset (None) default is not printed as "(default: None)"."""
+    parser = build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in " ".join(text.split())
+    for action in parser._actions:
+        if action.help and action.dest != "help":
+            assert action.help.count("(default") <= 1, action.help
+    engine_default = next(a.help for a in parser._actions if a.dest == "max_num_batched_tokens")
+    assert engine_default.count("(default") == 1 and "the engine's" in engine_default
+    assert "(default: 16384)" in next(a.help for a in parser._actions if a.dest == "max_header_bytes")
+
+
+def test_connection_limit_flags(tmp_path):
+    """--header-timeout-s / --keep-alive-timeout-s / --max-header-bytes: flags and ONEGEN_* like every field."""
+    s = parse_settings(["--checkpoint", str(tmp_path), "--header-timeout-s", "2.5", "--keep-alive-timeout-s", "3",
+                        "--max-header-bytes", "8192", "--public-docs"])
+    assert (s.header_timeout_s, s.keep_alive_timeout_s, s.max_header_bytes, s.public_docs) == (2.5, 3, 8192, True)

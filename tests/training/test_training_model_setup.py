@@ -104,6 +104,29 @@ def test_every_field_is_a_flag(tmp_path):
     cfg = build_config(None, over)
     assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.in_batch_negatives is False
     assert cfg.spec == {"document_template": "{title}: {text}"} and cfg.eval_file is None
-    fields = {f for f in TrainConfig.__dataclass_fields__ if f != "source"}
+    fields = {f for f, d in TrainConfig.__dataclass_fields__.items() if not d.metadata.get("internal")}
     help_text = _parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert all(f"--{f}" in help_text for f in fields)
+
+
+def test_validate_needs_no_output_dir(tmp_path, tiny_checkpoint, capsys):
+    """`python -m training validate` writes nothing: it must not ask for --output_dir (train still does)."""
+    from training.__main__ import main
+
+    db = tmp_path / "db.jsonl"
+    db.write_text(json.dumps({"uid": "paris", "messages": [{"role": "user", "content": "Paris is in France."}]}) + "\n")
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Where is Paris?"},
+        {"role": "assistant", "content": "[RQ]<paragraph>Paris is in France.</paragraph>France.",
+         "positive": [["paris"]], "negative": [[]]}]}) + "\n")
+    args = ["--base_model", str(tiny_checkpoint), "--train_file", str(train), "--db_file", str(db), "--quiet"]
+    assert main(["validate", *args]) == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["train_conversations"] == 1
+    assert sorted(tmp_path.iterdir()) == sorted([db, train])  # nothing written
+    assert main(["train", *args]) == 2
+    assert "output_dir: is required" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="output_dir: is required"):
+        build_config(None, {"base_model": "b", "train_file": "t", "db_file": "d"})
+    assert build_config(None, {"base_model": "b", "train_file": "t", "db_file": "d"}, validate_only=True).output_dir == ""
