@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onegen_core.checkpoint import SpecialTokenIds, resolve_special_tokens
+from onegen_core.model.attention import MAX_PAD_WASTE
 from onegen_core.spec import PRESETS, SPEC_FILENAME, OneGenSpec, SpecError
 
 from .config import TrainConfig
@@ -64,14 +65,14 @@ def resolve_spec(cfg: TrainConfig, base_dir: Path) -> OneGenSpec:
         spec = OneGenSpec.load(base_dir)
     else:
         spec = OneGenSpec()
-    if cfg.spec:
-        data = spec.to_dict()
-        data.update(cfg.spec)
-        try:
-            spec = OneGenSpec.from_dict(data, source=where)
-        except SpecError as e:
-            raise ValueError(str(e)) from None
-    return spec
+    data = spec.to_dict()
+    # Queries render the way training places the query token: after the chat prompt, or after plain text.
+    data["query_format"] = "chat" if cfg.conversation_format == "chat_template" else "template"
+    data.update(cfg.spec or {})
+    try:
+        return OneGenSpec.from_dict(data, source=where)
+    except SpecError as e:
+        raise ValueError(str(e)) from None
 
 
 def prepare_tokenizer(cfg: TrainConfig, base_dir: Path, spec: OneGenSpec) -> tuple[Any, list[str], SpecialTokenIds]:
@@ -209,11 +210,64 @@ class OneGenModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 query_rows: torch.Tensor, query_cols: torch.Tensor, doc_rows: torch.Tensor,
                 doc_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.hidden(input_ids, attention_mask)  # [R, L, H]
-        lm_sum, n = self.lm_loss_sum(h, labels)
-        q = h[query_rows, query_cols].float()  # [Q, H]
-        d = h[doc_rows, doc_cols].float()  # [M, H]
-        return lm_sum, torch.tensor(n, device=h.device), q, d
+        """LM loss sum, target count, query vectors [Q, H] and document vectors [M, H] of a right-padded batch.
+
+        Rows are run in length buckets (``length_buckets``), each cut to its own longest row, so a batch
+        of long conversations and short documents does not pad every document to the longest conversation.
+        """
+        lengths = attention_mask.sum(1).tolist()
+        lm_sum = None
+        n = 0
+        q_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        d_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        buckets = length_buckets(lengths)
+        slot_list, bucket_list = [0] * len(lengths), [0] * len(lengths)
+        for b, rows in enumerate(buckets):
+            for i, r in enumerate(rows):
+                slot_list[r], bucket_list[r] = i, b
+        slot = torch.tensor(slot_list, device=input_ids.device)  # [R] row -> index in its bucket
+        bucket_of = torch.tensor(bucket_list, device=input_ids.device)  # [R] row -> its bucket
+        for b, rows in enumerate(buckets):
+            rows_t = torch.tensor(rows, dtype=torch.long, device=input_ids.device)
+            width = max(lengths[r] for r in rows)
+            h = self.hidden(input_ids[rows_t, :width], attention_mask[rows_t, :width])  # [r, width, H]
+            s, k = self.lm_loss_sum(h, labels[rows_t, :width])
+            lm_sum = s if lm_sum is None else lm_sum + s
+            n += k
+            for parts, r_idx, c_idx in ((q_parts, query_rows, query_cols), (d_parts, doc_rows, doc_cols)):
+                mine = (bucket_of[r_idx] == b).nonzero().squeeze(1)  # [m] entries whose row is in this bucket
+                if len(rows) == len(lengths) or mine.numel():
+                    parts.append((mine, h[slot[r_idx[mine]], c_idx[mine]].float()))
+        q = _in_order(q_parts, query_rows.shape[0], lm_sum)
+        d = _in_order(d_parts, doc_rows.shape[0], lm_sum)
+        return lm_sum, torch.tensor(n, device=input_ids.device), q, d
+
+
+def _in_order(parts: list[tuple[torch.Tensor, torch.Tensor]], count: int, like: torch.Tensor) -> torch.Tensor:
+    """Vectors gathered bucket by bucket, back in their original order: [count, H]."""
+    index = torch.cat([i for i, _ in parts])
+    vecs = torch.cat([v for _, v in parts])
+    out = vecs.new_zeros((count, vecs.shape[1]))
+    return out.index_copy(0, index, vecs)
+
+
+def length_buckets(lengths: list[int], max_waste: float = MAX_PAD_WASTE) -> list[list[int]]:
+    """Rows grouped by length (longest first); a group's padded size stays within ``max_waste`` x its real tokens
+    (the engine's and the index builder's threshold)."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    buckets: list[list[int]] = []
+    total = 0
+    for r in order:
+        if buckets:
+            cur = buckets[-1]
+            width = lengths[cur[0]]
+            if width * (len(cur) + 1) <= max_waste * (total + lengths[r]):
+                cur.append(r)
+                total += lengths[r]
+                continue
+        buckets.append([r])
+        total = lengths[r]
+    return buckets
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
