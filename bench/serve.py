@@ -151,9 +151,9 @@ def main() -> int:
     else:
         checkpoint, index = args.checkpoint, args.index
         if checkpoint is None:
-            from server.prepare_default import prepare_default
+            from server.demo import prepare_demo
 
-            checkpoint, index = prepare_default(REPO / ".cache" / "onegen-default")
+            checkpoint, index = prepare_demo(REPO / ".cache" / "onegen-demo")
         proc, url = start_server(checkpoint, index, max(args.concurrency), [])
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:

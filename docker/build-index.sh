@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot index build (the compose file's index-build service; installed as onegen-build-index).
-#  - no checkpoint in $ONEGEN_CHECKPOINT: prepare the DEMO checkpoint (random weights) and its index;
+#  - no checkpoint in $ONEGEN_CHECKPOINT: prepare the default model (SmolLM2-135M + the OneGen adapter baked
+#    into the image) and its index over the Wikipedia sample (python -m server.prepare_default);
 #  - an index that already matches the checkpoint: nothing to do (pass --force to rebuild);
 #  - otherwise: python -m index_builder build over $ONEGEN_CORPUS.
 set -euo pipefail
@@ -9,9 +10,11 @@ out=${ONEGEN_INDEX:-/index/current}
 corpus=${ONEGEN_CORPUS:-/data/corpus.jsonl}
 force=${1:-}
 
-if [ ! -f "$ckpt/onegen.json" ] || [ -f "$ckpt/ONEGEN_DEMO.txt" ]; then
-    echo "onegen-build-index: no checkpoint in $ckpt; preparing the DEMO checkpoint (random weights, not a trained model)"
-    exec python -m server.prepare_default --checkpoint-dir "$ckpt" --index-dir "$out" ${force:+--force}
+if [ ! -f "$ckpt/onegen.json" ] || [ -f "$ckpt/default_model.sha256" ]; then
+    echo "onegen-build-index: no checkpoint in $ckpt; preparing the default model and its index"
+    python -m server.prepare_default --root /opt/onegen-default --checkpoint-dir "$ckpt" --index-dir "$out" \
+        --device "${ONEGEN_DEVICE:-auto}" --dtype "${ONEGEN_DTYPE:-float32}" ${force:+--force} >/dev/null
+    exit 0
 fi
 if [ -z "$force" ] && [ -f "$out/manifest.json" ] \
     && python -m index_builder verify "$out" --checkpoint "$ckpt" >/dev/null 2>&1; then

@@ -14,7 +14,7 @@ __all__ = ["ServerSettings", "__version__", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that `python -m server.prepare_default` does not import the app (and FastAPI) first.
+    # Lazy, so that `python -m server.prepare_default` or `python -m server.demo` do not import the app (and FastAPI) first.
     if name == "create_app":
         from .app import create_app
 

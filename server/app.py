@@ -19,10 +19,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from . import __version__
+from .demo import DEMO_MARKER
 from .errors import install_error_handlers
 from .metrics import Metrics
-from .middleware import BodyLimit, RequestContext
-from .prepare_default import DEMO_MARKER
+from .middleware import ApiKeyGate, BodyLimit, HeadAsGet, RequestContext
 from .settings import ServerSettings
 from .state import ServerState
 from .worker import EngineWorker
@@ -100,6 +100,25 @@ def create_app(
     app.include_router(metrics_router)
     app.include_router(api)
     app.include_router(openai_router)
+    public = public_paths(settings, app)
+    # Starlette wraps in reverse order of addition: RequestContext > HeadAsGet > ApiKeyGate > BodyLimit > routes.
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext)  # outermost: every response (413s too) gets the request id
+    app.add_middleware(ApiKeyGate, key=settings.api_key_value(), public=public,
+                       on_reject=lambda: metrics.on_rejected("unauthorized"))
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(RequestContext)  # outermost: every response (401s and 413s too) gets the request id
     return app
+
+
+def public_paths(settings: ServerSettings, app: FastAPI) -> Callable[[str], bool]:
+    """Which paths need no API key: health probes always, /metrics and the API docs when configured so."""
+    exact = set()
+    if not settings.metrics_auth:
+        exact.add("/metrics")
+    if settings.public_docs:
+        exact |= {u for u in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url) if u}
+
+    def public(path: str) -> bool:
+        return path.startswith("/health/") or path in exact
+
+    return public

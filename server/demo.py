@@ -1,16 +1,16 @@
-"""The built-in DEMO model and index, for a server that is started without a checkpoint.
+"""The DEMO model and index: random weights, for tests and for trying the stack without the default model.
 
-Until a real default model ships with the project, ``bash scripts/serve.sh`` serves
-this: a tiny Llama with RANDOM WEIGHTS (``onegen_core.testing.build_tiny_checkpoint``,
+The README's serve command serves the trained default model (``server.prepare_default``).
+This demo is what the tests and ``bench/serve.py`` serve instead: a tiny Llama with RANDOM WEIGHTS (``onegen_core.testing.build_tiny_checkpoint``,
 with its query token made likely so that it retrieves while it generates) and a FAISS
 index over a small built-in corpus, encoded by that model with the same encoder the
 engine uses. It exercises every route end to end; its text is gibberish
 and its retrievals are arbitrary. The checkpoint carries a marker file, so the server
 labels itself as a demo in /info and in its logs.
 
-    python -m server.prepare_default            # -> .cache/onegen-default/{checkpoint,index}
+    python -m server.demo            # -> .cache/onegen-demo/{checkpoint,index}
 
-The tests and ``bench/serve.py`` call ``prepare_default`` / ``build_index`` too.
+The tests and ``bench/serve.py`` call ``prepare_demo`` / ``build_index``.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 
 from onegen_core.index_store import Document
 
-DEFAULT_ROOT = Path(".cache/onegen-default")
+DEMO_ROOT = Path(".cache/onegen-demo")
 DEMO_MARKER = "ONEGEN_DEMO.txt"  # the server labels a checkpoint holding this file as a demo
 DEMO_NOTE = (
     "DEMO CHECKPOINT - NOT A TRAINED MODEL.\n"
-    "A tiny Llama with random weights built by `python -m server.prepare_default` so that the OneGen server\n"
+    "A tiny Llama with random weights built by `python -m server.demo` so that the OneGen server\n"
     "runs on a fresh machine. Its generations are gibberish and its retrievals arbitrary.\n"
     "Serve a real OneGen checkpoint with: python -m server --checkpoint DIR --index DIR\n"
 )
@@ -75,7 +75,7 @@ def build_index(checkpoint_dir: str | Path, documents: list[Document], out_dir: 
     return write_index_dir(
         out_dir, vectors, documents, checkpoint_fingerprint=ckpt.fingerprint,
         special_token_ids=dict(ckpt.token_ids.by_name), corpus_digest=digest,
-        extra={"source": "server.prepare_default demo corpus"},
+        extra={"source": "server.demo corpus"},
     )
 
 
@@ -116,8 +116,8 @@ def _build_demo_checkpoint(ckpt: Path) -> None:
     (ckpt / _BUILDING).unlink()
 
 
-def prepare_default(
-    root: str | Path = DEFAULT_ROOT,
+def prepare_demo(
+    root: str | Path = DEMO_ROOT,
     *,
     checkpoint_dir: str | Path | None = None,
     index_dir: str | Path | None = None,
@@ -137,16 +137,16 @@ def prepare_default(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m server.prepare_default",
+        prog="python -m server.demo",
         description="Build the DEMO checkpoint (tiny, random weights: not a trained model) and an index over a "
         "small built-in corpus, so that the server runs without a checkpoint. Reuses what is already there.",
     )
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"where to put both (default: {DEFAULT_ROOT})")
+    parser.add_argument("--root", type=Path, default=DEMO_ROOT, help=f"where to put both (default: {DEMO_ROOT})")
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint directory (default: ROOT/checkpoint)")
     parser.add_argument("--index-dir", type=Path, help="index directory (default: ROOT/index)")
     parser.add_argument("--force", action="store_true", help="rebuild even if both exist")
     args = parser.parse_args(argv)
-    ckpt, index = prepare_default(args.root, checkpoint_dir=args.checkpoint_dir, index_dir=args.index_dir,
+    ckpt, index = prepare_demo(args.root, checkpoint_dir=args.checkpoint_dir, index_dir=args.index_dir,
                                   force=args.force)
     print("DEMO checkpoint (random weights, not a trained model):", file=sys.stderr)
     print(f"ONEGEN_CHECKPOINT={shlex.quote(str(ckpt))}")  # shell-quoted: `eval "$(...)"` works

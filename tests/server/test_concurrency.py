@@ -7,7 +7,7 @@ import asyncio
 import httpx
 from server_harness import sse_events
 
-from server.prepare_default import DEMO_CORPUS
+from server.demo import DEMO_CORPUS
 
 PROMPTS = [f"{d.title}: {d.text[:30]}" for d in DEMO_CORPUS] + [f"Question {i}: who wrote the book?" for i in range(16)]
 

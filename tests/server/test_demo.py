@@ -1,4 +1,4 @@
-"""The demo checkpoint + index that `scripts/serve.sh` prepares on a fresh machine."""
+"""The demo checkpoint + index (random weights) that the server tests serve."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from onegen_core.checkpoint import load_checkpoint
-from server.prepare_default import DEMO_CORPUS, DEMO_MARKER, prepare_default
+from server.demo import DEMO_CORPUS, DEMO_MARKER, prepare_demo
 
 
 def test_demo_is_labelled_matches_its_index_and_is_reused(demo_assets):
@@ -17,7 +17,7 @@ def test_demo_is_labelled_matches_its_index_and_is_reused(demo_assets):
     assert manifest["checkpoint_fingerprint"] == load_checkpoint(ckpt).fingerprint
     assert manifest["count"] == len(DEMO_CORPUS)
     stamps = {p.name: p.stat().st_mtime_ns for p in [*ckpt.iterdir(), *index.iterdir()]}
-    assert prepare_default(ckpt.parent, checkpoint_dir=ckpt, index_dir=index) == (ckpt, index)
+    assert prepare_demo(ckpt.parent, checkpoint_dir=ckpt, index_dir=index) == (ckpt, index)
     assert {p.name: p.stat().st_mtime_ns for p in [*ckpt.iterdir(), *index.iterdir()]} == stamps
 
 
@@ -26,5 +26,5 @@ def test_refuses_to_overwrite_a_directory_that_is_not_the_demo(tmp_path):
     precious.mkdir()
     (precious / "onegen.json").write_text("{}")
     with pytest.raises(ValueError, match="refusing to overwrite"):
-        prepare_default(tmp_path, checkpoint_dir=precious)
+        prepare_demo(tmp_path, checkpoint_dir=precious)
     assert (precious / "onegen.json").read_text() == "{}"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from server_harness import MAX_RETRIEVE_BATCH, MAX_TOKENS_LIMIT, RETRIEVING_PROMPT, sse_events
 
-from server.prepare_default import DEMO_CORPUS
+from server.demo import DEMO_CORPUS
 
 CORPUS_IDS = {d.id for d in DEMO_CORPUS}
 
@@ -237,9 +237,10 @@ def test_info(client, demo_assets):
 
 def test_logs_are_structured_and_leave_prompts_out(live_server, client):
     secret = "Zorblat's secret recipe 4242"
-    client.post("/generate", json={"prompt": secret, "max_tokens": 2}, headers={"X-Request-Id": "log-check-1"})
-    lines = [json.loads(line) for line in live_server.log_text().splitlines() if line.startswith("{")]
-    assert lines, "JSON log lines expected"
-    access = [x for x in lines if x.get("logger") == "onegen.access" and x.get("request_id") == "log-check-1"]
-    assert access and access[0]["status"] == 200 and access[0]["path"] == "/generate"
+    r = client.post("/generate", json={"prompt": secret, "max_tokens": 2}, headers={"X-Request-Id": "log-check-1"})
+    assert r.status_code == 200, r.text
+    # the access line is written once the response has been sent: wait for it (bounded), do not race it
+    access = live_server.wait_for_log(
+        lambda x: x.get("logger") == "onegen.access" and x.get("request_id") == "log-check-1")
+    assert access[0]["status"] == 200 and access[0]["path"] == "/generate"
     assert secret not in live_server.log_text()
