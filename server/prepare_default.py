@@ -89,14 +89,15 @@ def install_adapter(packaged: Path, checkpoint: Path, base: Path) -> Path:
     return checkpoint
 
 
-def write_passages(out: Path, dump: str | os.PathLike | None = None) -> Path:
+def write_passages(out: Path, dump: str | os.PathLike | None = None, *, min_article_words: int | None = None) -> Path:
     """The Wikipedia passages (gensim's sample unless ``dump`` is given), written once."""
     if out.is_file():
         return out
-    from onegen_core.wikipedia import find_gensim_enwiki, wikipedia_passages, write_corpus
+    from onegen_core.wikipedia import MIN_ARTICLE_WORDS, find_gensim_enwiki, wikipedia_passages, write_corpus
 
     src = Path(dump) if dump else find_gensim_enwiki(out.parent)
-    n = write_corpus(wikipedia_passages(src, max_words=PASSAGE_WORDS), out)
+    passages = wikipedia_passages(src, max_words=PASSAGE_WORDS, min_article_words=min_article_words or MIN_ARTICLE_WORDS)
+    n = write_corpus(passages, out)
     _log(f"{src.name}: {n} passages -> {out}")
     return out
 
@@ -133,6 +134,7 @@ def prepare_default(
     base_dir: str | Path | None = None,
     packaged: str | Path = PACKAGED_MODEL,
     dump: str | os.PathLike | None = None,
+    min_article_words: int | None = None,
     dtype: str = "float32",
     device: str = "auto",
     build: bool = True,
@@ -140,7 +142,8 @@ def prepare_default(
 ) -> tuple[Path, Path]:
     """Prepare (or reuse) the default checkpoint and its index; returns ``(checkpoint_dir, index_dir)``.
 
-    ``base_dir`` and ``packaged`` let tests put a tiny model where SmolLM2 and the default adapter go;
+    ``base_dir``, ``packaged``, ``dump`` and ``min_article_words`` let tests put a tiny model and a tiny
+    dump where SmolLM2, the default adapter and gensim's sample go;
     ``build=False`` stops before the index (a container image prepares the rest at build time).
     """
     root = Path(root)
@@ -149,7 +152,7 @@ def prepare_default(
     index = Path(index_dir) if index_dir else root / "index"
     import_base(base)
     install_adapter(Path(packaged), ckpt, base)
-    corpus = write_passages(root / "passages.jsonl", dump)
+    corpus = write_passages(root / "passages.jsonl", dump, min_article_words=min_article_words)
     if build and (force or not index_matches(ckpt, index, dtype)):
         build_index(ckpt, corpus, index, dtype=dtype, device=device)
     return ckpt, index

