@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 def _validate(cfg, *, progress: bool) -> int:
     from onegen_core.rendering import Renderer
 
-    from .data import load_training_data
+    from .data import load_training_data, warn_truncation
     from .modeling import prepare_tokenizer, resolve_base_dir, resolve_spec
 
     base = resolve_base_dir(cfg.base_model)
@@ -133,7 +133,8 @@ def _validate(cfg, *, progress: bool) -> int:
     data = load_training_data(Renderer(tok, spec, ids), train_file=cfg.train_file, db_file=cfg.db_file,
                               eval_file=cfg.eval_file, eval_ratio=cfg.eval_ratio, max_length=cfg.max_length,
                               conversation_format=cfg.conversation_format, seed=cfg.seed, cache_dir=None,
-                              progress=progress)
+                              progress=progress, truncation=cfg.truncation)
+    warn_truncation(data.stats, cfg.max_length, cfg.truncation, lambda msg, *a: print(msg % a, file=sys.stderr))
     print(json.dumps({"ok": True, "train_conversations": len(data.train), "eval_conversations": len(data.eval),
                       "new_tokens": new_tokens, **data.stats}, indent=2))
     return 0

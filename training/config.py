@@ -49,7 +49,11 @@ class TrainConfig:
     conversation_format: str = _f(
         "chat_template", f"how messages become text: one of {CONVERSATION_FORMATS} (concat = OneGen's DocumentTemplator)"
     )
-    max_length: int = _f(1024, "tokens per conversation / document; longer ones are truncated")
+    max_length: int = _f(1024, "tokens per conversation / document; longer documents are truncated")
+    truncation: str = _f(
+        "drop", "a conversation longer than max_length loses answer tokens: drop it (counted and named in a "
+        "warning), keep it cut, or error"
+    )
     cache_dir: str | None = _f(None, "tokenised-data cache (default: <run_dir>/cache)")
     # ---------------------------------------------------------------- OneGen objective
     loss_type: str = _f("bpr", "contrastive loss: bpr (OneGen's default) or infonce")
@@ -95,7 +99,10 @@ class TrainConfig:
     logging_steps: int = _f(10, "log metrics every N steps")
     eval_steps: int = _f(0, "evaluate every N steps (0 = at the start and the end only)")
     eval_batch_size: int = _f(8, "sequences per forward in evaluation")
-    eval_pool_size: int = _f(0, "documents ranked per eval query (0 = every unit of db_file)")
+    eval_pool_size: int = _f(
+        1000, "documents ranked per eval query: positives, hard negatives and a seeded random fill (0 = every unit "
+        "of db_file, slow on a CPU for a large corpus)"
+    )
     eval_at_start: bool = _f(True, "evaluate before training (the chance-level baseline)")
     report_to: str = _f("auto", "jsonl, tensorboard, or auto (jsonl + tensorboard when installed)")
     plot: bool = _f(True, "write loss_curves.png at the end")
@@ -130,6 +137,7 @@ class TrainConfig:
             "optimizer": ("adamw", "sgd"),
             "lr_scheduler": ("linear", "cosine", "constant"),
             "report_to": ("auto", "jsonl", "tensorboard"),
+            "truncation": ("drop", "keep", "error"),
         }
         for name, allowed in choices.items():
             v = getattr(self, name)

@@ -38,8 +38,10 @@ from tqdm.auto import tqdm
 from onegen_core.conversation import render_conversation
 from onegen_core.rendering import Renderer, RenderError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MAX_REPORTED_ERRORS = 20
+MAX_NAMED_TRUNCATIONS = 5
+TRUNCATION_POLICIES = ("drop", "keep", "error")
 
 
 class DataError(ValueError):
@@ -282,9 +284,13 @@ def _unit_lists(value: Any, count: int, name: str, where: str, corpus: Corpus, e
 
 
 def load_examples(path: Path, renderer: Renderer, corpus: Corpus, *, max_length: int, conversation_format: str,
-                  errors: _Errors, progress: bool = True) -> tuple[list[Example], dict[str, int]]:
+                  errors: _Errors, progress: bool = True, truncation: str = "drop") -> tuple[list[Example], dict]:
+    """Tokenised conversations. One longer than ``max_length`` loses the end of its assistant turn, so
+    ``truncation`` says what happens to it: ``drop`` it (counted and named), ``keep`` it cut, or
+    ``error`` (each one reported as ``file:line``)."""
     examples: list[Example] = []
-    stats = {"queries": 0, "queries_truncated": 0, "conversations_truncated": 0, "queries_without_positive": 0}
+    stats: dict[str, Any] = {"queries": 0, "queries_truncated": 0, "conversations_truncated": 0,
+                             "conversations_dropped": 0, "queries_without_positive": 0, "truncated_examples": []}
     bar = tqdm(_read_jsonl(path), total=_count_lines(path), desc=f"reading {path.name}", unit="conv",
                disable=not progress, leave=False)
     for lineno, obj, err in bar:
@@ -320,6 +326,16 @@ def load_examples(path: Path, renderer: Renderer, corpus: Corpus, *, max_length:
         stats["queries"] += len(qpos)
         if len(ids) > max_length:
             stats["conversations_truncated"] += 1
+            lost = int(np.sum(targets[max_length:]))
+            if len(stats["truncated_examples"]) < MAX_NAMED_TRUNCATIONS:
+                stats["truncated_examples"].append(f"{where}: {len(ids)} tokens, {lost} target token(s) cut")
+            if truncation == "error":
+                errors.add(f"{where}: {len(ids)} tokens > max_length={max_length}: {lost} target token(s) would be "
+                           "cut (raise max_length, or set truncation: drop / keep)")
+                continue
+            if truncation == "drop":
+                stats["conversations_dropped"] += 1
+                continue
             keep = [i for i, p in enumerate(qpos) if p < max_length]
             stats["queries_truncated"] += len(qpos) - len(keep)
             ids, targets = ids[:max_length], targets[:max_length]
@@ -334,6 +350,19 @@ def load_examples(path: Path, renderer: Renderer, corpus: Corpus, *, max_length:
     if not examples and not errors.total:
         errors.add(f"{path}: no conversations")
     return examples, stats
+
+
+def warn_truncation(stats: dict[str, Any], max_length: int, policy: str, warn: Any) -> None:
+    """One loud warning per split whose conversations did not fit ``max_length``, naming a few of them."""
+    for split in ("train", "eval"):
+        st = stats.get(split) or {}
+        n = st.get("conversations_truncated", 0)
+        if not n:
+            continue
+        what = "dropped" if policy == "drop" else "kept with their answers cut"
+        warn("%d %s conversation(s) are longer than max_length=%d and were %s (truncation: %s); raise max_length "
+             "to keep them whole. First ones: %s", n, split, max_length, what, policy,
+             "; ".join(st.get("truncated_examples", [])))
 
 
 # --------------------------------------------------------------------------- the data set, cached
@@ -457,6 +486,7 @@ def load_training_data(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    truncation: str = "drop",
 ) -> TrainingData:
     """Validate and tokenise the data (or read the matching cache); ``DataError`` lists every problem."""
     train_path, db_path = Path(train_file), Path(db_file)
@@ -465,7 +495,9 @@ def load_training_data(
         if p is not None and not p.is_file():
             raise DataError([f"{name}: {p} does not exist"])
     files = [db_path, train_path] + ([eval_path] if eval_path else [])
-    settings = {"max_length": max_length, "conversation_format": conversation_format}
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation: {truncation!r} is not one of {list(TRUNCATION_POLICIES)}")
+    settings = {"max_length": max_length, "conversation_format": conversation_format, "truncation": truncation}
     key = cache_key(files, renderer.tokenizer, renderer.spec.to_dict(), settings)
     set_names = ["train"] + (["eval"] if eval_path else [])
     cache = Path(cache_dir) / key if cache_dir else None
@@ -487,7 +519,8 @@ def load_training_data(
             if p is None:
                 continue
             sets[name], st = load_examples(p, renderer, corpus, max_length=max_length,
-                                           conversation_format=conversation_format, errors=errors, progress=progress)
+                                           conversation_format=conversation_format, errors=errors, progress=progress,
+                                           truncation=truncation)
             stats[name] = st
         errors.raise_if_any()
         if cache is not None:

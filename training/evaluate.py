@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from onegen_core.encoder import normalize
 
@@ -52,12 +53,13 @@ def eval_pool(corpus: Corpus, examples: list[Example], pool_size: int, seed: int
 
 @torch.no_grad()
 def encode_units(model: OneGenModel, corpus: Corpus, units: np.ndarray, *, batch_size: int, pad_id: int,
-                 device: torch.device, autocast: Any = None) -> torch.Tensor:
+                 device: torch.device, autocast: Any = None, progress: bool = False) -> torch.Tensor:
     """[len(units), H] float32 L2-normalised vectors at the units' document RET tokens."""
     docs = sorted({int(corpus.unit_doc[u]) for u in units}, key=lambda d: len(corpus.ids[d]))
     vec_of_unit: dict[int, torch.Tensor] = {}
     wanted = set(int(u) for u in units)
-    for i in range(0, len(docs), batch_size):
+    for i in tqdm(range(0, len(docs), batch_size), desc="eval documents", unit="batch", disable=not progress,
+                  leave=False):
         chunk = docs[i: i + batch_size]
         ids, mask = _padded([corpus.ids[d] for d in chunk], pad_id, device)
         with autocast or contextlib.nullcontext():
@@ -73,14 +75,15 @@ def encode_units(model: OneGenModel, corpus: Corpus, units: np.ndarray, *, batch
 @torch.no_grad()
 def evaluate(model: OneGenModel, examples: list[Example], corpus: Corpus, *, batch_size: int, pad_id: int,
              device: torch.device, pool_size: int = 0, seed: int = 0, autocast: Any = None,
-             ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+             ks: tuple[int, ...] = (1, 5), progress: bool = False) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
         lm_sum, lm_n = 0.0, 0
         queries: list[torch.Tensor] = []
         positives: list[list[int]] = []
-        for i in range(0, len(examples), batch_size):
+        for i in tqdm(range(0, len(examples), batch_size), desc="eval conversations", unit="batch",
+                      disable=not progress, leave=False):
             chunk = examples[i: i + batch_size]
             ids, mask = _padded([e.ids for e in chunk], pad_id, device)
             labels = torch.full_like(ids, -100)
@@ -101,7 +104,7 @@ def evaluate(model: OneGenModel, examples: list[Example], corpus: Corpus, *, bat
         if queries:
             units = eval_pool(corpus, examples, pool_size, seed)
             dvec = encode_units(model, corpus, units, batch_size=batch_size, pad_id=pad_id, device=device,
-                                autocast=autocast)
+                                autocast=autocast, progress=progress)
             qvec = normalize(torch.stack(queries))
             scores = qvec @ dvec.T  # [Q, P]
             kmax = min(max(ks), len(units))

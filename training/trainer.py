@@ -38,7 +38,7 @@ from onegen_core.rendering import Renderer
 
 from .batching import Batch, OneGenCollator, batch_rng, micro_batches
 from .config import TrainConfig
-from .data import DataError, TrainingData, load_training_data
+from .data import DataError, TrainingData, load_training_data, warn_truncation
 from .evaluate import evaluate
 from .losses import all_gather_variable, bpr_loss, gather_sizes, info_nce_loss, negative_mask
 from .metrics import MetricsLogger, plot_loss_curves, read_metrics
@@ -198,7 +198,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         kw = dict(train_file=cfg.train_file, db_file=cfg.db_file, eval_file=cfg.eval_file,
                   eval_ratio=cfg.eval_ratio, max_length=cfg.max_length,
-                  conversation_format=cfg.conversation_format, seed=cfg.seed, cache_dir=cfg.cache_path)
+                  conversation_format=cfg.conversation_format, seed=cfg.seed, cache_dir=cfg.cache_path,
+                  truncation=cfg.truncation)
         data: TrainingData | None = None
         error: Exception | None = None
         if ctx.is_main:
@@ -214,6 +215,8 @@ class Trainer:
         if not ctx.is_main:
             data = load_training_data(renderer, progress=False, **kw)
         assert data is not None
+        if ctx.is_main:
+            warn_truncation(data.stats, cfg.max_length, cfg.truncation, log.warning)
         return data
 
     def _autocast(self) -> Any:
@@ -442,7 +445,7 @@ class Trainer:
             return None
         res = evaluate(self.model, self.data.eval, self.data.corpus, batch_size=self.cfg.eval_batch_size,
                        pad_id=self.pad_id, device=self.ctx.device, pool_size=self.cfg.eval_pool_size,
-                       seed=self.cfg.seed, autocast=self.autocast())
+                       seed=self.cfg.seed, autocast=self.autocast(), progress=self.progress and self.ctx.is_main)
         self.metrics.log({"split": "eval", "step": self.step, **res})
         if self.ctx.is_main:
             log.info("eval @ step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
