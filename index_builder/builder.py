@@ -46,6 +46,7 @@ from onegen_core.index_store import (
     create_docstore,
     import_faiss,
     insert_documents,
+    sqlite_uri,
 )
 from onegen_core.model.attention import MAX_PAD_WASTE
 from onegen_core.rendering import Renderer
@@ -487,7 +488,7 @@ def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: 
     total = sum(rows[i] for i in mine)
     bar = tqdm(total=total, desc="encoding" if dist.world == 1 else f"encoding (rank {dist.rank})", unit="doc",
                disable=not cfg.progress or not dist.is_main, dynamic_ncols=True, smoothing=0.1)
-    con = sqlite3.connect(f"file:{work.staged}?mode=ro", uri=True)
+    con = sqlite3.connect(sqlite_uri(work.staged), uri=True)
     try:
         for i in mine:
             lo = i * cfg.shard_size
@@ -586,7 +587,7 @@ def _merge(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, 
 
     con = create_docstore(work.final / DOCSTORE)
     with con:
-        con.execute("ATTACH DATABASE ? AS staged", (f"file:{work.staged}?mode=ro",))
+        con.execute("ATTACH DATABASE ? AS staged", (sqlite_uri(work.staged),))
         con.execute("INSERT INTO documents SELECT * FROM staged.documents ORDER BY vector_id")
     rejected = con.execute("SELECT origin, doc_id, reason FROM staged.rejected ORDER BY seq").fetchall()
     con.execute("DETACH DATABASE staged")

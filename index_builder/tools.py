@@ -27,6 +27,7 @@ from onegen_core.index_store import (
     FingerprintMismatchError,
     IndexError_,
     IndexStore,
+    sqlite_uri,
 )
 
 from .errors import BuildError, VerifyError
@@ -48,7 +49,7 @@ def index_info(path: str | Path, *, samples: int = 3) -> dict[str, Any]:
     """What is in an index dir: the manifest, file sizes, the FAISS type, docstore counts, a few documents."""
     store = open_index(path)
     path = Path(path)
-    with sqlite3.connect(f"file:{path / DOCSTORE}?mode=ro", uri=True) as con:
+    with sqlite3.connect(sqlite_uri(path / DOCSTORE), uri=True) as con:
         n_docs = con.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
         n_chunks = con.execute("SELECT COUNT(*) FROM documents WHERE source IS NOT NULL").fetchone()[0]
         n_sources = con.execute("SELECT COUNT(DISTINCT COALESCE(source, doc_id)) FROM documents").fetchone()[0]

@@ -146,6 +146,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{model_path}: unsupported architecture {config.model_type!r} "
             f"({', '.join(getattr(config, 'architectures', None) or [])}); supported: {supported}"
         )
+    unsupported = unsupported_config_field(config, model_path / "config.json")
+    if unsupported is not None:
+        raise CheckpointError(f"{model_path}: {unsupported}")
     spec_dir = adapter_path or model_path
     spec = OneGenSpec.load(spec_dir)
     tok_dir = adapter_path if adapter_path and (adapter_path / "tokenizer_config.json").is_file() else model_path
@@ -154,6 +157,30 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if adapter_path is not None and len(tokenizer) > config.vocab_size:
         config.vocab_size = len(tokenizer)  # training added special tokens; the merged weights carry their rows
     return Checkpoint(path, model_path, adapter_path, config, tokenizer, spec, token_ids)
+
+
+def unsupported_config_field(config: Any, config_file: Path) -> str | None:
+    """What in a supported architecture's config the native model cannot run (naming the field), or None.
+
+    Checked at load, so that the CLIs and the server refuse such a checkpoint with one line
+    instead of failing later inside the model build.
+    """
+    from .model.llama import STATIC_ROPE_TYPES
+
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else None
+    if rope_type not in STATIC_ROPE_TYPES:
+        try:
+            raw = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            raw = {}
+        key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"  # the name config.json uses
+        return (f"unsupported {key}.rope_type {rope_type!r} in config.json; supported: "
+                f"{', '.join(sorted(STATIC_ROPE_TYPES))}")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        return f"unsupported hidden_act {act!r} in config.json; supported: silu"
+    return None
 
 
 def resolve_special_tokens(tokenizer: Any, spec: OneGenSpec, *, source: str = SPEC_FILENAME) -> SpecialTokenIds:

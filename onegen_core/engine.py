@@ -358,7 +358,12 @@ class Engine:
         queries = normalize(hidden)  # [n, d] the query vectors: final-layer hidden state at the RET token
         k = max(s.retrieval.k for s in seqs)
         t0 = time.perf_counter()
-        all_hits = self.retriever.search(queries, k)
+        try:
+            all_hits = self.retriever.search(queries, k)
+            if len(all_hits) != len(seqs):
+                raise RuntimeError(f"the retriever returned {len(all_hits)} hit lists for {len(seqs)} queries")
+        except Exception as e:  # noqa: BLE001 - a failed search (FAISS, a corrupt docstore row) fails its batch only
+            return self._fail_search(seqs, e)
         search_ms = (time.perf_counter() - t0) * 1000.0
         events: list[EngineEvent] = []
         for seq, hits in zip(seqs, all_hits, strict=True):
@@ -398,6 +403,21 @@ class Engine:
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)
         return events
+
+    def _fail_search(self, seqs: list[Sequence], error: Exception) -> list[EngineEvent]:
+        """Finish every sequence of a failed search with ``finish_reason="error"``; the engine keeps serving.
+
+        Their ``Finished`` events come from ``step`` (each chunk's sequence is finished), and
+        ``GenerationResult.error`` says what failed, for the server to report.
+        """
+        ids = [s.request_id for s in seqs]
+        log.error("retrieval failed for %d request(s) %s: %s: %s", len(seqs), ids, type(error).__name__, error,
+                  exc_info=error)
+        for seq in seqs:
+            seq.pending_query = None
+            seq.error = f"retrieval failed: {type(error).__name__}: {error}"
+            self._finish(seq, "error")
+        return []
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[EngineEvent]:

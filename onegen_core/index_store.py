@@ -38,6 +38,16 @@ class FingerprintMismatchError(IndexError_):
     pass
 
 
+def sqlite_uri(path: str | os.PathLike, *, mode: str = "ro") -> str:
+    """A ``file:`` URI for ``sqlite3.connect(..., uri=True)`` / ``ATTACH`` that names exactly ``path``.
+
+    The absolute path is percent-encoded (``Path.as_uri``): an unescaped ``#``, ``?`` or ``%``
+    in a directory name would otherwise start the URI's fragment or query, or decode to
+    another byte, and SQLite would open (and, ignoring ``mode``, create) a different file.
+    """
+    return f"{Path(path).absolute().as_uri()}?mode={mode}"
+
+
 def import_faiss():
     try:
         import faiss
@@ -101,7 +111,7 @@ class DocStore:
         self.path = path
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        return sqlite3.connect(sqlite_uri(self.path), uri=True, check_same_thread=False)
 
     def get(self, vector_ids: list[int]) -> list[Document | None]:
         if not vector_ids:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,7 +59,8 @@ def build_tokenizer(spec: OneGenSpec, extra_text: str = "", vocab_size: int = 40
 
 
 def tiny_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                max_positions: int = 512):
+                max_positions: int = 512, **extra: Any):
+    """A tiny config of ``arch``; ``extra`` sets further config fields (``mlp_bias=True``, ``rope_scaling={...}``)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -73,6 +75,7 @@ def tiny_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=2,
+        **extra,
     )
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
@@ -126,6 +129,11 @@ def build_tiny_checkpoint(
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.2)
+    if getattr(config, "mlp_bias", False):  # likewise the MLP biases (initialised to zero)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                     proj.bias.normal_(0.0, 0.2)
     model.to(dtype).save_pretrained(out)
     tokenizer.save_pretrained(out)

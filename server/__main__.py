@@ -2,8 +2,13 @@
 
 SIGTERM / SIGINT: /health/ready turns 503 at once, uvicorn stops accepting
 connections and waits up to ``--drain-timeout-s`` for in-flight requests (streams
-included) to finish; what is still running then is aborted and the engine stopped.
-A model or index that fails to load ends the process with status 1 and the reason.
+included) to finish; what is still running then is aborted by the app, so that each
+request ends with its documented error (JSON 503; an SSE ``error`` event, then
+``[DONE]``), and the engine is stopped. uvicorn's own graceful-shutdown timeout is
+``_DRAIN_FINISH_S`` later: it cancels only responses that could not be sent by then.
+A checkpoint or index path that does not exist ends the process with status 2 and one
+line naming it, before the port is bound; a model or index that fails to load ends it
+with status 1 and the reason.
 Connections are bounded too: request headers must arrive within ``--header-timeout-s``
 (``http_protocol``) and be at most ``--max-header-bytes``; idle keep-alive connections
 close after ``--keep-alive-timeout-s``.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -21,9 +27,12 @@ import uvicorn
 from .app import create_app
 from .http_protocol import header_timeout_protocol
 from .logs import configure_logging
-from .settings import parse_settings
+from .settings import ServerSettings, parse_settings
 
 log = logging.getLogger("onegen.server")
+# After the drain timeout aborts the requests still running, how long they have to send their error responses
+# before uvicorn cancels their tasks (which cuts streams and answers plain requests with a bare 500).
+_DRAIN_FINISH_S = 10.0
 
 
 class _DrainingServer(uvicorn.Server):
@@ -38,8 +47,29 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def missing_path(settings: ServerSettings) -> str | None:
+    """Why ``--checkpoint`` / ``--index`` cannot be served, when a look at the file system says so; else None.
+
+    Checked before uvicorn starts, so that a typo is one line and status 2, not a bound port,
+    a loading engine and a "could not start" later.
+    """
+    paths: list[tuple[str, Path | None]] = [("--checkpoint", settings.checkpoint), ("--index", settings.index)]
+    for flag, path in paths:
+        if path is None:
+            continue
+        if not path.exists():
+            return f"{flag} {path}: does not exist"
+        if not path.is_dir():
+            return f"{flag} {path}: not a directory"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
+    problem = missing_path(settings)
+    if problem is not None:
+        print(f"onegen server: {problem}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     fatal: list[BaseException] = []
     server: _DrainingServer | None = None
@@ -53,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal() -> None:
         if not app.state.onegen.draining:
-            app.state.onegen.draining = True
+            app.state.onegen.begin_drain(settings.drain_timeout_s)
             log.info("shutdown signal: draining in-flight requests",
                      extra={"in_flight": app.state.onegen.in_flight, "grace_s": settings.drain_timeout_s})
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        log_level=settings.log_level, timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
+        log_level=settings.log_level, timeout_graceful_shutdown=settings.drain_timeout_s + _DRAIN_FINISH_S,  # type: ignore[arg-type]
         lifespan="on", workers=1, http=header_timeout_protocol(settings.header_timeout_s),
         timeout_keep_alive=settings.keep_alive_timeout_s, h11_max_incomplete_event_size=settings.max_header_bytes,
     )

@@ -80,11 +80,12 @@ def create_app(
         if state.demo:
             log.warning("serving the built-in DEMO checkpoint: a tiny model with random weights, "
                         "not a trained OneGen model; its outputs are meaningless")
-        worker.start(asyncio.get_running_loop())
+        state.loop = asyncio.get_running_loop()
+        worker.start(state.loop)
         try:
             yield
         finally:
-            state.draining = True
+            state.end_drain()
             await asyncio.to_thread(worker.stop, 15.0)
             log.info("engine stopped")
 

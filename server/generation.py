@@ -145,12 +145,26 @@ def log_result(state: ServerState, r: GenerationResult, http_request_id: str | N
     log.info("request finished", extra=extra)
 
 
+def finish_error(r: GenerationResult) -> tuple[int, str, str] | None:
+    """The HTTP error a result that did not complete stands for, as (status, message, type); None if it did.
+
+    ``error``: the engine failed it (500). ``abort``: the server itself aborted it while the client
+    was still there (the drain timeout expired, or the server is stopping): 503. Requests aborted
+    because their client went away never reach a response.
+    """
+    if r.finish_reason == "error":
+        return 500, r.error or "the engine failed this request", "engine_error"
+    if r.finish_reason == "abort":
+        return 503, r.error or "the request was aborted: the server is shutting down", "service_unavailable"
+    return None
+
+
 def check_finished_ok(results: list[GenerationResult]) -> None:
     for r in results:
-        if r.finish_reason == "error":
-            raise APIError(500, r.error or "the engine failed this request", type="engine_error")
-        if r.finish_reason == "abort":  # aborted by the server itself (shutdown) while the client waited
-            raise APIError(503, "the request was aborted: the server is shutting down", type="service_unavailable")
+        err = finish_error(r)
+        if err is not None:
+            status, message, kind = err
+            raise APIError(status, message, type=kind)
 
 
 class ClientDisconnected(Exception):

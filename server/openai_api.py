@@ -27,6 +27,7 @@ from .generation import (
     SSE_DONE,
     Generation,
     admit_generation,
+    finish_error,
     retrieval_params,
     sampling_params,
     sse,
@@ -327,8 +328,9 @@ async def _completion_chunks(state: ServerState, gen: Generation, created: int, 
             yield sse({**base, "choices": [{"index": i, "text": "", "finish_reason": None, "logprobs": None,
                                             "retrieval": Retrieval.of(ev.record).model_dump()}]})
         elif isinstance(ev, Finished):
-            if ev.result.finish_reason == "error":
-                yield sse(error_payload(500, ev.result.error or "engine error", "engine_error"))
+            err = finish_error(ev.result)
+            if err is not None:
+                yield sse(error_payload(*err))
                 continue
             yield sse({**base, "choices": [{"index": i, "text": "", "finish_reason": ev.result.finish_reason,
                                             "logprobs": None}]})
@@ -383,8 +385,9 @@ async def _chat_chunks(state: ServerState, gen: Generation, created: int, includ
             yield sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": None, "logprobs": None,
                                             "retrieval": Retrieval.of(ev.record).model_dump()}]})
         elif isinstance(ev, Finished):
-            if ev.result.finish_reason == "error":
-                yield sse(error_payload(500, ev.result.error or "engine error", "engine_error"))
+            err = finish_error(ev.result)
+            if err is not None:
+                yield sse(error_payload(*err))
                 continue
             yield sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.result.finish_reason,
                                             "logprobs": None}]})

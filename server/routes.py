@@ -28,6 +28,7 @@ from .generation import (
     ClientDisconnected,
     Generation,
     admit_generation,
+    finish_error,
     retrieval_params,
     sampling_params,
     sse,
@@ -174,8 +175,9 @@ async def _generate_events(gen: Generation, state: ServerState) -> AsyncIterator
             yield sse({"type": "retrieval", **Retrieval.of(ev.record).model_dump()})
         elif isinstance(ev, Finished):
             r = ev.result
-            if r.finish_reason == "error":
-                yield sse({"type": "error", **error_payload(500, r.error or "engine error", "engine_error")})
+            err = finish_error(r)
+            if err is not None:
+                yield sse({"type": "error", **error_payload(*err)})
             else:
                 out = generate_response(r, state.model_name)
                 out.id = gen.request_id

@@ -5,10 +5,17 @@
 holds a ``Ticket`` from admission until its response is fully sent (streams included),
 and beyond ``max_pending_requests`` new requests get 429 with Retry-After instead of
 joining an unbounded queue.
+
+Draining (SIGTERM): ``begin_drain`` turns ``/health/ready`` and admission to 503 at once
+and, when the drain timeout expires with requests still in flight, aborts them all, so
+that each one ends with its documented error (a JSON 503, or an SSE ``error`` event and
+``[DONE]``) before uvicorn's own, slightly later, graceful-shutdown timeout would cut it off.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +28,8 @@ from .metrics import Metrics
 from .settings import ServerSettings
 from .worker import EngineWorker
 
+log = logging.getLogger("onegen.server")
+
 
 @dataclass
 class ServerState:
@@ -32,6 +41,8 @@ class ServerState:
     draining: bool = False
     in_flight: int = 0
     started_at: float = field(default_factory=time.time)
+    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, set when the app starts
+    _drain_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def engine(self) -> Any:
@@ -42,6 +53,31 @@ class ServerState:
         if self.draining:
             return "the server is shutting down"
         return self.worker.unavailable_reason()
+
+    def begin_drain(self, timeout_s: float) -> None:
+        """Refuse new requests now; abort what is still in flight after ``timeout_s`` (thread- and signal-safe)."""
+        self.draining = True
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._schedule_drain_expiry, timeout_s)
+
+    def _schedule_drain_expiry(self, timeout_s: float) -> None:
+        if self._drain_timer is None and self.loop is not None:
+            self._drain_timer = self.loop.call_later(timeout_s, self._expire_drain, timeout_s)
+
+    def _expire_drain(self, timeout_s: float) -> None:
+        if self.in_flight:
+            log.warning("drain timeout expired: aborting the requests still in flight",
+                        extra={"in_flight": self.in_flight, "grace_s": timeout_s})
+        # every request the engine holds then (admission is closed, so no new one can follow this command)
+        self.worker.abort_all(f"the request was aborted: the server is shutting down and its drain timeout "
+                              f"of {timeout_s:g} s expired")
+
+    def end_drain(self) -> None:
+        """At shutdown: stay draining, and drop the expiry timer (the worker aborts what is left)."""
+        self.draining = True
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
 
     def admit(self) -> Ticket:
         """Admit one request or raise 503 (loading / draining / stalled) or 429 (overloaded)."""

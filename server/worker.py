@@ -1,7 +1,7 @@
 """The engine's own thread: it builds the engine, steps it, and routes events to asyncio queues.
 
 The ``Engine`` is not thread-safe, so exactly one thread touches it: this one. The
-event loop talks to it through a command queue (add / abort / search / stop) and
+event loop talks to it through a command queue (add / abort / abort all / search / stop) and
 gets events back on per-request ``asyncio.Queue``s, delivered with one
 ``loop.call_soon_threadsafe`` per engine step. Model work never runs on the event loop.
 
@@ -58,6 +58,13 @@ class _Abort:
 
 
 @dataclass
+class _AbortAll:
+    """Abort every active request; their ``Finished(abort)`` results carry ``message`` as their error."""
+
+    message: str
+
+
+@dataclass
 class _Search:
     queries: list[str]
     k: int
@@ -95,6 +102,7 @@ class EngineWorker:
         self._on_fatal = on_fatal
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}
+        self._abort_messages: dict[str, str] = {}  # request id -> why the server aborted it (worker thread only)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats: dict[str, Any] = {}
@@ -163,6 +171,10 @@ class EngineWorker:
     def abort(self, request_id: str) -> None:
         """Ask the engine to drop a request and free its cache (thread-safe, returns at once)."""
         self._commands.put(_Abort(request_id))
+
+    def abort_all(self, message: str) -> None:
+        """Abort every request in flight (the drain timeout expired); ``message`` becomes their results' error."""
+        self._commands.put(_AbortAll(message))
 
     async def search(self, queries: list[str], k: int, return_text: bool) -> list[list[RetrievalHit]]:
         done: concurrent.futures.Future = concurrent.futures.Future()
@@ -252,6 +264,10 @@ class EngineWorker:
             elif isinstance(cmd, _Abort):
                 if cmd.request_id in self._active:
                     self.engine.abort(cmd.request_id)
+            elif isinstance(cmd, _AbortAll):
+                for rid in list(self._active):
+                    if self.engine.abort(rid):
+                        self._abort_messages[rid] = cmd.message
             elif isinstance(cmd, _Search):
                 try:
                     cmd.done.set_result(self.engine.search(cmd.queries, k=cmd.k, return_text=cmd.return_text))
@@ -288,6 +304,9 @@ class EngineWorker:
             elif isinstance(ev, RetrievalEvent):
                 self._metrics.on_retrieval(ev.record.search_ms)
             elif isinstance(ev, Finished):
+                message = self._abort_messages.pop(ev.request_id, None)
+                if message is not None and ev.result.error is None:
+                    ev.result.error = message
                 self._metrics.on_finished(ev.result, entry.tokens_counted)
                 del self._active[ev.request_id]
             if not entry.pending:

@@ -1,7 +1,7 @@
 """A native forward for the Llama family: Llama 2 / 3.x, Qwen2 / 2.5, Mistral, SmolLM2.
 
 Differences between the family members are config switches: q/k/v bias (Qwen2),
-tied embeddings (SmolLM2, small Qwen2), grouped-query attention, rope scaling
+``attention_bias`` / ``mlp_bias`` (Llama configs that set them), tied embeddings (SmolLM2, small Qwen2), grouped-query attention, rope scaling
 (transformers' own rope utilities compute the inverse frequencies, so Llama 3.x
 scaling and YaRN match it exactly). q/k/v and gate/up projections are fused at load.
 
@@ -110,8 +110,9 @@ class MLP(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
         self.inter = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.inter, bias=False)
-        self.down_proj = nn.Linear(self.inter, config.hidden_size, bias=False)
+        bias = bool(getattr(config, "mlp_bias", False))  # Llama's mlp_bias: gate, up and down all carry one
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.inter, bias=bias)
+        self.down_proj = nn.Linear(self.inter, config.hidden_size, bias=bias)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
 
@@ -214,6 +215,9 @@ class LlamaFamilyModel(nn.Module):
                 [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0
             )
             new[p + "mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
+            if self.layers[i].mlp.gate_up_proj.bias is not None:
+                new[p + "mlp.gate_up_proj.bias"] = torch.cat([take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")])
+                new[p + "mlp.down_proj.bias"] = take(p + "mlp.down_proj.bias")
             for n in ("input_layernorm", "post_attention_layernorm"):
                 new[p + f"{n}.weight"] = take(p + f"{n}.weight")
         new["embed_tokens.weight"] = take("embed_tokens.weight")

@@ -130,7 +130,8 @@ def _run_server(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_load_failures_exit_with_the_reason(tmp_path, demo_assets, tiny_checkpoint):
     missing = _run_server(["--checkpoint", str(tmp_path / "missing")])
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    # a path that does not exist is refused before the port is bound, as a usage error (test_startup_errors)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
     _, demo_index = demo_assets
     mismatch = _run_server(["--checkpoint", str(tiny_checkpoint), "--index", str(demo_index)])
     assert mismatch.returncode == 1
