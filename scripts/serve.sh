@@ -20,7 +20,9 @@ fi
 
 if [ -z "${ONEGEN_CHECKPOINT:-}" ]; then
     echo "serve.sh: no ONEGEN_CHECKPOINT given: serving the default model (SmolLM2-135M + OneGen adapter, Wikipedia sample)" >&2
-    eval "$(python3 -m server.prepare_default --dtype "${ONEGEN_DTYPE:=float32}")"  # sets ONEGEN_CHECKPOINT and ONEGEN_INDEX
+    # prints ONEGEN_CHECKPOINT=... and ONEGEN_INDEX=...; a failure (its message is on stderr) stops here
+    paths=$(python3 -m server.prepare_default --dtype "${ONEGEN_DTYPE:=float32}") || exit $?
+    eval "$paths"
     export ONEGEN_CHECKPOINT ONEGEN_INDEX ONEGEN_DTYPE ONEGEN_SERVED_MODEL_NAME=${ONEGEN_SERVED_MODEL_NAME:-onegen-smollm2-wiki}
 fi
 

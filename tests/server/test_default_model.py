@@ -88,3 +88,20 @@ def test_a_foreign_checkpoint_directory_is_not_overwritten(tmp_path, tiny_defaul
         prepare_default(tmp_path, checkpoint_dir=precious, base_dir=base, packaged=packaged, dump=dump,
                         min_article_words=40, build=False)
     assert (precious / "onegen.json").read_text() == "{}"
+
+
+def test_the_committed_default_adapter_is_complete():
+    """Regression: ``*.safetensors`` is git-ignored, and the adapter's weights were once left out of the commit."""
+    from safetensors import safe_open
+
+    from server.prepare_default import ADAPTER_FILES, PACKAGED_MODEL
+
+    assert all((PACKAGED_MODEL / name).is_file() for name in ADAPTER_FILES)
+    acfg = json.loads((PACKAGED_MODEL / "adapter_config.json").read_text())
+    assert acfg["peft_type"] == "LORA" and acfg["r"] == 8
+    with safe_open(str(PACKAGED_MODEL / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert sum("lora_A" in k for k in keys) == sum("lora_B" in k for k in keys) == 30 * 7  # 30 layers x 7 projections
+    assert any("token_adapter" in k or "trainable_tokens" in k for k in keys)  # the special tokens' trained rows
+    spec = OneGenSpec.load(PACKAGED_MODEL)
+    assert spec.query_format == "chat" and spec.passage_template == "{title}\n{text}"
