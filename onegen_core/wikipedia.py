@@ -332,15 +332,21 @@ def wikipedia_passages(path: str | os.PathLike, *, max_words: int = 120, max_art
             return
 
 
-def write_corpus(passages: Iterable[Passage], out: str | os.PathLike) -> int:
-    """Corpus JSONL (``{id, title, text, metadata}``), written aside and renamed; returns the count."""
+def write_jsonl(rows: Iterable[dict], out: str | os.PathLike) -> int:
+    """One JSON object per line, written aside and renamed (an interrupted write leaves no partial file);
+    returns the count."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     n = 0
     with open(tmp, "w", encoding="utf-8") as f:
-        for p in passages:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     os.replace(tmp, out)
     return n
+
+
+def write_corpus(passages: Iterable[Passage], out: str | os.PathLike) -> int:
+    """Corpus JSONL (``{id, title, text, metadata}``); returns the count."""
+    return write_jsonl((p.to_json() for p in passages), out)

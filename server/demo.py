@@ -25,6 +25,8 @@ from pathlib import Path
 
 from onegen_core.index_store import Document
 
+from .prepare_default import index_matches
+
 DEMO_ROOT = Path(".cache/onegen-demo")
 DEMO_MARKER = "ONEGEN_DEMO.txt"  # the server labels a checkpoint holding this file as a demo
 DEMO_NOTE = (
@@ -79,16 +81,6 @@ def build_index(checkpoint_dir: str | Path, documents: list[Document], out_dir: 
     )
 
 
-def _index_matches(checkpoint_dir: Path, index_dir: Path) -> bool:
-    from onegen_core.checkpoint import load_checkpoint
-
-    try:
-        manifest = json.loads((index_dir / "manifest.json").read_text())
-        return manifest.get("checkpoint_fingerprint") == load_checkpoint(checkpoint_dir).fingerprint
-    except (OSError, ValueError):
-        return False
-
-
 _BUILDING = ".onegen-demo-building"  # present while a demo checkpoint is being written
 
 
@@ -130,7 +122,7 @@ def prepare_demo(
     complete = (ckpt / DEMO_MARKER).is_file() and not (ckpt / _BUILDING).exists()
     if force or not complete:
         _build_demo_checkpoint(ckpt)
-    if force or not complete or not _index_matches(ckpt, index):
+    if force or not complete or not index_matches(ckpt, index, "float32"):  # the demo encodes in float32
         build_index(ckpt, DEMO_CORPUS, index)
     return ckpt, index
 

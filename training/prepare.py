@@ -49,7 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onegen_core.wikipedia import split_sentences
+from onegen_core.wikipedia import split_sentences, write_jsonl
+
+from .data import _read_jsonl
 
 QUESTION_KINDS = ("definition", "fact", "section", "cloze")
 PRONOUNS = {"it", "this", "he", "she", "they", "there", "these", "those", "that", "his", "her", "its", "their",
@@ -87,27 +89,22 @@ def read_passages(path: str | os.PathLike) -> list[Record]:
         raise ValueError(f"corpus {path} does not exist")
     out: list[Record] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}:{e.colno}: malformed JSON: {e.msg}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str | int) or \
-                    not isinstance(obj.get("text"), str):
-                raise ValueError(f"{where}: expected an object with string 'id' and 'text'")
-            pid = str(obj["id"])
-            if pid in seen:
-                raise ValueError(f"{where}: duplicate id {pid!r} (first at line {seen[pid]})")
-            seen[pid] = lineno
-            meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-            title = str(obj.get("title") or "")
-            article = str(meta.get("article") or title.split(":", 1)[0] or pid)
-            section = str(meta.get("section") or (title.split(":", 1)[1].strip() if ":" in title else ""))
-            out.append(Record(pid, title, obj["text"], article, section, lineno))
+    for lineno, obj, err in _read_jsonl(path):
+        if err:
+            raise ValueError(err)
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str | int) or \
+                not isinstance(obj.get("text"), str):
+            raise ValueError(f"{where}: expected an object with string 'id' and 'text'")
+        pid = str(obj["id"])
+        if pid in seen:
+            raise ValueError(f"{where}: duplicate id {pid!r} (first at line {seen[pid]})")
+        seen[pid] = lineno
+        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        title = str(obj.get("title") or "")
+        article = str(meta.get("article") or title.split(":", 1)[0] or pid)
+        section = str(meta.get("section") or (title.split(":", 1)[1].strip() if ":" in title else ""))
+        out.append(Record(pid, title, obj["text"], article, section, lineno))
     if not out:
         raise ValueError(f"{path}: no passages")
     return out
@@ -280,14 +277,6 @@ def conversation(q: Question, rec: Record, negatives: list[str], *, query_token:
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class PrepareConfig:
     heldout: float = 0.2
@@ -346,11 +335,11 @@ def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfi
         rows = [conversation(q, recs[index_of[q.passage]], n, query_token=cfg.query_token,
                              passage_open=cfg.passage_open, passage_close=cfg.passage_close,
                              passage_template=cfg.passage_template) for q, n in zip(questions, negs, strict=True)]
-        _write_jsonl(out / f"{split}.jsonl", rows)
+        write_jsonl(rows, out / f"{split}.jsonl")
         summary[f"{split}_questions"] = len(rows)
         summary[f"{split}_kinds"] = dict(Counter(q.kind for q in questions))
-    _write_jsonl(out / "corpus.jsonl", [_corpus_row(r) for r in recs])
-    _write_jsonl(out / "db.jsonl", [_corpus_row(r) for r in recs if r.article in train_articles])
+    write_jsonl((_corpus_row(r) for r in recs), out / "corpus.jsonl")
+    write_jsonl((_corpus_row(r) for r in recs if r.article in train_articles), out / "db.jsonl")
     (out / "split.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
