@@ -236,6 +236,10 @@ class Engine:
             if bad:
                 raise ValueError(f"prompt_token_ids has ids outside the vocabulary (0..{self.model.vocab_size - 1}): {bad[:5]}")
             rendered = self.renderer.prompt_ids(ids)
+        bad_forced = [t for t in sampling.forced_tokens.values() if t >= self.model.vocab_size]
+        if bad_forced:
+            raise ValueError(f"forced_tokens has ids outside the vocabulary (0..{self.model.vocab_size - 1}): "
+                             f"{bad_forced[:5]}")
         if len(rendered) == 0:
             raise ValueError("the prompt is empty")
         if len(rendered) >= self.max_model_len:
@@ -421,14 +425,15 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[EngineEvent]:
-        free_rows = [i for i, s in enumerate(seqs) if s.forced_next is None]  # rows of ``hidden`` to sample
-        free = [seqs[i] for i in free_rows]
         events: list[EngineEvent] = []
         new_tokens: dict[Sequence, tuple[int, float | None]] = {}
         for s in seqs:
-            if s.forced_next is not None:
-                new_tokens[s] = (s.forced_next, None)
+            forced = s.forced_next if s.forced_next is not None else s.sampling.forced_tokens.get(len(s.output_ids))
+            if forced is not None:
+                new_tokens[s] = (forced, None)
                 s.forced_next = None
+        free_rows = [i for i, s in enumerate(seqs) if s not in new_tokens]  # rows of ``hidden`` to sample
+        free = [seqs[i] for i in free_rows]
         if free:
             rows_h = hidden[free_rows]
             logits = self.model.compute_logits(rows_h)  # [B, V] float32

@@ -16,6 +16,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False  # log-probability of each sampled token
+    # Output position -> token id appended there instead of sampling. For benchmarks and tests that must
+    # place retrievals deterministically (e.g. {0: rq_id, 40: rq_id}); not exposed over HTTP.
+    forced_tokens: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -30,6 +33,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if any(pos < 0 or tok < 0 for pos, tok in self.forced_tokens.items()):
+            raise ValueError("forced_tokens maps output positions >= 0 to token ids >= 0")
 
 
 @dataclass

@@ -196,3 +196,15 @@ def test_search_matches_encoder_and_brute_force(engine):
     vecs = engine.retriever.index.reconstruct_n(0, engine.retriever.index.ntotal)
     order = np.argsort(-(vecs @ q[0]))[:3]
     assert [h.vector_id for h in hits[0]] == order.tolist()
+
+
+def test_forced_tokens_place_retrievals_at_fixed_positions(engine):
+    qid = engine.token_ids.query_ids[0]
+    forced = {0: qid, 5: qid, 9: qid}
+    res = engine.generate(PROMPTS[0], SamplingParams(max_tokens=12, forced_tokens=forced),
+                          RetrievalParams(max_retrievals=2, k=1))[0]
+    assert [res.token_ids[i] for i in forced] == [qid, qid, qid]
+    # the first two are searched; the third comes after the budget is spent and retrieves nothing
+    assert [r.output_token_index for r in res.retrievals] == [0, 5]
+    with pytest.raises(ValueError, match="forced_tokens"):
+        engine.add_request(PROMPTS[0], sampling=SamplingParams(forced_tokens={0: 10**7}))
