@@ -85,9 +85,16 @@ def _id(tok, name: str) -> int:
 
 @torch.no_grad()
 def naive_generate(hf_model, engine, prompt: str, *, max_tokens: int, max_retrievals: int, k: int = 1,
-                   queries_out: list | None = None, index_dir: str | Path | None = None) -> list[int]:
+                   queries_out: list | None = None, index_dir: str | Path | None = None,
+                   forced_tokens: dict[int, int] | None = None, search=None) -> list[int]:
+    """Greedy tokens for ``prompt``; ``forced_tokens`` as ``SamplingParams.forced_tokens`` (output position ->
+    token appended there instead of the argmax); ``search(query [d], k) -> [(title, text)]`` replaces the
+    brute-force search over the engine's index dir (or ``index_dir``)."""
     spec, tok = engine.checkpoint.spec, engine.checkpoint.tokenizer
-    index_dir = index_dir if index_dir is not None else engine.index.path
+    if search is None:
+        index_dir = index_dir if index_dir is not None else engine.index.path
+        search = lambda q, k: brute_force_search(index_dir, q, k)  # noqa: E731
+    forced_tokens = forced_tokens or {}
     query = {_id(tok, q.token): q for q in spec.query_tokens}
     follow_up = {qid: _id(tok, q.follow_up) for qid, q in query.items() if q.follow_up}
     banned = [_id(tok, spec.document_token), _id(tok, spec.passage_open), _id(tok, spec.passage_close),
@@ -103,7 +110,7 @@ def naive_generate(hf_model, engine, prompt: str, *, max_tokens: int, max_retrie
         logits[banned] = float("-inf")
         if n_ret >= max_retrievals:
             logits[list(query)] = float("-inf")
-        t = int(logits.argmax())
+        t = forced_tokens.get(len(out), int(logits.argmax()))
         ids.append(t)
         out.append(t)
         if t in eos_ids:
@@ -113,7 +120,7 @@ def naive_generate(hf_model, engine, prompt: str, *, max_tokens: int, max_retrie
             q = h / h.norm()
             if queries_out is not None:
                 queries_out.append(q)
-            hits = brute_force_search(index_dir, q.numpy(), k)
+            hits = search(q.numpy(), k)
             n_ret += 1
             if query[t].action == "insert":
                 for title, text in hits:
