@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from . import __version__
+from . import __version__, playground
 from .demo import DEMO_MARKER
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -101,6 +101,7 @@ def create_app(
     app.include_router(metrics_router)
     app.include_router(api)
     app.include_router(openai_router)
+    app.include_router(playground.router)
     public = public_paths(settings, app)
     # Starlette wraps in reverse order of addition: RequestContext > HeadAsGet > ApiKeyGate > BodyLimit > routes.
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
@@ -112,8 +113,10 @@ def create_app(
 
 
 def public_paths(settings: ServerSettings, app: FastAPI) -> Callable[[str], bool]:
-    """Which paths need no API key: health probes always, /metrics and the API docs when configured so."""
-    exact = set()
+    """Which paths need no API key: health probes and the playground's static files (``/`` redirects to
+    ``/playground``; they hold no data, its API calls carry the key) always, /metrics and the API docs when
+    configured so."""
+    exact = set(playground.PUBLIC_PATHS)
     if not settings.metrics_auth:
         exact.add("/metrics")
     if settings.public_docs:

@@ -2,9 +2,10 @@
 
 ``middleware.ApiKeyGate`` checks the key from the request headers before the body is
 read or parsed, so an unauthenticated client gets its 401 without the server buffering
-its body or validating its JSON. Every path needs the key except ``/health/*``,
-``/metrics`` with ``--no-metrics-auth`` and the API docs (``/docs``, ``/redoc``,
-``/openapi.json``) with ``--public-docs``. The routes also depend on ``require_api_key``,
+its body or validating its JSON. Every path needs the key except ``/health/*``, the
+playground's static files (``/``, ``/playground`` and its ``.js`` / ``.css``: no data in
+them; the page sends the key on its API calls), ``/metrics`` with ``--no-metrics-auth``
+and the API docs (``/docs``, ``/redoc``, ``/openapi.json``) with ``--public-docs``. The routes also depend on ``require_api_key``,
 which checks the same key again from the parsed header, so that the OpenAPI schema
 documents the Bearer scheme. Without a configured key every request passes.
 """
