@@ -33,11 +33,11 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .detokenizer import IncrementalDetokenizer
-from .encoder import Encoder, normalize, resolve_device, resolve_dtype
+from .encoder import InputTooLong, normalize, resolve_device, resolve_dtype
 from .index_store import IndexStore
-from .kv_cache import BlockManager, allocate_kv_cache, kv_bytes_per_block
-from .model import build_attention_metadata, build_model
+from .kv_cache import BlockManager
 from .model.linear import BACKENDS as LINEAR_BACKENDS
+from .model_runner import ModelRunner
 from .outputs import (
     EngineEvent,
     Finished,
@@ -45,15 +45,16 @@ from .outputs import (
     RetrievalEvent,
     RetrievalHit,
     RetrievalRecord,
+    SearchDone,
     TokenDelta,
 )
 from .params import RetrievalParams, SamplingParams
-from .rendering import Renderer
-from .retriever import FaissRetriever, Retriever, TorchRetriever
+from .rendering import Rendered, Renderer, max_token_chars
+from .retriever import Retriever, make_retriever
 from .roles import Role
 from .sampler import Sampler, SamplingRow
-from .scheduler import ScheduledChunk, Scheduler
-from .sequence import Sequence
+from .scheduler import Scheduler
+from .sequence import SearchRequest, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,6 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
-def _flash_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, retriever: Retriever | None = None,
                  index: IndexStore | None = None):
@@ -118,69 +111,29 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.renderer = Renderer.for_checkpoint(checkpoint)
         self.token_ids = checkpoint.token_ids
-        spec = checkpoint.spec
-
-        model_max = checkpoint.config.max_position_embeddings
-        sliding = getattr(checkpoint.config, "sliding_window", None)
-        if sliding and getattr(checkpoint.config, "use_sliding_window", True):
-            model_max = min(model_max, sliding)  # within the window, sliding attention == full attention
-        if config.max_model_len is not None and config.max_model_len > model_max:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {model_max}")
-        max_len = config.max_model_len or model_max
-
-        self.backend = config.attention_backend
-        if self.backend == "auto":
-            self.backend = "flash" if self.device.type == "cuda" and _flash_available() and config.block_size % 256 == 0 else "sdpa"
-        if self.backend == "flash" and config.block_size % 256:
-            raise ValueError("the flash attention backend needs block_size to be a multiple of 256")
-
-        self.model = build_model(checkpoint, self.dtype, self.device, max_positions=max_len,
-                                 linear_backend=config.linear_backend)
-        m = self.model
-        n_layers = len(m.layers)
-        per_block = kv_bytes_per_block(n_layers, config.block_size, m.num_kv_heads, m.head_dim, self.dtype)
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = free * config.gpu_memory_utilization - 512 * 2**20  # room for activations
-            else:
-                budget = config.kv_cache_memory_gb * 2**30
-            useful = config.max_num_seqs * ((max_len + config.block_size - 1) // config.block_size)
-            num_blocks = max(1, min(int(budget // per_block), useful))
-        self.kv_cache = allocate_kv_cache(n_layers, num_blocks, config.block_size, m.num_kv_heads, m.head_dim,
-                                          self.dtype, self.device)
-        use_graphs = config.cuda_graphs and self.device.type == "cuda" and self.backend == "flash"
-        if config.cuda_graphs and not use_graphs:
-            log.warning("cuda_graphs needs a CUDA device and the flash attention backend; running eagerly")
-        usable_blocks = num_blocks - 1 if use_graphs else num_blocks  # the last block is the graphs' scratch
-        if usable_blocks < 1:
-            raise ValueError("the KV cache needs at least 2 blocks with cuda_graphs")
-        self.max_model_len = min(max_len, usable_blocks * config.block_size)
-        self.block_manager = BlockManager(usable_blocks, config.block_size)
+        self.runner = ModelRunner(checkpoint, config, self.device, self.dtype)
+        self.model = self.runner.model
+        self.max_model_len = self.runner.max_model_len
+        self.transfers = self.runner.transfers
+        self.block_manager = BlockManager(self.runner.usable_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         banned = [self.token_ids.document, self.token_ids.passage_open, self.token_ids.passage_close]
         banned += list(self.token_ids.follow_up.values())  # only ever forced
-        self.sampler = Sampler(m.vocab_size, banned, self.device, seed=config.seed)
-        self.encoder = Encoder(checkpoint, m, self.device, self.max_model_len)
+        self.sampler = Sampler(self.model.vocab_size, banned, self.token_ids.query_ids, self.device, seed=config.seed,
+                               counter=self.transfers)
         self.eos_ids = self._eos_ids()
         self.sequences: dict[str, Sequence] = {}
+        self.searches: dict[str, SearchRequest] = {}
         self._aborted: list[Sequence] = []
-        self.default_k = spec.retrieval.k
-        self.default_max_retrievals = spec.retrieval.max_retrievals
+        self._done_searches: list[SearchDone] = []
+        self.default_k = checkpoint.spec.retrieval.k
+        self.default_max_retrievals = checkpoint.spec.retrieval.max_retrievals
         self.num_steps = 0
-        self.graph_runner = None
-        if use_graphs:
-            from .model.cuda_graphs import DecodeGraphRunner
-
-            self.graph_runner = DecodeGraphRunner(
-                m, self.kv_cache, max_bs=config.max_num_seqs,
-                max_blocks=(self.max_model_len + config.block_size - 1) // config.block_size,
-                block_size=config.block_size, scratch_block=num_blocks - 1,
-            )
+        self.last_step_tokens = 0  # tokens in the last step's forward (at most max_num_batched_tokens)
+        self._max_text_chars = self.max_model_len * max_token_chars(self.tokenizer)
         log.info("engine ready: %s %s on %s, %d KV blocks x %d, max_model_len %d, attention %s, linear %s",
-                 checkpoint.model_type, self.dtype, self.device, num_blocks, config.block_size, self.max_model_len,
-                 self.backend, m.linear_backend)
+                 checkpoint.model_type, self.dtype, self.device, self.runner.num_blocks, config.block_size,
+                 self.max_model_len, self.runner.backend, self.model.linear_backend)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -192,13 +145,7 @@ class Engine:
         store = retriever = None
         if index_dir is not None:
             store = IndexStore.open(index_dir, expected_fingerprint=ckpt.fingerprint)
-            dev = resolve_device(config.device)
-            flat = store.manifest.factory.replace("IDMap,", "") == "Flat"
-            use_torch = config.retriever == "torch" or (config.retriever == "auto" and flat and dev.type == "cuda")
-            if use_torch:
-                retriever = TorchRetriever.from_index(store, device=dev)
-            else:
-                retriever = FaissRetriever(store)
+            retriever = make_retriever(store, config.retriever, resolve_device(config.device))
         return cls(ckpt, config, retriever=retriever, index=store)
 
     def _eos_ids(self) -> set[int]:
@@ -210,36 +157,44 @@ class Engine:
                 ids.update(int(i) for i in src)
         return ids
 
-    # ------------------------------------------------------------------ requests
-    def add_request(
+    # ------------------------------------------------------------------ input (any thread)
+    def _check_text_length(self, text: str, what: str) -> None:
+        """Refuse text that cannot fit before tokenising it: no token covers more than a known number of characters."""
+        if len(text) > self._max_text_chars:
+            raise ContextLengthExceeded(
+                f"{what} has {len(text)} characters, which is more than {self.max_model_len} tokens for this "
+                f"model's tokenizer whatever the text; this model's context is {self.max_model_len} tokens")
+
+    def prepare_request(
         self,
         prompt: str | None = None,
         *,
         messages: list[dict[str, str]] | None = None,
         prompt_token_ids: list[int] | None = None,
         sampling: SamplingParams | None = None,
-        retrieval: RetrievalParams | None = None,
-        request_id: str | None = None,
-    ) -> str:
-        sampling = sampling or SamplingParams()
-        retrieval = retrieval or RetrievalParams()
+    ) -> Rendered:
+        """Render and check a request's input. Pure: safe to call from any thread (the server calls it off the
+        engine thread, so tokenising a long prompt never delays a step). Raises ``ValueError`` /
+        ``ContextLengthExceeded`` with a message that names the problem."""
         given = sum(x is not None for x in (prompt, messages, prompt_token_ids))
         if given != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+        vocab = self.model.vocab_size
         if prompt is not None:
+            self._check_text_length(prompt, "the prompt")
             rendered = self.renderer.prompt(prompt)
         elif messages is not None:
+            self._check_text_length("".join(str(m.get("content") or "") for m in messages), "the messages")
             rendered = self.renderer.chat(messages)
         else:
             ids = list(prompt_token_ids or [])
-            bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+            bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt_token_ids has ids outside the vocabulary (0..{self.model.vocab_size - 1}): {bad[:5]}")
+                raise ValueError(f"prompt_token_ids has ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
             rendered = self.renderer.prompt_ids(ids)
-        bad_forced = [t for t in sampling.forced_tokens.values() if t >= self.model.vocab_size]
+        bad_forced = [t for t in (sampling.forced_tokens.values() if sampling else ()) if t >= vocab]
         if bad_forced:
-            raise ValueError(f"forced_tokens has ids outside the vocabulary (0..{self.model.vocab_size - 1}): "
-                             f"{bad_forced[:5]}")
+            raise ValueError(f"forced_tokens has ids outside the vocabulary (0..{vocab - 1}): {bad_forced[:5]}")
         if len(rendered) == 0:
             raise ValueError("the prompt is empty")
         if len(rendered) >= self.max_model_len:
@@ -247,9 +202,42 @@ class Engine:
                 f"the prompt has {len(rendered)} tokens; this model's context is {self.max_model_len} tokens "
                 "(prompt plus at least one generated token)"
             )
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self.sequences:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        return rendered
+
+    def prepare_queries(self, queries: list[str]) -> list[list[int]]:
+        """Queries -> token ids (query template + query RET token), checked against the context. Any thread.
+
+        ``InputTooLong`` names the query's position in ``queries``."""
+        out = []
+        for i, q in enumerate(queries):
+            ids = self.renderer.query(q)
+            if len(ids) > self.max_model_len:
+                raise InputTooLong("query", i, len(ids), self.max_model_len)
+            out.append(ids)
+        return out
+
+    # ------------------------------------------------------------------ requests (the engine's thread)
+    def add_request(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        rendered: Rendered | None = None,
+        sampling: SamplingParams | None = None,
+        retrieval: RetrievalParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a generation. Give its input, or ``rendered`` from ``prepare_request`` (then the input is not
+        tokenised again)."""
+        sampling = sampling or SamplingParams()
+        retrieval = retrieval or RetrievalParams()
+        if rendered is None:
+            rendered = self.prepare_request(prompt, messages=messages, prompt_token_ids=prompt_token_ids,
+                                            sampling=sampling)
+        elif any(x is not None for x in (prompt, messages, prompt_token_ids)):
+            raise ValueError("give either a prepared input or prompt / messages / prompt_token_ids, not both")
+        request_id = self._new_request_id(request_id)
         resolved = RetrievalParams(
             enabled=retrieval.enabled and self.retriever is not None,
             k=retrieval.k or self.default_k,
@@ -273,24 +261,75 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request and free its KV cache now; its ``Finished(abort)`` comes with the next step."""
+    def add_search(
+        self,
+        queries: list[str] | None = None,
+        *,
+        query_token_ids: list[list[int]] | None = None,
+        k: int = 10,
+        return_text: bool = False,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue queries to encode and search. Each query is scheduled like a prompt (chunked under the step's
+        token budget, interleaved with decoding); its vector is the hidden state at its query RET token. Ends
+        with one ``SearchDone``. ``k=0`` returns the vectors only. ``query_token_ids`` from ``prepare_queries``."""
+        if (queries is None) == (query_token_ids is None):
+            raise ValueError("give queries or query_token_ids")
+        if query_token_ids is None:
+            query_token_ids = self.prepare_queries(list(queries or []))
+        if k > 0 and self.retriever is None:
+            raise ValueError("no index is loaded: start the engine with an index directory")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        request_id = self._new_request_id(request_id)
+        job = SearchRequest(request_id, k, return_text, [None] * len(query_token_ids))
+        self.searches[request_id] = job
+        if not query_token_ids:
+            self._done_searches.append(self._search_done(job))
+            return request_id
+        no_sampling, no_retrieval = SamplingParams(max_tokens=1), RetrievalParams(enabled=False)
+        for i, ids in enumerate(query_token_ids):
+            seq = Sequence(request_id=f"{request_id}/q{i}", token_ids=list(ids), roles=[Role.CTX] * len(ids),
+                           sampling=no_sampling, retrieval=no_retrieval, detok=None, search=job, search_slot=i)
+            job.sequences.append(seq)
+            self.scheduler.add(seq)
+        return request_id
+
+    def _new_request_id(self, request_id: str | None) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.sequences or request_id in self.searches:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return request_id
+
+    def abort(self, request_id: str, error: str | None = None) -> bool:
+        """Stop a request and free its KV cache now; its ``Finished(abort)`` (``SearchDone`` with an error, for
+        a search) comes with the next step."""
+        job = self.searches.get(request_id)
+        if job is not None:
+            for seq in job.sequences:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+            self._done_searches.append(self._search_done(job, error=error or "aborted"))
+            return True
         seq = self.sequences.get(request_id)
         if seq is None or seq.is_finished:
             return False
         seq.finish_reason = "abort"
         seq.finish_time = time.monotonic()
+        if error is not None:
+            seq.error = error
         self.scheduler.finish(seq)
         self._aborted.append(seq)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or bool(self._done_searches)
 
     def stats(self) -> dict[str, Any]:
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "num_searches": len(self.searches),
             "kv_cache_usage": self.block_manager.usage,
             "num_kv_blocks": self.block_manager.num_blocks,
             "num_free_kv_blocks": self.block_manager.num_free,
@@ -300,66 +339,83 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[EngineEvent]:
-        events: list[EngineEvent] = [self._finished_event(s) for s in self._aborted]
-        self._aborted.clear()
+        events: list[EngineEvent] = [self._finished_event(s) for s in self._aborted] + self._done_searches
+        self._aborted, self._done_searches = [], []
         chunks = self.scheduler.schedule()
         if not chunks:
             if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: admission checks sizes
                 raise RuntimeError("scheduler made no progress with an empty running set")
             return events
         self.num_steps += 1
-        hidden = self._run_model(chunks)
-        done = [c for c in chunks if c.completes]
-        to_search = [c.seq for c in done if c.seq.pending_query is not None]
-        to_sample = [c.seq for c in done if c.seq.pending_query is None or self._action(c.seq) == "annotate"]
-        idx = {c.seq: i for i, c in enumerate(done)}
-        events += self._retrieve(to_search, hidden[[idx[s] for s in to_search]] if to_search else None)
-        # an insert that found nothing to insert samples from the query token's own logits
-        to_sample += [s for s in to_search if s.num_uncached == 0 and s not in to_sample]
-        to_sample = [s for s in to_sample if not s.is_finished]
+        self.last_step_tokens = sum(c.num_new_tokens for c in chunks)
+        done = [c.seq for c in chunks if c.completes]  # in chunk order: the rows of the runner's output
+        row = {s: i for i, s in enumerate(done)}
+        generating = [s for s in done if s.search is None]
+        encoded = [s for s in done if s.search is not None]
+        to_search = [s for s in generating if s.pending_query is not None]
+        vector_rows = [row[s] for s in encoded + to_search]
+        sample_rows = [row[s] for s in generating] if len(generating) < len(done) else None
+        extra = [torch.tensor(vector_rows, dtype=torch.long)] if vector_rows else []
+        extra += [torch.tensor(sample_rows, dtype=torch.long)] if sample_rows is not None else []
+        hidden, moved = self.runner.run(chunks, extra)  # one upload: the step's inputs and these row indices
+        self.scheduler.postprocess(chunks)
+        if vector_rows:
+            vectors = self.runner.download(normalize(hidden.index_select(0, moved.pop(0))))
+            events += self._store_vectors(encoded, vectors[: len(encoded)])
+            events += self._retrieve(to_search, vectors[len(encoded):])
+        # sample: sequences that did not search, annotate searches, and inserts that found nothing to insert
+        searched = set(to_search)
+        to_sample = {s for s in generating if not s.is_finished and (s not in searched or s.num_uncached == 0)}
         if to_sample:
-            events += self._sample(to_sample, hidden[[idx[s] for s in to_sample]])
+            gen_hidden = hidden if sample_rows is None else hidden.index_select(0, moved.pop(0))
+            events += self._sample(generating, gen_hidden, to_sample)
         for c in chunks:
             if c.seq.is_finished and c.seq.request_id in self.sequences:
                 events.append(self._finished_event(c.seq))
         return events
 
-    @torch.inference_mode()
-    def _run_model(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """One packed forward; returns the hidden states of the chunks that reach their sequence's end."""
-        ids: list[int] = []
-        for c in chunks:
-            ids.extend(c.seq.token_ids[c.start : c.start + c.num_new_tokens])
-        q_lens = [c.num_new_tokens for c in chunks]
-        ctx_lens = [c.start + c.num_new_tokens for c in chunks]
-        block_tables = [c.seq.block_table for c in chunks]
-        if self.graph_runner is not None and len(ids) == len(chunks) and self.graph_runner.can_run(len(chunks)):
-            hidden = self.graph_runner.run(ids, [c.start for c in chunks], block_tables)  # decode: replay a graph
-        else:
-            meta = build_attention_metadata(
-                q_lens, ctx_lens, block_tables=block_tables,
-                block_size=self.config.block_size, device=self.device, backend=self.backend,
-            )
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-            hidden = self.model(input_ids, meta, self.kv_cache)  # [T, d]
-        ends = []
-        pos = 0
-        for c in chunks:
-            pos += c.num_new_tokens
-            c.seq.num_cached_tokens += c.num_new_tokens
-            if c.completes:
-                ends.append(pos - 1)
-        return hidden[torch.tensor(ends, dtype=torch.long, device=self.device)] if ends else hidden[:0]
+    # ------------------------------------------------------------------ query encodes (/retrieve)
+    def _store_vectors(self, seqs: list[Sequence], vectors: torch.Tensor) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        for seq, vec in zip(seqs, vectors, strict=True):
+            self.scheduler.finish(seq)
+            job = seq.search
+            if job is None or job.request_id not in self.searches:  # aborted meanwhile
+                continue
+            job.vectors[seq.search_slot] = vec
+            if job.complete:
+                events.append(self._search_done(job))
+        return events
 
-    def _action(self, seq: Sequence) -> str:
-        return self.token_ids.query[seq.pending_query].action
+    def _search_done(self, job: SearchRequest, error: str | None = None) -> SearchDone:
+        self.searches.pop(job.request_id, None)
+        encode_ms = (time.monotonic() - job.arrival_time) * 1000.0
+        if error is not None:
+            return SearchDone(job.request_id, error=error, encode_ms=encode_ms)
+        d = self.model.hidden_size
+        vectors = torch.stack(job.vectors).numpy() if job.vectors else np.zeros((0, d), dtype=np.float32)
+        if job.k == 0 or not job.vectors:
+            return SearchDone(job.request_id, hits=[] if job.k else None, vectors=vectors, encode_ms=encode_ms)
+        t0 = time.perf_counter()
+        try:
+            hits = self.retriever.search(vectors, job.k)
+        except Exception as e:  # noqa: BLE001 - a failed search fails its request, never the engine
+            log.error("search failed for request %s: %s: %s", job.request_id, type(e).__name__, e, exc_info=e)
+            return SearchDone(job.request_id, error=f"retrieval failed: {type(e).__name__}: {e}", encode_ms=encode_ms)
+        if not job.return_text:
+            for row in hits:
+                for h in row:
+                    h.text = None
+        return SearchDone(job.request_id, hits=hits, vectors=vectors, encode_ms=encode_ms,
+                          search_ms=(time.perf_counter() - t0) * 1000.0)
 
     # ------------------------------------------------------------------ retrieval
-    def _retrieve(self, seqs: list[Sequence], hidden: torch.Tensor | None) -> list[EngineEvent]:
+    def _retrieve(self, seqs: list[Sequence], queries: torch.Tensor) -> list[EngineEvent]:
+        """Search with each sequence's query vector ([n, d], normalised final-layer hidden state at its RET token),
+        batched, and insert (or annotate) what was found."""
         if not seqs:
             return []
         assert self.retriever is not None
-        queries = normalize(hidden)  # [n, d] the query vectors: final-layer hidden state at the RET token
         k = max(s.retrieval.k for s in seqs)
         t0 = time.perf_counter()
         try:
@@ -424,35 +480,38 @@ class Engine:
         return []
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
-        new_tokens: dict[Sequence, tuple[int, float | None]] = {}
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor, which: set[Sequence]) -> list[EngineEvent]:
+        """Append a token to each sequence in ``which``: its forced token, or one sampled from its row of ``hidden``
+        (one row per sequence of ``seqs``, in order; rows outside ``which`` are computed and ignored, which costs
+        less than gathering the others on the device)."""
+        forced: dict[Sequence, int] = {}
         for s in seqs:
-            forced = s.forced_next if s.forced_next is not None else s.sampling.forced_tokens.get(len(s.output_ids))
-            if forced is not None:
-                new_tokens[s] = (forced, None)
-                s.forced_next = None
-        free_rows = [i for i, s in enumerate(seqs) if s not in new_tokens]  # rows of ``hidden`` to sample
-        free = [seqs[i] for i in free_rows]
-        if free:
-            rows_h = hidden[free_rows]
-            logits = self.model.compute_logits(rows_h)  # [B, V] float32
-            query_ids = self.token_ids.query_ids
+            if s in which:
+                t = s.forced_next if s.forced_next is not None else s.sampling.forced_tokens.get(len(s.output_ids))
+                if t is not None:
+                    forced[s] = t
+                    s.forced_next = None
+        new_tokens: dict[Sequence, tuple[int, float | None]] = {s: (t, None) for s, t in forced.items()}
+        if len(forced) < len(which):
+            logits = self.runner.compute_logits(hidden)  # [B, V] float32
+            idle = SamplingRow(temperature=0.0, top_k=0, top_p=1.0, generator=None)  # a row nobody reads
             rows = [
                 SamplingRow(
                     temperature=s.sampling.temperature, top_k=s.sampling.top_k, top_p=s.sampling.top_p,
-                    generator=s.generator, banned=[] if s.may_retrieve() else query_ids,
-                    want_logprob=s.sampling.logprobs,
-                )
-                for s in free
+                    generator=s.generator, may_retrieve=s.may_retrieve(), want_logprob=s.sampling.logprobs,
+                ) if s in which and s not in forced else idle
+                for s in seqs
             ]
             ids, lps = self.sampler(logits, rows)
-            for s, t, lp in zip(free, ids, lps, strict=True):
-                new_tokens[s] = (t, lp)
+            for s, t, lp in zip(seqs, ids, lps, strict=True):
+                if s in which and s not in forced:
+                    new_tokens[s] = (t, lp)
         now = time.monotonic()
+        events: list[EngineEvent] = []
         for s in seqs:
-            t, lp = new_tokens[s]
-            events.extend(self._append_token(s, t, lp, now))
+            if s in new_tokens:
+                t, lp = new_tokens[s]
+                events.extend(self._append_token(s, t, lp, now))
         return events
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None, now: float) -> list[EngineEvent]:
@@ -513,19 +572,24 @@ class Engine:
                     results[ev.request_id] = ev.result
         return [results[i] for i in ids]
 
+    def _run_search(self, queries: list[str], k: int, return_text: bool) -> SearchDone:
+        """Blocking: queue a search and step until it is done (other requests in the engine advance meanwhile)."""
+        rid = self.add_search(queries, k=k, return_text=return_text)
+        while True:
+            for ev in self.step():
+                if isinstance(ev, SearchDone) and ev.request_id == rid:
+                    if ev.error is not None:
+                        raise RuntimeError(ev.error)
+                    return ev
+
     def encode_queries(self, queries: list[str]) -> np.ndarray:
-        return self.encoder.encode_queries(queries)
+        """Queries -> [n, d] float32 unit vectors, encoded by the scheduler exactly as ``/retrieve`` does."""
+        return self._run_search(list(queries), 0, False).vectors
 
     def search(self, queries: list[str], k: int, return_text: bool = False) -> list[list[RetrievalHit]]:
-        """Encode queries with the model (query template + query RET token) and search the index."""
+        """Encode queries with the model (query template + query RET token) and search the index. Blocking."""
         if self.retriever is None:
             raise ValueError("no index is loaded: start the engine with an index directory")
-        if not queries:
-            return []
-        vecs = self.encoder.encode_queries(queries)
-        hits = self.retriever.search(vecs, k)
-        if not return_text:
-            for row in hits:
-                for h in row:
-                    h.text = None
-        return hits
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return self._run_search(list(queries), k, return_text).hits

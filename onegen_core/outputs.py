@@ -2,7 +2,8 @@
 
 ``Engine.step()`` returns a list of events; a server routes them by ``request_id``
 to per-request queues. Order per request: ``TokenDelta`` / ``RetrievalEvent`` as they
-happen, then exactly one ``Finished``.
+happen, then exactly one ``Finished``. A search request (``Engine.add_search``: queries
+encoded by the scheduler, then searched) ends with exactly one ``SearchDone``.
 """
 
 from __future__ import annotations
@@ -85,4 +86,16 @@ class GenerationResult:
     finish_time: float | None = None
 
 
-EngineEvent = TokenDelta | RetrievalEvent | Finished
+@dataclass
+class SearchDone:
+    """The end of a search request: hits per query (or only vectors), or the error that failed it."""
+
+    request_id: str
+    hits: list[list[RetrievalHit]] | None = None  # None when only vectors were asked for, or on error
+    vectors: Any = None  # [n, d] float32 numpy array of the query vectors, in the request's order
+    error: str | None = None
+    encode_ms: float = 0.0  # from the request's arrival to its last query vector
+    search_ms: float = 0.0
+
+
+EngineEvent = TokenDelta | RetrievalEvent | Finished | SearchDone

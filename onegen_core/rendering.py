@@ -48,6 +48,18 @@ Segment = tuple[str, bool]
 _FORMATTER = string.Formatter()
 
 
+def max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters of text that one token can stand for.
+
+    A byte-level BPE token's string has one character per byte it covers, a
+    SentencePiece piece one per character (byte-fallback pieces such as ``<0x41>`` are
+    longer than what they cover), so the longest vocabulary string bounds both. Text
+    longer than ``n * max_token_chars`` characters cannot fit in ``n`` tokens: it can be
+    refused without tokenising it.
+    """
+    return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+
+
 class RenderError(ValueError):
     """Input that cannot be rendered (e.g. chat messages for a tokenizer without a chat template)."""
 

@@ -102,3 +102,14 @@ class FaissRetriever:
             return [[] for _ in range(q.shape[0])]
         scores, ids = self.index.search(q, k)
         return _hits(scores, ids, self.store.docstore.get)
+
+
+def make_retriever(store: IndexStore, choice: str, device: torch.device) -> Retriever:
+    """The retriever for an index dir: ``torch`` (exact matmul on ``device``), ``faiss``, or ``auto`` (torch for a
+    flat index on a GPU, where one matmul beats a CPU search; FAISS otherwise)."""
+    if choice not in ("auto", "faiss", "torch"):
+        raise ValueError(f"retriever must be auto, faiss or torch, got {choice!r}")
+    flat = store.manifest.factory.replace("IDMap,", "") == "Flat"
+    if choice == "torch" or (choice == "auto" and flat and device.type == "cuda"):
+        return TorchRetriever.from_index(store, device=device)
+    return FaissRetriever(store)

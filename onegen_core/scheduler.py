@@ -1,8 +1,10 @@
 """Continuous batching with chunked prefill and in-place extends.
 
 Each step packs, under a token budget: one decode token for every running sequence
-that needs one, the uncached tail of running sequences that just had a passage
-inserted (an *extend*), and prompt chunks of waiting sequences. When the KV cache is
+that needs one (these first, so a long prefill never holds back a stream), then the
+uncached tail of running sequences that just had a passage inserted (an *extend*) or
+are part-way through a prompt or a query encode, then prompt and query chunks of
+waiting sequences. The budget bounds the work, and so the time, of any one step. When the KV cache is
 full, the most recently admitted running sequence is preempted: its blocks are freed
 and it goes back to the front of the waiting queue with all its tokens (prompt,
 generated, inserted), to be recomputed later. Nothing is dropped.
@@ -49,7 +51,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted = False
-        for seq in list(self.running):
+        decodes_first = sorted(self.running, key=lambda s: s.num_uncached != 1)  # stable: admission order kept
+        scheduled: set[Sequence] = set()
+        for seq in decodes_first:
             if budget == 0:
                 break
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
@@ -58,7 +62,8 @@ class Scheduler:
             if n <= 0:
                 continue
             while not self.blocks.can_allocate(seq.block_table, seq.num_cached_tokens + n):
-                victim = self.running[-1]
+                # the most recently admitted sequence not already in this step (else this one itself)
+                victim = next((v for v in reversed(self.running) if v is not seq and v not in scheduled), seq)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -67,6 +72,7 @@ class Scheduler:
                 continue
             self.blocks.allocate(seq.block_table, seq.num_cached_tokens + n)
             chunks.append(ScheduledChunk(seq, n, seq.num_cached_tokens))
+            scheduled.add(seq)
             budget -= n
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -83,6 +89,12 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, n, seq.num_cached_tokens))
                 budget -= n
         return chunks
+
+    @staticmethod
+    def postprocess(chunks: list[ScheduledChunk]) -> None:
+        """After the forward: the scheduled tokens' K/V are in the cache."""
+        for c in chunks:
+            c.seq.num_cached_tokens += c.num_new_tokens
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -4,6 +4,12 @@
 and inserted passages, each token with its role. ``num_cached_tokens`` counts the
 tokens whose K/V are in the cache; everything after it is scheduled next (a decode
 token, a prompt chunk, or an inserted passage as an *extend*).
+
+A query to encode (``/retrieve``) is a ``Sequence`` too, with ``search`` set: it is
+prefilled in chunks like a prompt, under the same token budget as everything else,
+and once its last token (the query RET token) has run, its hidden state is the query
+vector and it finishes without sampling. ``SearchRequest`` gathers the vectors of one
+request's queries and is searched when the last arrives.
 """
 
 from __future__ import annotations
@@ -27,13 +33,29 @@ class SequenceStatus(Enum):
 
 
 @dataclass(eq=False)
+class SearchRequest:
+    """Queries encoded by the scheduler, then searched together (``Engine.add_search``)."""
+
+    request_id: str
+    k: int  # 0: return the vectors only, no search
+    return_text: bool
+    vectors: list[torch.Tensor | None]  # one [d] float32 unit vector per query, as they complete
+    sequences: list[Sequence] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def complete(self) -> bool:
+        return all(v is not None for v in self.vectors)
+
+
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     token_ids: list[int]
     roles: list[Role]
     sampling: SamplingParams
     retrieval: RetrievalParams  # k / max_retrievals resolved against the checkpoint's defaults
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None for a query encode
     generator: torch.Generator | None = None  # per-request RNG when a seed is given
     status: SequenceStatus = SequenceStatus.WAITING
     num_cached_tokens: int = 0
@@ -50,6 +72,8 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    search: SearchRequest | None = None  # set for a query encode: this sequence's last hidden state is a vector
+    search_slot: int = 0  # which of ``search``'s queries
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -51,7 +51,7 @@ from .schemas import (
     generate_response,
 )
 from .state import ServerState, get_state
-from .worker import EngineUnavailable
+from .worker import EngineUnavailable, SearchFailed
 
 # One server-sent event (OpenAPI 3.1: the schema of a text/event-stream entry describes each event).
 SSE_EVENT_SCHEMA = {
@@ -208,6 +208,8 @@ async def retrieve(body: RetrieveRequest, request: Request, state: ServerState =
         return Response(status_code=499)
     except EngineUnavailable as e:
         raise APIError(503, str(e), type="service_unavailable") from None
+    except SearchFailed as e:
+        raise APIError(500, str(e), type="engine_error") from None
     except ValueError as e:
         from onegen_core.encoder import InputTooLong  # here, not at import: it loads torch (the engine has)
 

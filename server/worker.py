@@ -1,9 +1,16 @@
 """The engine's own thread: it builds the engine, steps it, and routes events to asyncio queues.
 
-The ``Engine`` is not thread-safe, so exactly one thread touches it: this one. The
+The ``Engine`` is not thread-safe, so exactly one thread steps it: this one. The
 event loop talks to it through a command queue (add / abort / abort all / search / stop) and
 gets events back on per-request ``asyncio.Queue``s, delivered with one
 ``loop.call_soon_threadsafe`` per engine step. Model work never runs on the event loop.
+
+Nothing slow runs on the engine thread outside a step: a request's input is tokenised
+and checked (``Engine.prepare_request`` / ``prepare_queries``) on a separate tokenizer
+thread before its command is queued, so a huge prompt costs that thread, not the
+running streams, and is refused there. ``/retrieve`` queries are encoded by the
+scheduler inside the steps (``Engine.add_search``), chunked under the same token budget
+as prompts, so no search holds a step longer than a prefill chunk would.
 
 The thread also feeds the Prometheus counters (so aborted requests are counted),
 keeps a snapshot of ``engine.stats()`` for scrapes, and beats a heartbeat that
@@ -14,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +37,7 @@ from onegen_core.outputs import (
     GenerationResult,
     RetrievalEvent,
     RetrievalHit,
+    SearchDone,
     TokenDelta,
     Usage,
 )
@@ -42,6 +52,10 @@ _IDLE_WAIT_S = 0.25  # how long an idle worker blocks on the command queue befor
 
 class EngineUnavailable(RuntimeError):
     """The engine is loading, has failed, or has been stopped; the message says which."""
+
+
+class SearchFailed(RuntimeError):
+    """The index search of a ``/retrieve`` request failed (the engine goes on serving)."""
 
 
 @dataclass
@@ -66,7 +80,8 @@ class _AbortAll:
 
 @dataclass
 class _Search:
-    queries: list[str]
+    request_id: str
+    query_token_ids: list[list[int]]
     k: int
     return_text: bool
     done: concurrent.futures.Future
@@ -103,6 +118,8 @@ class EngineWorker:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}
         self._abort_messages: dict[str, str] = {}  # request id -> why the server aborted it (worker thread only)
+        self._searches: dict[str, concurrent.futures.Future] = {}  # search request id -> its caller (worker thread)
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="onegen-tokenize")
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats: dict[str, Any] = {}
@@ -153,15 +170,27 @@ class EngineWorker:
         with self._state_lock:
             self.state = state
 
-    async def submit(self, request_id: str, events: asyncio.Queue, **kwargs: Any) -> None:
+    async def _prepare(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one of the engine's input preparations on the tokenizer thread (raises what it raises)."""
+        if self.state != "ready":
+            raise EngineUnavailable(self.unavailable_reason() or "engine unavailable")
+        fn = functools.partial(getattr(self.engine, method), *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn)
+
+    async def submit(self, request_id: str, events: asyncio.Queue, *, prompt: str | None = None,
+                     messages: list[dict[str, Any]] | None = None, prompt_token_ids: list[int] | None = None,
+                     **kwargs: Any) -> None:
         """Add a request whose events will be put on ``events`` (until its ``Finished``).
 
-        ``kwargs`` go to ``Engine.add_request``; its ``ValueError`` (bad input, context
-        length exceeded) is raised here. Several requests may share one queue: events
+        The input is rendered and checked on the tokenizer thread first: its ``ValueError``
+        (bad input, context length exceeded) is raised here, before the engine sees the request.
+        ``kwargs`` go to ``Engine.add_request``. Several requests may share one queue: events
         carry their ``request_id``.
         """
+        rendered = await self._prepare("prepare_request", prompt, messages=messages,
+                                       prompt_token_ids=prompt_token_ids, sampling=kwargs.get("sampling"))
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(_Add(request_id, kwargs, events, accepted))
+        self._submit(_Add(request_id, {**kwargs, "rendered": rendered}, events, accepted))
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -177,10 +206,19 @@ class EngineWorker:
         self._commands.put(_AbortAll(message))
 
     async def search(self, queries: list[str], k: int, return_text: bool) -> list[list[RetrievalHit]]:
-        done: concurrent.futures.Future = concurrent.futures.Future()
+        """Encode and search ``queries`` (tokenised here, off the engine thread; encoded by the scheduler).
+
+        ``InputTooLong`` names a query that does not fit; a cancelled caller aborts the search."""
         t0 = time.perf_counter()
-        self._submit(_Search(queries, k, return_text, done))
-        hits = await asyncio.wrap_future(done)
+        ids = await self._prepare("prepare_queries", queries)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        request_id = f"search-{uuid.uuid4().hex}"
+        self._submit(_Search(request_id, ids, k, return_text, done))
+        try:
+            hits = await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
         self._metrics.on_search(time.perf_counter() - t0)
         return hits
 
@@ -190,6 +228,7 @@ class EngineWorker:
             return
         self._commands.put(_Stop())
         self._thread.join(timeout)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():
             log.warning("engine thread did not stop within %.1f s", timeout)
 
@@ -236,8 +275,8 @@ class EngineWorker:
                 self._snapshot()
         # Stop: refuse new work, abort the rest and deliver their final events.
         self._set_state("stopped")
-        for rid in list(self._active):
-            engine.abort(rid)
+        for rid in [*self._active, *self._searches]:
+            engine.abort(rid, error="the server is shutting down")
         deadline = time.monotonic() + 10.0
         while engine.has_unfinished() and time.monotonic() < deadline:
             self._dispatch(engine.step())
@@ -262,17 +301,16 @@ class EngineWorker:
             if isinstance(cmd, _Add):
                 self._add(cmd)
             elif isinstance(cmd, _Abort):
-                if cmd.request_id in self._active:
+                if cmd.request_id in self._active or cmd.request_id in self._searches:
                     self.engine.abort(cmd.request_id)
             elif isinstance(cmd, _AbortAll):
                 for rid in list(self._active):
                     if self.engine.abort(rid):
                         self._abort_messages[rid] = cmd.message
+                for rid in list(self._searches):
+                    self.engine.abort(rid, error=cmd.message)
             elif isinstance(cmd, _Search):
-                try:
-                    cmd.done.set_result(self.engine.search(cmd.queries, k=cmd.k, return_text=cmd.return_text))
-                except Exception as e:  # noqa: BLE001 - handed to the awaiting request
-                    cmd.done.set_exception(e)
+                self._add_search(cmd)
 
     def _add(self, cmd: _Add) -> None:
         if cmd.accepted.cancelled():
@@ -285,10 +323,35 @@ class EngineWorker:
         self._active[cmd.request_id] = _Active(cmd.events)
         cmd.accepted.set_result(cmd.request_id)
 
+    def _add_search(self, cmd: _Search) -> None:
+        if cmd.done.cancelled():
+            return
+        try:
+            self.engine.add_search(query_token_ids=cmd.query_token_ids, k=cmd.k, return_text=cmd.return_text,
+                                   request_id=cmd.request_id)
+        except Exception as e:  # noqa: BLE001 - handed to the awaiting request
+            cmd.done.set_exception(e)
+            return
+        self._searches[cmd.request_id] = cmd.done
+
+    def _search_done(self, ev: SearchDone) -> None:
+        done = self._searches.pop(ev.request_id, None)
+        if done is None or done.done():
+            return
+        if ev.error is None:
+            done.set_result(ev.hits)
+        elif ev.error.startswith("retrieval failed"):
+            done.set_exception(SearchFailed(ev.error))
+        else:  # aborted: draining past its timeout, shutting down
+            done.set_exception(EngineUnavailable(ev.error))
+
     def _dispatch(self, events: list[EngineEvent]) -> None:
         now = time.monotonic()
         touched: list[_Active] = []
         for ev in events:
+            if isinstance(ev, SearchDone):
+                self._search_done(ev)
+                continue
             entry = self._active.get(ev.request_id)
             if entry is None:
                 continue
@@ -330,6 +393,8 @@ class EngineWorker:
                 future.set_exception(EngineUnavailable(message))
 
     def _fail_all(self, message: str) -> None:
+        for rid in list(self._searches):
+            self._search_done(SearchDone(rid, error=message))
         events: list[EngineEvent] = []
         for rid in list(self._active):
             result = GenerationResult(

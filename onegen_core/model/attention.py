@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..transfers import TransferCounter, upload
+
 
 @dataclass
 class AttentionGroup:
@@ -74,6 +76,21 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return all(q == 1 for q in self.q_lens)
 
+    def _tensor_fields(self) -> list[tuple[object, str]]:
+        owners: list[tuple[object, tuple[str, ...]]] = [
+            (self, ("positions", "slot_mapping", "block_tables", "cu_seqlens_q", "cu_seqlens_k", "ctx_lens_t"))]
+        owners += [(g, ("tok_idx", "valid_rows", "out_idx", "mask", "block_tables", "k_tok_idx")) for g in self.groups]
+        return [(o, n) for o, names in owners for n in names if getattr(o, n) is not None]
+
+    def to_device(self, device: torch.device, extra: list[torch.Tensor] = (), counter: TransferCounter | None = None
+                  ) -> list[torch.Tensor]:
+        """Move every index tensor (and ``extra`` host tensors) to ``device`` in one copy; returns ``extra`` moved."""
+        fields = self._tensor_fields()
+        moved = upload([getattr(o, n) for o, n in fields] + list(extra), device, counter)
+        for (o, n), t in zip(fields, moved, strict=False):
+            setattr(o, n, t)
+        return moved[len(fields):]
+
 
 # Prefill rows share one padded SDPA call when padding adds at most this factor of attention work
 # (else one call each). Batch makers (the index builder) use it to keep batches on the one-call path.
@@ -88,7 +105,7 @@ def _pad_waste_ok(q_lens: list[int], ctx_lens: list[int]) -> bool:
 
 def _make_group(
     rows: list[int], q_lens: list[int], ctx_lens: list[int], starts: list[int],
-    block_tables: list[list[int]] | None, block_size: int, device: torch.device, n_tokens: int,
+    block_tables: list[list[int]] | None, block_size: int, n_tokens: int,
 ) -> AttentionGroup:
     b = len(rows)
     q_max = max(q_lens[r] for r in rows)
@@ -105,8 +122,8 @@ def _make_group(
     tok_idx, valid = tok_idx.flatten(), valid.flatten()
     valid_rows = valid.nonzero().flatten()
     group = AttentionGroup(
-        tok_idx=tok_idx.to(device), valid_rows=valid_rows.to(device), out_idx=tok_idx[valid_rows].to(device),
-        mask=None if bool(mask.all()) else mask.to(device), b=b, q_max=q_max, s_max=s_max,
+        tok_idx=tok_idx, valid_rows=valid_rows, out_idx=tok_idx[valid_rows],
+        mask=None if bool(mask.all()) else mask, b=b, q_max=q_max, s_max=s_max,
         # rows come in stream order, so a group of every token without padding is the stream itself
         whole_stream=bool(valid.all()) and len(tok_idx) == n_tokens,
     )
@@ -116,12 +133,12 @@ def _make_group(
         for j, r in enumerate(rows):
             t = block_tables[r][:nb]
             bt[j, : len(t)] = torch.tensor(t, dtype=torch.long)
-        group.block_tables = bt.to(device)
+        group.block_tables = bt
     else:  # no cache: keys are the sequence's own new tokens (q_len == ctx_len)
         k_idx = torch.zeros(b, s_max, dtype=torch.long)
         for j, r in enumerate(rows):
             k_idx[j, : ctx_lens[r]] = torch.arange(starts[r], starts[r] + ctx_lens[r])
-        group.k_tok_idx = k_idx.flatten().to(device)
+        group.k_tok_idx = k_idx.flatten()
     return group
 
 
@@ -134,22 +151,36 @@ def build_attention_metadata(
     device: torch.device | str = "cpu",
     backend: str = "sdpa",
 ) -> AttentionMetadata:
-    """Host-side preparation of one step's attention (index tensors shared by every layer)."""
-    device = torch.device(device)
+    """One step's attention index tensors (shared by every layer), on ``device``, uploaded in one copy."""
+    meta = build_host_attention_metadata(q_lens, ctx_lens, block_tables=block_tables, block_size=block_size,
+                                         backend=backend)
+    meta.to_device(torch.device(device))
+    return meta
+
+
+def build_host_attention_metadata(
+    q_lens: list[int],
+    ctx_lens: list[int],
+    *,
+    block_tables: list[list[int]] | None = None,
+    block_size: int = 16,
+    backend: str = "sdpa",
+) -> AttentionMetadata:
+    """The same, as host tensors: the caller moves them with ``to_device`` together with its own inputs."""
     assert len(q_lens) == len(ctx_lens) and all(0 < q <= c for q, c in zip(q_lens, ctx_lens, strict=True))
     starts, s = [], 0
     for q in q_lens:
         starts.append(s)
         s += q
     positions = torch.cat([torch.arange(c - q, c) for q, c in zip(q_lens, ctx_lens, strict=True)])
-    meta = AttentionMetadata(q_lens=q_lens, ctx_lens=ctx_lens, positions=positions.to(device), backend=backend)
+    meta = AttentionMetadata(q_lens=q_lens, ctx_lens=ctx_lens, positions=positions, backend=backend)
     if block_tables is not None:
         slots = []
         for q, c, bt in zip(q_lens, ctx_lens, block_tables, strict=True):
             pos = torch.arange(c - q, c)
             blocks = torch.tensor(bt, dtype=torch.long)[pos // block_size]
             slots.append(blocks * block_size + pos % block_size)
-        meta.slot_mapping = torch.cat(slots).to(device)
+        meta.slot_mapping = torch.cat(slots)
     else:
         assert all(q == c for q, c in zip(q_lens, ctx_lens, strict=True)), "without a cache every token is new"
 
@@ -159,23 +190,23 @@ def build_attention_metadata(
         bt = torch.zeros(len(q_lens), nb, dtype=torch.int32)
         for i, t in enumerate(block_tables):
             bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        meta.block_tables = bt.to(device)
-        meta.cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        meta.cu_seqlens_k = torch.tensor([0, *torch.tensor(ctx_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        meta.ctx_lens_t = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+        meta.block_tables = bt
+        meta.cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        meta.cu_seqlens_k = torch.tensor([0, *torch.tensor(ctx_lens).cumsum(0).tolist()], dtype=torch.int32)
+        meta.ctx_lens_t = torch.tensor(ctx_lens, dtype=torch.int32)
         return meta
 
     decode = [i for i, q in enumerate(q_lens) if q == 1 and block_tables is not None]
     decode_set = set(decode)
     rest = [i for i in range(len(q_lens)) if i not in decode_set]
     if decode:
-        meta.groups.append(_make_group(decode, q_lens, ctx_lens, starts, block_tables, block_size, device, s))
+        meta.groups.append(_make_group(decode, q_lens, ctx_lens, starts, block_tables, block_size, s))
     if rest:
         if _pad_waste_ok([q_lens[i] for i in rest], [ctx_lens[i] for i in rest]):
-            meta.groups.append(_make_group(rest, q_lens, ctx_lens, starts, block_tables, block_size, device, s))
+            meta.groups.append(_make_group(rest, q_lens, ctx_lens, starts, block_tables, block_size, s))
         else:
             for i in rest:
-                meta.groups.append(_make_group([i], q_lens, ctx_lens, starts, block_tables, block_size, device, s))
+                meta.groups.append(_make_group([i], q_lens, ctx_lens, starts, block_tables, block_size, s))
     return meta
 
 

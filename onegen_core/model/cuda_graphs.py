@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..transfers import TransferCounter, upload
 from .attention import AttentionMetadata
 
 
@@ -69,21 +70,23 @@ class DecodeGraphRunner:
         return batch_size <= self.max_bs
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """One decode step for B sequences (token at ``positions[i]`` of sequence i) -> hidden [B, d]."""
+    def run(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]],
+            extra: list[torch.Tensor] = (), counter: TransferCounter | None = None
+            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One decode step for B sequences (token at ``positions[i]`` of sequence i) -> (hidden [B, d], ``extra``
+        host tensors moved to the device in the same single upload)."""
         B = len(input_ids)
         bs = next(s for s in self.sizes if s >= B)
-        ids, pos, slots, ctx, bt = decode_host_inputs(
+        host = decode_host_inputs(
             input_ids, positions, block_tables, padded_size=bs, max_blocks=self.block_tables.shape[1],
             block_size=self.block_size, scratch_block=self.scratch_block,
         )
-        self.input_ids[:bs].copy_(ids, non_blocking=True)
-        self.positions[:bs].copy_(pos, non_blocking=True)
-        self.slot_mapping[:bs].copy_(slots, non_blocking=True)
-        self.ctx_lens[:bs].copy_(ctx, non_blocking=True)
-        self.block_tables[:bs].copy_(bt, non_blocking=True)
+        moved = upload([*host, *extra], self.input_ids.device, counter)
+        for buf, t in zip((self.input_ids, self.positions, self.slot_mapping, self.ctx_lens, self.block_tables),
+                          moved, strict=False):
+            buf[:bs].copy_(t)  # device to device
         self.graphs[bs].replay()
-        return self.hidden[:B]
+        return self.hidden[:B], moved[len(host):]
 
 
 def decode_host_inputs(
