@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,9 @@ import torch
 from .checkpoint import Checkpoint, load_checkpoint
 from .detokenizer import IncrementalDetokenizer
 from .encoder import InputTooLong, normalize, resolve_device, resolve_dtype
+from .engine_config import EngineConfig
 from .index_store import IndexStore
 from .kv_cache import BlockManager
-from .model.linear import BACKENDS as LINEAR_BACKENDS
 from .model_runner import ModelRunner
 from .outputs import (
     EngineEvent,
@@ -63,40 +62,6 @@ class ContextLengthExceeded(ValueError):
     """The prompt does not fit the model's context (``max_model_len``)."""
 
     code = "context_length_exceeded"
-
-
-@dataclass
-class EngineConfig:
-    dtype: str = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
-    device: str = "auto"
-    max_num_seqs: int = 64  # running sequences per step
-    max_num_batched_tokens: int = 2048  # tokens per forward (decode + prefill chunks + extends)
-    block_size: int = 16  # KV cache block; 256 with flash-attn
-    num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb (CPU) / gpu_memory_utilization (GPU)
-    kv_cache_memory_gb: float = 1.0
-    gpu_memory_utilization: float = 0.85
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    retriever: str = "auto"  # auto | faiss | torch (torch = exact matmul on the model's device)
-    attention_backend: str = "auto"  # auto | sdpa | flash
-    linear_backend: str = "auto"  # auto | aten | onednn (auto: oneDNN-prepacked weights on CPU, see model/linear.py)
-    seed: int = 0  # engine RNG for requests without a seed
-    # Replay captured CUDA graphs for decode steps (CUDA + flash backend only). Off until verified on a GPU.
-    cuda_graphs: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.retriever not in ("auto", "faiss", "torch"):
-            raise ValueError(f"retriever must be auto, faiss or torch, got {self.retriever!r}")
-        if self.attention_backend not in ("auto", "sdpa", "flash"):
-            raise ValueError(f"attention_backend must be auto, sdpa or flash, got {self.attention_backend!r}")
-        if self.linear_backend not in LINEAR_BACKENDS:
-            raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
 class Engine:

@@ -35,22 +35,9 @@ def engine_factory_for(settings: ServerSettings) -> Callable[[], Any]:
     """Build the engine from the settings (called on the worker thread)."""
 
     def build() -> Any:
-        from onegen_core.engine import Engine, EngineConfig
+        from onegen_core.engine import Engine
 
-        optional = {
-            k: v for k, v in {
-                "max_num_batched_tokens": settings.max_num_batched_tokens,
-                "num_kv_blocks": settings.num_kv_blocks,
-                "max_model_len": settings.max_model_len,
-                "kv_cache_memory_gb": settings.kv_cache_memory_gb,
-                "gpu_memory_utilization": settings.gpu_memory_utilization,
-            }.items() if v is not None
-        }
-        config = EngineConfig(dtype=settings.dtype, device=settings.device, max_num_seqs=settings.max_num_seqs,
-                              block_size=settings.block_size, retriever=settings.retriever,
-                              attention_backend=settings.attention_backend, linear_backend=settings.linear_backend,
-                              cuda_graphs=settings.cuda_graphs,
-                              **optional)
+        config = settings.engine_config()
         return Engine.from_checkpoint(settings.checkpoint, index_dir=settings.index, config=config)
 
     return build

@@ -8,19 +8,40 @@ so a setting added here is reachable both ways with the same help text.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ONEGEN_"
 
 
-class ServerSettings(BaseSettings):
-    """Everything ``python -m server`` can be told."""
+def _engine_fields() -> dict[str, Any]:
+    """``EngineConfig``'s fields as pydantic fields: same names, defaults, help and bounds (declared once, there)."""
+    from onegen_core.engine_config import EngineConfig
+
+    hints = typing.get_type_hints(EngineConfig)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(EngineConfig):
+        m = f.metadata
+        annotation = hints[f.name]
+        if m.get("choices"):
+            annotation = Literal[m["choices"]]  # type: ignore[valid-type]
+        bounds = {k: m[k] for k in ("ge", "gt", "le") if m.get(k) is not None}
+        out[f.name] = (annotation, Field(f.default, description=m["help"], **bounds))
+    return out
+
+
+# The engine's settings, declared by onegen_core.engine.EngineConfig; the server adds its own below.
+EngineSettings = create_model("EngineSettings", __base__=BaseSettings, **_engine_fields())
+
+
+class ServerSettings(EngineSettings):
+    """Everything ``python -m server`` can be told: the engine's settings (``EngineConfig``) and the server's."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
@@ -30,29 +51,6 @@ class ServerSettings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="model name reported by /info and the OpenAI routes (default: checkpoint dir name)"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights / compute dtype")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
-    max_num_seqs: int = Field(64, ge=1, le=4096, description="sequences decoded together in one engine step")
-    max_num_batched_tokens: int | None = Field(
-        None, ge=16, description="token budget of one engine step (default: the engine's)"
-    )
-    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks (default: sized from free memory)")
-    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
-    max_model_len: int | None = Field(None, ge=16, description="context length limit (default: the model's)")
-    kv_cache_memory_gb: float | None = Field(
-        None, gt=0, description="CPU: KV cache size in GiB when --num-kv-blocks is not given (default: the engine's)"
-    )
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="GPU: fraction of free memory for the KV cache (default: the engine's)"
-    )
-    retriever: Literal["auto", "faiss", "torch"] = Field(
-        "auto", description="search backend: FAISS, or exact torch matmul on the model's device"
-    )
-    attention_backend: Literal["auto", "sdpa", "flash"] = Field("auto", description="attention kernels")
-    linear_backend: Literal["auto", "aten", "onednn"] = Field(
-        "auto", description="projection kernels: onednn (prepacked weights, CPU) or aten; auto picks onednn on CPU"
-    )
-    cuda_graphs: bool = Field(False, description="replay CUDA graphs for decode steps (CUDA + flash backend)")
 
     # ---------------------------------------------------------------- HTTP
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for all interfaces, as in the container)")
@@ -97,6 +95,13 @@ class ServerSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or plain text")
     log_prompts: bool = Field(False, description="include prompts and outputs in the logs (off: never logged)")
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from onegen_core.engine_config import check_device
+
+        return check_device(value)
+
     @model_validator(mode="after")
     def _consistent(self) -> ServerSettings:
         if self.default_max_tokens > self.max_tokens_limit:
@@ -109,6 +114,12 @@ class ServerSettings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+    def engine_config(self) -> Any:
+        """The ``EngineConfig`` these settings describe."""
+        from onegen_core.engine_config import EngineConfig
+
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -131,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG_NAME> "
         f"(e.g. {ENV_PREFIX}MAX_NUM_SEQS=32); flags win over the environment.",
     )
-    for name, field in ServerSettings.model_fields.items():
+    fields = ServerSettings.model_fields
+    first = ("checkpoint", "index", "served_model_name")  # what to serve, then how (engine, then HTTP)
+    for name in [*first, *(n for n in fields if n not in first)]:
+        field = fields[name]
         flag = "--" + name.replace("_", "-")
         env = ENV_PREFIX + name.upper()
         help_text = f"{field.description} [env {env}]"

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BACKENDS = ("auto", "aten", "onednn")
+from ..engine_config import LINEAR_BACKENDS as BACKENDS
+
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -55,7 +55,7 @@ def test_help_states_each_default_once():
         if action.help and action.dest != "help":
             assert action.help.count("(default") <= 1, action.help
     engine_default = next(a.help for a in parser._actions if a.dest == "max_num_batched_tokens")
-    assert engine_default.count("(default") == 1 and "the engine's" in engine_default
+    assert engine_default.count("(default") == 1 and "(default: 2048)" in engine_default  # EngineConfig's
     assert "(default: 16384)" in next(a.help for a in parser._actions if a.dest == "max_header_bytes")
 
 
@@ -64,3 +64,24 @@ def test_connection_limit_flags(tmp_path):
     s = parse_settings(["--checkpoint", str(tmp_path), "--header-timeout-s", "2.5", "--keep-alive-timeout-s", "3",
                         "--max-header-bytes", "8192", "--public-docs"])
     assert (s.header_timeout_s, s.keep_alive_timeout_s, s.max_header_bytes, s.public_docs) == (2.5, 3, 8192, True)
+
+
+def test_engine_settings_are_declared_once_by_engine_config():
+    """Every EngineConfig field is a server flag with the same default and bounds, and comes back as an
+    EngineConfig unchanged: nothing is copied by hand."""
+    import dataclasses
+
+    from onegen_core.engine_config import EngineConfig
+    from server.settings import build_parser, parse_settings
+
+    flags = {a.dest for a in build_parser()._actions}
+    for f in dataclasses.fields(EngineConfig):
+        assert f.name in flags
+    given = ["--checkpoint", "ck", "--max-num-batched-tokens", "96", "--seed", "7", "--kv-cache-memory-gb", "0.5",
+             "--linear-backend", "aten", "--cuda-graphs"]
+    cfg = parse_settings(given).engine_config()
+    assert cfg == EngineConfig(max_num_batched_tokens=96, seed=7, kv_cache_memory_gb=0.5, linear_backend="aten",
+                               cuda_graphs=True)
+    assert parse_settings(["--checkpoint", "ck"]).engine_config() == EngineConfig()
+    with pytest.raises(SystemExit):  # the engine's own bound, enforced by the flag
+        parse_settings(["--checkpoint", "ck", "--gpu-memory-utilization", "1.5"])

@@ -1,0 +1,78 @@
+"""The engine's settings, declared once: name, default, help text and bounds of each.
+
+``Engine`` reads an ``EngineConfig``; ``python -m server`` derives a ``--flag`` and an
+``ONEGEN_*`` variable from every field, with this help and these bounds
+(``server/settings.py``), and builds the ``EngineConfig`` back from them. Nothing here
+loads torch, so the server's command line parses fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+LINEAR_BACKENDS = ("auto", "aten", "onednn")
+
+
+def _setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+             choices: tuple[str, ...] | None = None) -> Any:
+    """A field of ``EngineConfig`` with its help text and bounds: the one declaration the server's flags, their
+    validation and the engine's own checks all derive from."""
+    return field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices})
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings. ``python -m server`` exposes each as ``--flag`` / ``ONEGEN_*`` with this help and these
+    bounds (``server/settings.py`` derives them from here)."""
+
+    dtype: str = _setting("auto", "weights / compute dtype (auto: bfloat16 or float16 on a GPU, float32 on the CPU)",
+                          choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = _setting("auto", "where the model runs: auto (a GPU if there is one), cpu, cuda, cuda:N")
+    max_num_seqs: int = _setting(64, "sequences decoded together in one engine step", ge=1, le=4096)
+    max_num_batched_tokens: int = _setting(
+        2048, "token budget of one engine step: decode tokens, prompt chunks, inserted passages and query encodes; "
+        "it bounds the time of any one step", ge=1)
+    block_size: int = _setting(16, "tokens per KV cache block (a multiple of 256 for flash attention)", ge=1, le=1024)
+    num_kv_blocks: int | None = _setting(
+        None, "KV cache blocks (default: sized from --kv-cache-memory-gb on the CPU, --gpu-memory-utilization on a "
+        "GPU)", ge=1)
+    kv_cache_memory_gb: float = _setting(1.0, "CPU: KV cache size in GiB when --num-kv-blocks is not given", gt=0)
+    gpu_memory_utilization: float = _setting(
+        0.85, "GPU: fraction of free memory for the KV cache when --num-kv-blocks is not given", gt=0, le=1)
+    max_model_len: int | None = _setting(None, "context length limit (default: the model's)", ge=16)
+    retriever: str = _setting("auto", "search backend: faiss, or torch (exact matmul on the model's device); auto "
+                              "picks torch for a flat index on a GPU", choices=("auto", "faiss", "torch"))
+    attention_backend: str = _setting("auto", "attention kernels (auto: flash on a GPU with flash-attn, else sdpa)",
+                                      choices=("auto", "sdpa", "flash"))
+    linear_backend: str = _setting("auto", "projection kernels: onednn (prepacked weights, CPU) or aten; auto picks "
+                                   "onednn on the CPU", choices=LINEAR_BACKENDS)
+    seed: int = _setting(0, "seed of the engine's sampling RNG (requests with their own seed use theirs)", ge=0)
+    cuda_graphs: bool = _setting(False, "replay CUDA graphs for decode steps (CUDA + flash backend)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, m = getattr(self, f.name), f.metadata
+            if value is None or isinstance(value, bool) or not m:
+                continue
+            if m["choices"] and isinstance(value, str) and value not in m["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(m['choices'])}, got {value!r}")
+            if m["ge"] is not None and value < m["ge"]:
+                raise ValueError(f"{f.name} must be >= {m['ge']}, got {value}")
+            if m["gt"] is not None and value <= m["gt"]:
+                raise ValueError(f"{f.name} must be > {m['gt']}, got {value}")
+            if m["le"] is not None and value > m["le"]:
+                raise ValueError(f"{f.name} must be <= {m['le']}, got {value}")
+        check_device(self.device)
+
+
+def check_device(device: str) -> str:
+    """``auto`` or a torch device string (``cpu``, ``cuda``, ``cuda:1``); ValueError otherwise."""
+    if device != "auto":
+        import torch  # here: the server's settings read this module without loading torch
+
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r} is not a torch device: {e}") from None
+    return device
