@@ -124,7 +124,6 @@ class EngineWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats: dict[str, Any] = {}
         self._heartbeat = time.monotonic()
-        self._ready = threading.Event()
         self._state_lock = threading.Lock()  # a command is queued only while the state is "ready"
         self.state: WorkerState = "loading"
         self.engine: Any = None  # set once loaded; only its immutable attributes are read off-thread
@@ -136,9 +135,6 @@ class EngineWorker:
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="onegen-engine", daemon=True)
         self._thread.start()
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout)
 
     def stats(self) -> dict[str, Any]:
         return self._stats
@@ -240,7 +236,6 @@ class EngineWorker:
         except BaseException as e:  # noqa: BLE001 - any load failure ends the server with its message
             self.error = e
             self._set_state("failed")
-            self._ready.set()
             log.error("engine failed to load: %s", e, extra={"error_type": type(e).__name__})
             self._reject_commands(f"the engine failed to load: {e}")
             if self._on_fatal and self._loop:
@@ -249,7 +244,6 @@ class EngineWorker:
         self.load_seconds = time.perf_counter() - t0
         self._snapshot()
         self._set_state("ready")
-        self._ready.set()
         try:
             self._loop_until_stopped()
         except BaseException as e:  # noqa: BLE001 - a broken engine fails its requests and /health

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -51,7 +52,10 @@ def worker_env(demo_assets):
     loop = asyncio.new_event_loop()
     worker = EngineWorker(factory, Metrics("test"))
     worker.start(loop)
-    assert worker._ready.wait(120) and worker.state == "ready"
+    deadline = time.monotonic() + 120
+    while worker.state == "loading" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.state == "ready", worker.error
     try:
         yield worker, box["log"], loop
     finally:
