@@ -98,9 +98,27 @@ def test_generate_chat_messages(client):
 
 
 def test_generate_seeded_sampling_is_reproducible(client):
-    body = {"prompt": "Paris is", "max_tokens": 24, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 7}
-    a, b = (client.post("/generate", json=body).json() for _ in range(2))
-    assert a["text"] == b["text"]
+    """The same seed gives the same text, whatever ran in between; different seeds give different texts.
+
+    Ignoring seeds fails it either way: with the engine's RNG the repeats differ, and with any fixed
+    stream (or greedy decoding) the seeds agree. At temperature 1 over 24 tokens two seeds agreeing is
+    practically impossible, so all of them must differ.
+    """
+    body = {"prompt": "Paris is", "max_tokens": 24, "temperature": 1.0, "top_p": 0.9, "top_k": 50,
+            "ignore_eos": True}
+
+    def sample(seed: int) -> str:
+        r = client.post("/generate", json={**body, "seed": seed})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["usage"]["completion_tokens"] == 24, out  # long enough for seeds to show
+        return out["text"]
+
+    seeds = (7, 8, 9, 10, 11)
+    first = {s: sample(s) for s in seeds}
+    assert len(set(first.values())) == len(seeds), first
+    again = {s: sample(s) for s in reversed(seeds)}
+    assert again == first
 
 
 def test_generate_stop_string(client):
