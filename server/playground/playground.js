@@ -654,7 +654,8 @@
       if (e.key === "Escape") closePassage(true);
     });
     $("question").addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      // plain Enter sends; Ctrl/Cmd+Enter is left to the form's own handler below (one submit, not two)
+      if (e.key === "Enter" && !e.shiftKey && !e.ctrlKey && !e.metaKey && !e.isComposing) {
         e.preventDefault();
         $("generate-form").requestSubmit();
       }
