@@ -2,12 +2,12 @@
 
 Files are read as OneGen published them (Contract 3):
 
-* ``db.jsonl`` — ``{"uid": str, "messages": [{"role", "content"}, ...]}``: the contents
-  concatenated (OneGen's ``DocumentTemplator``) are the document. A corpus line
-  ``{"id", "text", "title"?}`` is accepted too. Each document RET token in the text ends
-  a *unit* (a retrievable vector); a document without one is a single unit with the RET
-  token appended. A single-unit document renders exactly as ``Renderer.document`` renders
-  it for the index, so the vectors training shapes are the vectors the index holds.
+* ``db.jsonl`` — OneGen's ``{"uid": str, "messages": [{"role", "content"}, ...]}`` entries or
+  corpus lines ``{"id", "text", "title"?}``, read and rendered by ``onegen_core.documents``, the
+  reader the index builder uses too: each document RET token in an entry's text ends a *unit*
+  (a retrievable vector), encoded after the units before it in one sequence; a document without
+  one is a single unit that renders exactly as ``Renderer.document`` renders it. So the vectors
+  training shapes are the vectors the index holds.
 * ``train.jsonl`` — ``{"messages": [...]}``; each assistant message with query RET tokens
   carries ``positive`` (and optionally ``negative``): one list of unit ids per RET token.
 
@@ -36,9 +36,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from onegen_core.conversation import render_conversation
+from onegen_core.documents import EntryError, parse_entry, render_units, split_units
 from onegen_core.rendering import Renderer, RenderError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: db.jsonl read through onegen_core.documents
 MAX_REPORTED_ERRORS = 20
 MAX_NAMED_TRUNCATIONS = 5
 TRUNCATION_POLICIES = ("drop", "keep", "error")
@@ -144,36 +145,7 @@ def _count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def _db_text(obj: Any) -> tuple[str | None, str | None, str | None, str | None]:
-    """(uid, text, title, error) of a db.jsonl line in either accepted shape."""
-    if not isinstance(obj, dict):
-        return None, None, None, f"expected a JSON object, got {type(obj).__name__}"
-    if "uid" in obj:
-        uid, msgs = obj["uid"], obj.get("messages")
-        if not isinstance(uid, str | int) or isinstance(uid, bool) or str(uid) == "":
-            return None, None, None, f"'uid' must be a non-empty string, got {uid!r}"
-        if not isinstance(msgs, list) or not msgs:
-            return str(uid), None, None, "'messages' must be a non-empty list of {role, content}"
-        parts = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                return str(uid), None, None, f"messages[{i}] needs a string 'content'"
-            parts.append(m["content"])
-        return str(uid), "".join(parts), None, None
-    if "id" in obj:
-        uid, text, title = obj["id"], obj.get("text"), obj.get("title")
-        if not isinstance(uid, str | int) or isinstance(uid, bool) or str(uid) == "":
-            return None, None, None, f"'id' must be a non-empty string, got {uid!r}"
-        if not isinstance(text, str):
-            return str(uid), None, None, "'text' must be a string"
-        if title is not None and not isinstance(title, str):
-            return str(uid), None, None, "'title' must be a string"
-        return str(uid), text, title, None
-    return None, None, None, "expected {uid, messages} (OneGen db.jsonl) or {id, text, title?} (corpus JSONL)"
-
-
 def load_corpus(path: Path, renderer: Renderer, max_length: int, errors: _Errors, *, progress: bool = True) -> Corpus:
-    doc_tok = renderer.spec.document_token
     doc_id = renderer.token_ids.document
     uids: list[str] = []
     lines: list[int] = []
@@ -189,24 +161,18 @@ def load_corpus(path: Path, renderer: Renderer, max_length: int, errors: _Errors
         if err:
             errors.add(err)
             continue
-        uid, text, title, err = _db_text(obj)
-        if err:
-            errors.add(f"{path}:{lineno}: {err}")
+        try:
+            entry = parse_entry(obj)
+            units = split_units(entry, renderer.spec.document_token)
+        except EntryError as e:
+            errors.add(f"{path}:{lineno}: {e.reason}")
             continue
-        assert uid is not None and text is not None
+        uid = entry.id
         if uid in seen:
             errors.add(f"{path}:{lineno}: duplicate uid {uid!r} (first at line {seen[uid]})")
             continue
         seen[uid] = lineno
-        pieces = text.split(doc_tok)
-        if len(pieces) == 1:  # no RET token: the whole text is one unit (the index's rendering)
-            toks = renderer.document(text, title)
-        else:  # OneGen multi-unit document: every RET token ends a unit; trailing text after the last is context
-            toks = renderer.document(pieces[0], title)
-            for piece in pieces[1:-1]:
-                toks += renderer.text(piece) + [doc_id]
-            toks += renderer.text(pieces[-1])
-        positions = [i for i, t in enumerate(toks) if t == doc_id]
+        toks, positions = render_units(renderer, units.texts, entry.title, units.trailing)
         if len(toks) > max_length:
             truncated += 1
             if len(positions) == 1 and positions[0] == len(toks) - 1:

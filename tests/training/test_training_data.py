@@ -111,7 +111,7 @@ def test_bad_db_gives_precise_errors(tmp_path, renderer):
     msg = str(e.value)
     assert f"{db}:2: duplicate uid 'paris' (first at line 1)" in msg
     assert f"{db}:3: 'messages' must be a non-empty list" in msg
-    assert f"{db}:4: expected {{uid, messages}} (OneGen db.jsonl) or {{id, text, title?}}" in msg
+    assert f"{db}:4: missing 'id' (a corpus line is" in msg
     assert f"{db}:5:1: malformed JSON" in msg
     assert f"{db}:6: 'text' must be a string" in msg
 
