@@ -27,10 +27,25 @@ def normalize(h: torch.Tensor) -> torch.Tensor:
     return F.normalize(h.float(), p=2.0, dim=-1)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device, *, local_rank: int | None = None) -> torch.device:
+    """The one device resolver (engine, encoder, index builder, training).
+
+    ``auto`` is CUDA when available, else the CPU. A bare ``cuda`` is ``cuda:<local_rank>`` (modulo the
+    visible devices) when the caller is one rank of several. ``ValueError`` for a device that is not
+    one (``cuda`` on a machine without CUDA, an unknown name).
+    """
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is None and local_rank is not None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

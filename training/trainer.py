@@ -25,15 +25,14 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from onegen_core.distributed import init_process_group
+from onegen_core.distributed import RankContext
 from onegen_core.rendering import Renderer
 
 from .batching import Batch, OneGenCollator, batch_rng, micro_batches
@@ -54,51 +53,6 @@ from .modeling import (
 log = logging.getLogger("training")
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
-
-
-# --------------------------------------------------------------------------- distributed context
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def sum(self, values: list[float]) -> list[float]:
-        if not self.distributed:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def init_distributed() -> DistContext:
-    """From the env torchrun / accelerate launch / deepspeed set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        init_process_group("nccl" if cuda else "gloo")
-        owns = True
-    return DistContext(rank=rank, world_size=world, local_rank=local, device=device, owns_group=owns)
 
 
 # --------------------------------------------------------------------------- optimiser and schedule
@@ -201,17 +155,9 @@ class Trainer:
                   conversation_format=cfg.conversation_format, seed=cfg.seed, cache_dir=cfg.cache_path,
                   truncation=cfg.truncation)
         data: TrainingData | None = None
-        error: Exception | None = None
-        if ctx.is_main:
-            try:
+        with ctx.synced(peer_message="rank 0 rejected the training data (its error is in rank 0's output)"):
+            if ctx.is_main:
                 data = load_training_data(renderer, progress=self.progress, **kw)
-            except (DataError, ValueError) as e:
-                error = e
-        failed = ctx.sum([1.0 if error else 0.0])[0] if ctx.distributed else (1.0 if error else 0.0)
-        if failed:
-            if error is not None:
-                raise error
-            raise ValueError("rank 0 rejected the training data (its error is in rank 0's output)")
         if not ctx.is_main:
             data = load_training_data(renderer, progress=False, **kw)
         assert data is not None
@@ -237,7 +183,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.ctx = ctx = init_distributed()
+        self.ctx = ctx = RankContext.from_env(device="auto")
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.deepspeed = None
@@ -550,5 +496,5 @@ def run_training(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = No
         return trainer.train()
     finally:
         ctx = getattr(trainer, "ctx", None)
-        if ctx is not None and ctx.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if ctx is not None:
+            ctx.close()
