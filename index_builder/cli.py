@@ -6,7 +6,7 @@ traceback; a failed ``verify`` (mismatched fingerprint, vectors that differ) exi
 an interrupted build exits 130 and resumes when rerun with the same arguments; output
 cut short by its reader (``info … | head``) ends quietly with status 141 (128 + SIGPIPE).
 Under ``torchrun --nproc_per_node N -m index_builder build …`` the ranks split the
-corpus and rank 0 merges (see ``index_builder.distributed``).
+corpus and rank 0 merges (see ``index_builder.builder``).
 """
 
 from __future__ import annotations
@@ -178,10 +178,12 @@ def _load_checkpoint(path: Path):
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .builder import BuildConfig, build_index
-    from .distributed import Dist, PeerFailed
+    from onegen_core.distributed import PeerFailed, RankContext
 
-    dist = Dist.from_env(timeout_s=args.dist_timeout)
+    from .builder import BuildConfig, build_index
+
+    # gloo whatever the encode device: the group carries only barriers and failure flags
+    dist = RankContext.from_env(backend="gloo", timeout_s=args.dist_timeout)
 
     def log(msg: str) -> None:
         if dist.is_main:

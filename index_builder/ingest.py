@@ -1,0 +1,164 @@
+"""Phase 1 of a build: read the corpus into the staged docstore (rank 0 alone).
+
+``staged.sqlite`` in the work directory is the docstore being built: table ``documents``
+(the final docstore's rows, in vector-id order; duplicate ids caught by a unique index, so
+memory stays bounded), each document's origin (file:line) and rendered length, and the
+rejected inputs.
+
+Every invalid input either stops the build with a list of what is wrong (file:line) or,
+with ``--skip-invalid``, is recorded and listed in ``rejected.jsonl`` in the index;
+``ingest.json`` marks the staged docstore complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from onegen_core.checkpoint import Checkpoint
+from onegen_core.index_store import Document, create_docstore, insert_documents
+from onegen_core.rendering import Renderer
+
+from .chunking import Chunker
+from .corpus import CorpusFile, CorpusReader, Rejection, SourceRecord
+from .errors import BuildError
+from .workdir import WorkDir, write_json_atomic
+
+if TYPE_CHECKING:
+    from .builder import BuildConfig
+
+REJECTED_FILE = "rejected.jsonl"
+MAX_REPORTED_ERRORS = 20
+
+_STAGING_SCHEMA = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS staged_doc_id_unique ON documents(doc_id)",
+    "CREATE TABLE IF NOT EXISTS origins (vector_id INTEGER PRIMARY KEY, origin TEXT NOT NULL, n_tokens INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rejected (seq INTEGER PRIMARY KEY, origin TEXT NOT NULL, doc_id TEXT, reason TEXT NOT NULL)",
+)
+
+
+class _TooManyErrors(Exception):
+    pass
+
+
+class _Staging:
+    """The staged docstore being written: documents, their origins, rejections."""
+
+    def __init__(self, work: WorkDir, cfg: BuildConfig):
+        self.cfg = cfg
+        work.staged.unlink(missing_ok=True)
+        self.con = con = create_docstore(work.staged)
+        for stmt in _STAGING_SCHEMA:
+            con.execute(stmt)
+        con.execute("PRAGMA synchronous=OFF")  # an interrupted ingest restarts from scratch
+        self.errors: list[str] = []
+        self.stats = {"sources": 0, "truncated": 0, "rejected": 0, "tokens": 0, "chunked_sources": 0}
+        self.vid = 0
+
+    def reject(self, r: Rejection) -> None:
+        if self.cfg.on_invalid == "error":
+            self.errors.append(str(r))
+            if len(self.errors) >= MAX_REPORTED_ERRORS:
+                raise _TooManyErrors
+        else:
+            self.stats["rejected"] += 1
+            self.con.execute("INSERT INTO rejected (origin, doc_id, reason) VALUES (?,?,?)",
+                             (r.origin, r.doc_id, r.reason))
+
+    def clash(self, item: SourceRecord, ids: list[str]) -> bool:
+        """Whether one of ``ids`` (the documents ``item`` becomes) is taken; rejects ``item`` if so."""
+        found = _first_clash(self.con, ids)
+        if found is None:
+            return False
+        cid, first = found
+        what = f"duplicate id {cid!r}" if cid == item.id else f"id {cid!r} (a chunk of {item.id!r}) is a duplicate"
+        self.reject(Rejection(item.origin, f"{what}; first seen at {first}", item.id))
+        return True
+
+    def add(self, doc: Document, origin: str, n_tokens: int) -> int:
+        vid = self.vid
+        insert_documents(self.con, vid, [doc])
+        self.con.execute("INSERT INTO origins VALUES (?,?,?)", (vid, origin, n_tokens))
+        self.stats["tokens"] += n_tokens
+        self.vid += 1
+        if self.vid % 2048 == 0:
+            self.con.commit()
+        return vid
+
+
+def ingest(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, files: list[CorpusFile], max_length: int) -> None:
+    """Rank 0: stream the corpus into the staged docstore; any invalid input fails it (or is reported)."""
+    staging = _Staging(work, cfg)
+    renderer = Renderer.for_checkpoint(ckpt)
+    try:
+        chunker = Chunker(renderer, cfg.chunking, max_length)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    reader = CorpusReader(files, document_token=ckpt.spec.document_token)
+    bar = tqdm(desc="reading corpus", unit="doc", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for item in reader:
+            bar.update(1)
+            if isinstance(item, Rejection):
+                staging.reject(item)
+            else:
+                _stage_record(staging, chunker, item)
+    except _TooManyErrors:
+        pass
+    finally:
+        bar.close()
+    con, errors, stats = staging.con, staging.errors, staging.stats
+    if errors:
+        con.close()
+        more = " (stopped after the first 20)" if len(errors) >= MAX_REPORTED_ERRORS else ""
+        raise BuildError(
+            f"invalid corpus input{more}:\n  " + "\n  ".join(errors)
+            + "\nfix these, or pass --skip-invalid to leave them out (they are then listed in "
+            f"{REJECTED_FILE} in the index)"
+        )
+    con.commit()
+    con.close()
+    if staging.vid == 0:
+        raise BuildError(
+            f"the corpus ({', '.join(str(p) for p in cfg.corpus)}) holds no valid document"
+            + (f"; {stats['rejected']} input(s) were rejected" if stats["rejected"] else "")
+        )
+    with open(work.staged, "rb+") as f:
+        os.fsync(f.fileno())
+    if stats["truncated"]:
+        cfg.log(f"warning: {stats['truncated']} document(s) were truncated to fit --max-doc-tokens or the model's "
+                f"context of {max_length} tokens (their source and token offsets are in the docstore)")
+    if stats["rejected"]:
+        cfg.log(f"warning: {stats['rejected']} invalid input(s) skipped; listed in {REJECTED_FILE}")
+    write_json_atomic(work.ingest_done, {"count": staging.vid, "digest": reader.digest, "files": len(files), **stats})
+
+
+def _stage_record(staging: _Staging, chunker: Chunker, item: SourceRecord) -> None:
+    """A document: chunked (or truncated) to fit, each piece a staged document."""
+    try:
+        pieces = chunker.split(item)
+    except ValueError as e:
+        staging.reject(Rejection(item.origin, str(e).removeprefix(f"{item.origin}: "), item.id))
+        return
+    if staging.clash(item, [p.document.id for p in pieces]):
+        return
+    staging.stats["sources"] += 1
+    staging.stats["chunked_sources"] += len(pieces) > 1
+    for p in pieces:
+        staging.add(p.document, item.origin, p.n_tokens)
+        staging.stats["truncated"] += p.truncated
+
+
+def _first_clash(con: sqlite3.Connection, ids: list[str]) -> tuple[str, str] | None:
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        return dup, "the same document"
+    q = ",".join("?" * len(ids))
+    row = con.execute(
+        f"SELECT d.doc_id, o.origin FROM documents d JOIN origins o ON o.vector_id = d.vector_id "
+        f"WHERE d.doc_id IN ({q}) LIMIT 1", ids,
+    ).fetchone()
+    return (row[0], row[1]) if row else None
