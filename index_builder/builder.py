@@ -7,9 +7,11 @@ The phases, each in its own module, share a work directory beside the output
 2. encode (here) — every rank encodes its share of the pending shards into shard files;
 3. ``merge`` — rank 0 assembles the FAISS index, docstore and manifest, and publishes them.
 
-Encoding goes through ``onegen_core.encoder.Encoder`` (the engine's encoder) on the
-documents rendered by ``Renderer.document``; within a shard documents are sorted by
-length, packed into token-budget batches, and put back in order. A shard's
+Encoding goes through ``onegen_core.encoder.Encoder`` (the engine's encoder). A document
+is rendered by ``Renderer.document`` and encoded at its document token; the units of a
+OneGen entry of several units are encoded in one sequence (``onegen_core.documents``),
+each at its own document token, as training encodes them. Within a shard sequences are
+sorted by length, packed into token-budget batches, and put back in order. A shard's
 vectors do not depend on which rank or run encoded it, so an interrupted, resumed or
 distributed build gives the same index as an uninterrupted single-process one.
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -243,20 +245,43 @@ def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: 
     con = sqlite3.connect(sqlite_uri(work.staged), uri=True)
     try:
         for i in mine:
-            lo = i * cfg.shard_size
-            docs = con.execute(
-                "SELECT text, title FROM documents WHERE vector_id >= ? AND vector_id < ? ORDER BY vector_id",
-                (lo, lo + rows[i]),
-            ).fetchall()
-            if len(docs) != rows[i]:
-                raise AssertionError(f"shard {i}: {len(docs)} staged documents, expected {rows[i]}")
-            seqs = [renderer.document(text, title) for text, title in docs]
-            vecs = encode_sorted(encoder, seqs, cfg.batch_tokens, cfg.batch_size, bar.update)
+            seqs, positions = _shard_sequences(con, renderer, i * cfg.shard_size, rows[i], i)
+            vecs = encode_sorted(encoder, seqs, cfg.batch_tokens, cfg.batch_size, bar.update, positions=positions)
             save_npy_atomic(work.shard_path(i), vecs)
     finally:
         con.close()
         bar.close()
     return len(mine), total, reused
+
+
+def _shard_sequences(con: sqlite3.Connection, renderer: Renderer, lo: int, rows: int,
+                     shard: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The sequences that encode vector ids ``[lo, lo + rows)``, and the positions to take in each, such
+    that the rows come out in vector-id order: a document rendered alone, at its last token; the units of
+    one OneGen entry in one sequence, at their positions (``ingest``)."""
+    docs = con.execute(
+        "SELECT d.text, d.title, u.entry, u.position FROM documents d LEFT JOIN units u ON u.vector_id = d.vector_id "
+        "WHERE d.vector_id >= ? AND d.vector_id < ? ORDER BY d.vector_id",
+        (lo, lo + rows),
+    ).fetchall()
+    if len(docs) != rows:
+        raise AssertionError(f"shard {shard}: {len(docs)} staged documents, expected {rows}")
+    seqs: list[list[int]] = []
+    positions: list[list[int]] = []
+    last_entry = None
+    for text, title, entry, position in docs:
+        if entry is None:
+            seqs.append(renderer.document(text, title))
+            positions.append([len(seqs[-1]) - 1])
+            last_entry = None
+        elif entry == last_entry:  # an entry's units are consecutive vector ids
+            positions[-1].append(position)
+        else:
+            (blob,) = con.execute("SELECT ids FROM entries WHERE entry = ?", (entry,)).fetchone()
+            seqs.append(np.frombuffer(blob, dtype=np.int32).tolist())
+            positions.append([position])
+            last_entry = entry
+    return seqs, positions
 
 
 # The encoder runs a batch's attention as one padded call when padding costs at most this factor of the
@@ -286,12 +311,23 @@ def length_batches(lengths: list[int], batch_tokens: int, batch_size: int) -> It
 
 
 def encode_sorted(encoder: Any, seqs: list[list[int]], batch_tokens: int, batch_size: int,
-                  progress: Callable[[int], Any] | None = None) -> np.ndarray:
-    """Encode rendered documents in length-sorted batches; rows come back in the input order. [n, d] float32."""
-    out = np.empty((len(seqs), encoder.dim), dtype=np.float32)
+                  progress: Callable[[int], Any] | None = None, *,
+                  positions: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Encode rendered sequences in length-sorted batches: [rows, d] float32, in the input order.
+
+    Each sequence gives one row per position in ``positions`` (default: its last token, a rendered
+    document's document token); ``progress`` is called with the rows each batch encoded.
+    """
+    if positions is None:
+        positions = [[len(s) - 1] for s in seqs]
+    starts = np.zeros(len(seqs) + 1, dtype=np.int64)
+    starts[1:] = np.cumsum([len(p) for p in positions])
+    out = np.empty((int(starts[-1]), encoder.dim), dtype=np.float32)
     for batch in length_batches([len(s) for s in seqs], batch_tokens, batch_size):
-        vecs = encoder.encode_token_ids([seqs[k] for k in batch], batch_tokens=batch_tokens)
-        out[batch] = vecs.numpy()
+        vecs = encoder.encode_at_positions([seqs[k] for k in batch], [positions[k] for k in batch],
+                                           batch_tokens=batch_tokens)
+        rows = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in batch])
+        out[rows] = vecs.numpy()
         if progress is not None:
-            progress(len(batch))
+            progress(len(rows))
     return out

@@ -11,11 +11,13 @@ Formats:
 
 * JSONL ``{"id": str, "text": str, "title"?: str, "metadata"?: object}``; integer ids
   are accepted as their decimal string; other top-level fields are kept in metadata.
-* OneGen ``db.jsonl`` ``{"uid": str, "messages": [{"role", "content"}, ...]}``: the
-  contents are concatenated; if they contain the checkpoint's document token (OneGen
-  marks each sentence-level fragment with it) every fragment becomes a document
-  ``uid-k`` (OneGen's ``doc-sentence`` id convention), otherwise the whole text is
-  document ``uid``.
+* OneGen ``db.jsonl`` ``{"uid": str, "messages": [{"role", "content"}, ...]}``: read, like the
+  JSONL lines above, by ``onegen_core.documents`` — the reader training uses. If the contents
+  hold the checkpoint's document token (OneGen ends each sentence-level unit with it), unit *k*
+  is document ``uid-k``; otherwise the whole text is document ``uid``. An entry of several
+  units is a ``SourceEntry``: its units are encoded in one sequence, unit *k* after units
+  0 .. k-1, as training encodes them. Text after the last document token has no vector (it
+  is context to training) and is reported.
 * A folder: every ``.txt`` / ``.md`` (optionally ``.gz``) below it, sorted by path,
   hidden files skipped; the id is the path relative to the folder, a Markdown file's
   leading ``# heading`` is its title. A single .txt / .md path is one document.
@@ -31,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from onegen_core.documents import Entry, EntryError, parse_entry, split_units
 
 from .errors import BuildError
 
@@ -49,6 +53,20 @@ class SourceRecord:
     metadata: dict[str, Any] | None
     origin: str  # "file:line" (JSONL) or "file" (text files), for error messages
     source: str | None = None  # the db.jsonl uid when this record is one fragment of it
+
+
+@dataclass
+class SourceEntry:
+    """A OneGen entry of several units, encoded in one sequence (``onegen_core.documents.render_units``).
+
+    ``texts`` holds every unit's text (the sequence needs them all); ``units[k]`` is unit *k*'s
+    record, or the ``Rejection`` that leaves it out of the index. Its units are never chunked.
+    """
+
+    id: str
+    texts: list[str]
+    units: list[SourceRecord | Rejection]
+    origin: str
 
 
 @dataclass
@@ -141,24 +159,19 @@ class CorpusReader:
         self.files = files
         self.document_token = document_token
         self._digest = hashlib.sha256()
-        self.records = 0
-        self.bytes_read = 0
         self._nonblank = 0  # non-blank lines of the JSONL file being read
 
     @property
     def digest(self) -> str:
         return "sha256:" + self._digest.hexdigest()
 
-    def __iter__(self) -> Iterator[SourceRecord | Rejection]:
+    def __iter__(self) -> Iterator[SourceRecord | SourceEntry | Rejection]:
         for f in self.files:
             file_hash = hashlib.sha256()
             self._nonblank = 0
             try:
                 reader = self._read_jsonl(f, file_hash) if f.kind == "jsonl" else self._read_text(f, file_hash)
-                for item in reader:
-                    if isinstance(item, SourceRecord):
-                        self.records += 1
-                    yield item
+                yield from reader
             except (OSError, EOFError, gzip.BadGzipFile) as e:
                 raise BuildError(f"{f.display}: cannot read: {e}") from None
             if self._nonblank == 0 and f.kind == "jsonl":
@@ -167,11 +180,10 @@ class CorpusReader:
             self._digest.update(file_hash.digest())
 
     # ------------------------------------------------------------------ JSONL
-    def _read_jsonl(self, f: CorpusFile, file_hash: Any) -> Iterator[SourceRecord | Rejection]:
+    def _read_jsonl(self, f: CorpusFile, file_hash: Any) -> Iterator[SourceRecord | SourceEntry | Rejection]:
         with _open(f.path) as fh:
             for lineno, raw in enumerate(fh, start=1):
                 file_hash.update(raw)
-                self.bytes_read += len(raw)
                 origin = f"{f.display}:{lineno}"
                 try:
                     line = raw.decode("utf-8")
@@ -187,81 +199,45 @@ class CorpusReader:
                 except json.JSONDecodeError as e:
                     yield Rejection(origin, f"malformed JSON: {e.msg} (column {e.colno})")
                     continue
-                if not isinstance(obj, dict):
-                    yield Rejection(origin, f"expected a JSON object, got {type(obj).__name__}")
-                    continue
-                if "messages" in obj and "uid" in obj:
-                    yield from self._db_record(obj, origin)
-                else:
-                    yield self._corpus_record(obj, origin)
+                yield from self._entry(obj, origin)
 
-    def _corpus_record(self, obj: dict[str, Any], origin: str) -> SourceRecord | Rejection:
-        if "id" not in obj:
-            return Rejection(origin, "missing 'id' (a corpus line is {\"id\", \"text\", \"title\"?, \"metadata\"?})")
-        doc_id, err = _as_id(obj["id"], "id")
-        if err:
-            return Rejection(origin, err)
-        if "text" not in obj:
-            return Rejection(origin, f"document {doc_id!r}: missing 'text'", doc_id)
-        text = obj["text"]
-        if not isinstance(text, str):
-            return Rejection(origin, f"document {doc_id!r}: 'text' must be a string, got {_jtype(text)}", doc_id)
-        title = obj.get("title")
-        if title is not None and not isinstance(title, str):
-            return Rejection(origin, f"document {doc_id!r}: 'title' must be a string, got {_jtype(title)}", doc_id)
-        metadata = obj.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            return Rejection(origin, f"document {doc_id!r}: 'metadata' must be an object, got {_jtype(metadata)}", doc_id)
-        extra = {k: v for k, v in obj.items() if k not in ("id", "text", "title", "metadata")}
-        if extra:
-            metadata = {**extra, **(metadata or {})}
-        text, err = self._clean_text(text)
-        if err:
-            return Rejection(origin, f"document {doc_id!r}: {err}", doc_id)
-        return SourceRecord(doc_id, text, title or None, metadata, origin)
-
-    def _db_record(self, obj: dict[str, Any], origin: str) -> Iterator[SourceRecord | Rejection]:
-        uid, err = _as_id(obj["uid"], "uid")
-        if err:
-            yield Rejection(origin, err)
+    def _entry(self, obj: Any, origin: str) -> Iterator[SourceRecord | SourceEntry | Rejection]:
+        """A JSONL line's documents: one record, or a OneGen entry's units, and what is rejected."""
+        try:
+            entry = parse_entry(obj)
+            units = split_units(entry, self.document_token)
+        except EntryError as e:
+            reason = f"document {e.entry_id!r}: {e.reason}" if e.entry_id is not None else e.reason
+            yield Rejection(origin, reason, e.entry_id)
             return
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            yield Rejection(origin, f"document {uid!r}: 'messages' must be a non-empty list", uid)
-            return
-        parts = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                yield Rejection(origin, f"document {uid!r}: messages[{i}] must be an object with a string 'content'", uid)
-                return
-            parts.append(m["content"])
-        text = "".join(parts)
-        extra = {k: v for k, v in obj.items() if k not in ("uid", "messages")} or None
-        tok = self.document_token
-        if not tok or tok not in text:
-            clean, err = self._clean_text(text)
-            if err:
-                yield Rejection(origin, f"document {uid!r}: {err}", uid)
+        names = units.names(entry.id)
+        if not units.split:
+            yield self._unit(entry, entry.text, entry.id, entry.metadata, origin, None)
+        else:
+            records = [self._unit(entry, text, name, {**(entry.metadata or {}), "uid": entry.id, "fragment": k},
+                                  origin, f"fragment {k} ({name!r})")
+                       for k, (text, name) in enumerate(zip(units.texts, names, strict=True))]
+            if len(records) == 1:
+                yield records[0]
             else:
-                yield SourceRecord(uid, clean, None, extra, origin)
-            return
-        fragments = text.split(tok)
-        if not fragments[-1].strip():
-            fragments.pop()  # the usual case: the text ends with the token
-        for k, frag in enumerate(fragments):
-            frag_id = f"{uid}-{k}"
-            clean, err = self._clean_text(frag)
-            if err:
-                yield Rejection(origin, f"document {uid!r}: fragment {k} ({frag_id!r}): {err}", frag_id)
-                continue
-            yield SourceRecord(frag_id, clean, None, {**(extra or {}), "uid": uid, "fragment": k}, origin, source=uid)
+                yield SourceEntry(entry.id, units.texts, records, origin)
+        if units.trailing.strip():
+            yield Rejection(origin, f"document {entry.id!r}: the text after its last {self.document_token!r} has no "
+                            "document token, so no vector (training reads it as context only): end it with "
+                            f"{self.document_token!r} to index it", f"{entry.id}-{len(names)}")
+
+    def _unit(self, entry: Entry, text: str, doc_id: str, metadata: dict[str, Any] | None, origin: str,
+              what: str | None) -> SourceRecord | Rejection:
+        if not text.strip():
+            where = f"document {entry.id!r}: " + (f"{what}: " if what else "")
+            return Rejection(origin, f"{where}empty text", doc_id)
+        return SourceRecord(doc_id, text, entry.title, metadata, origin, source=entry.id if what else None)
 
     # ------------------------------------------------------------------ text files
     def _read_text(self, f: CorpusFile, file_hash: Any) -> Iterator[SourceRecord | Rejection]:
         with _open(f.path) as fh:
             data = fh.read()
         file_hash.update(data)
-        self.bytes_read += len(data)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -286,16 +262,3 @@ class CorpusReader:
             return "", "empty text"
         return text, None
 
-
-def _as_id(value: Any, field: str) -> tuple[str, str | None]:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return "", f"{field!r} must be a string, got {_jtype(value)}"
-    doc_id = str(value)
-    if not doc_id.strip():
-        return "", f"{field!r} is empty"
-    return doc_id, None
-
-
-def _jtype(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-            int: "number", float: "number"}.get(type(value), type(value).__name__)

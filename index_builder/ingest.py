@@ -2,8 +2,10 @@
 
 ``staged.sqlite`` in the work directory is the docstore being built: table ``documents``
 (the final docstore's rows, in vector-id order; duplicate ids caught by a unique index, so
-memory stays bounded), each document's origin (file:line) and rendered length, and the
-rejected inputs.
+memory stays bounded), each document's origin (file:line) and rendered length, the
+rejected inputs, and for the units of a OneGen entry of several units (``SourceEntry``)
+the entry's token ids and each unit's position in them (tables ``entries`` and
+``units``): such units are encoded together, in one sequence, as training encodes them.
 
 Every invalid input either stops the build with a list of what is wrong (file:line) or,
 with ``--skip-invalid``, is recorded and listed in ``rejected.jsonl`` in the index;
@@ -16,14 +18,16 @@ import os
 import sqlite3
 from typing import TYPE_CHECKING
 
+import numpy as np
 from tqdm import tqdm
 
 from onegen_core.checkpoint import Checkpoint
+from onegen_core.documents import render_units
 from onegen_core.index_store import Document, create_docstore, insert_documents
 from onegen_core.rendering import Renderer
 
 from .chunking import Chunker
-from .corpus import CorpusFile, CorpusReader, Rejection, SourceRecord
+from .corpus import CorpusFile, CorpusReader, Rejection, SourceEntry, SourceRecord
 from .errors import BuildError
 from .workdir import WorkDir, write_json_atomic
 
@@ -37,6 +41,9 @@ _STAGING_SCHEMA = (
     "CREATE UNIQUE INDEX IF NOT EXISTS staged_doc_id_unique ON documents(doc_id)",
     "CREATE TABLE IF NOT EXISTS origins (vector_id INTEGER PRIMARY KEY, origin TEXT NOT NULL, n_tokens INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS rejected (seq INTEGER PRIMARY KEY, origin TEXT NOT NULL, doc_id TEXT, reason TEXT NOT NULL)",
+    # a OneGen entry of several units: its token ids (int32) up to its last staged unit, and where each unit is
+    "CREATE TABLE IF NOT EXISTS entries (entry INTEGER PRIMARY KEY, ids BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS units (vector_id INTEGER PRIMARY KEY, entry INTEGER NOT NULL, position INTEGER NOT NULL)",
 )
 
 
@@ -45,7 +52,7 @@ class _TooManyErrors(Exception):
 
 
 class _Staging:
-    """The staged docstore being written: documents, their origins, rejections."""
+    """The staged docstore being written: documents, their origins, entries' units, rejections."""
 
     def __init__(self, work: WorkDir, cfg: BuildConfig):
         self.cfg = cfg
@@ -57,6 +64,7 @@ class _Staging:
         self.errors: list[str] = []
         self.stats = {"sources": 0, "truncated": 0, "rejected": 0, "tokens": 0, "chunked_sources": 0}
         self.vid = 0
+        self.entries = 0
 
     def reject(self, r: Rejection) -> None:
         if self.cfg.on_invalid == "error":
@@ -88,6 +96,13 @@ class _Staging:
             self.con.commit()
         return vid
 
+    def add_entry(self, ids: list[int], units: list[tuple[int, int]]) -> None:
+        """An entry's token ids and its staged units ``(vector_id, position)``."""
+        entry = self.entries
+        self.entries += 1
+        self.con.execute("INSERT INTO entries VALUES (?,?)", (entry, np.asarray(ids, dtype=np.int32).tobytes()))
+        self.con.executemany("INSERT INTO units VALUES (?,?,?)", [(vid, entry, pos) for vid, pos in units])
+
 
 def ingest(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, files: list[CorpusFile], max_length: int) -> None:
     """Rank 0: stream the corpus into the staged docstore; any invalid input fails it (or is reported)."""
@@ -104,6 +119,8 @@ def ingest(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, files: list[Corpus
             bar.update(1)
             if isinstance(item, Rejection):
                 staging.reject(item)
+            elif isinstance(item, SourceEntry):
+                _stage_entry(staging, renderer, item, max_length)
             else:
                 _stage_record(staging, chunker, item)
     except _TooManyErrors:
@@ -150,6 +167,31 @@ def _stage_record(staging: _Staging, chunker: Chunker, item: SourceRecord) -> No
     for p in pieces:
         staging.add(p.document, item.origin, p.n_tokens)
         staging.stats["truncated"] += p.truncated
+
+
+def _stage_entry(staging: _Staging, renderer: Renderer, item: SourceEntry, max_length: int) -> None:
+    """A OneGen entry of several units: rendered once (``render_units``); each unit that fits the model's
+    context is a staged document whose vector is taken at its position. Never chunked or truncated."""
+    ids, positions = render_units(renderer, item.texts)
+    staged: list[tuple[int, int]] = []
+    for k, unit in enumerate(item.units):
+        if isinstance(unit, Rejection):
+            staging.reject(unit)
+            continue
+        pos = positions[k]
+        if pos >= max_length:
+            staging.reject(Rejection(item.origin, f"document {item.id!r}: fragment {k} ({unit.id!r}) ends at token "
+                                     f"{pos + 1} of its entry, beyond the model's context of {max_length} tokens",
+                                     unit.id))
+            continue
+        if staging.clash(unit, [unit.id]):
+            continue
+        staging.stats["sources"] += 1
+        doc = Document(id=unit.id, text=unit.text, title=unit.title, metadata=unit.metadata, source=unit.source)
+        n_tokens = pos - (positions[k - 1] if k else -1)  # the tokens this unit adds to the entry's sequence
+        staged.append((staging.add(doc, unit.origin, n_tokens), pos))
+    if staged:
+        staging.add_entry(ids[: max(pos for _, pos in staged) + 1], staged)
 
 
 def _first_clash(con: sqlite3.Connection, ids: list[str]) -> tuple[str, str] | None:

@@ -3,10 +3,12 @@
 ``verify`` checks an index against a checkpoint: the manifest's fingerprint and
 special-token ids must be the checkpoint's, the FAISS index, docstore and manifest
 must agree on the count and dimension, and a seeded sample of documents is encoded
-again with the engine's encoder (``Encoder.encode_documents``) and compared with the
-stored vectors. An exact index (Flat storage) must hold the same vector within
-``atol``; a compressed one (PQ, SQ) must hold what its own codec makes of the fresh
-vector, so a quantised index is checked as strictly as its codec allows.
+again with the engine's encoder and compared with the stored vectors: a document
+alone (``Renderer.document``), a unit of a OneGen entry after the units before it
+(``onegen_core.documents.render_units``), as the build did. An exact index (Flat
+storage) must hold the same vector within ``atol``; a compressed one (PQ, SQ) must
+hold what its own codec makes of the fresh vector, so a quantised index is checked
+as strictly as its codec allows.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from typing import Any
 import numpy as np
 
 from onegen_core.checkpoint import Checkpoint
+from onegen_core.documents import render_units
 from onegen_core.index_store import (
     DOCSTORE,
     INDEX_FILE,
     MANIFEST,
+    DocStore,
+    Document,
     FingerprintMismatchError,
     IndexError_,
     IndexStore,
     sqlite_uri,
 )
+from onegen_core.rendering import Renderer
 
 from .errors import BuildError, VerifyError
 from .faiss_index import codec_of, is_exact, reconstruct
@@ -177,7 +183,11 @@ def verify(path: str | Path, checkpoint: Checkpoint, *, sample: int = 32, seed: 
     if docs:
         build_dtype = dtype or m.extra.get("builder", {}).get("dtype", "float32")
         encoder = Encoder.from_checkpoint(checkpoint, dtype=build_dtype, device=device)
-        fresh = encoder.encode_documents([(d.text, d.title) for d in docs])
+        seqs = [_sequence_of(store.docstore, int(vid), d, encoder.renderer) for vid, d in zip(ids, docs, strict=True)]
+        keep = [k for k, seq in enumerate(seqs) if seq is not None]  # the others are not counted as checked
+        ids, docs, seqs = ids[keep], [docs[k] for k in keep], [seqs[k] for k in keep]
+    if docs:
+        fresh = encoder.encode_token_ids(seqs).numpy()
         stored = reconstruct(store.index, ids)
         if exact:
             expected = fresh
@@ -195,3 +205,26 @@ def verify(path: str | Path, checkpoint: Checkpoint, *, sample: int = 32, seed: 
                 f"{len(bad)} of {len(ids)} re-encoded vectors differ from the stored ones by more than {atol:g}: {shown}"
             )
     return VerifyReport(str(path), m.checkpoint_fingerprint, m.count, len(docs), exact, max_diff, min_cos, failures)
+
+
+def _sequence_of(docstore: DocStore, vector_id: int, doc: Document, renderer: Renderer) -> list[int] | None:
+    """The tokens whose last hidden state the build stored as ``doc``'s vector: the document alone, or for unit
+    *k* of a OneGen entry, units 0 .. k of the entry in one sequence (None if one of them is not in the index,
+    as an empty unit is not: its text is then unknown)."""
+    k = _unit_of_entry(doc)
+    if not k:
+        return renderer.document(doc.text, doc.title)
+    earlier = docstore.get(list(range(vector_id - k, vector_id)))  # an entry's units are consecutive vector ids
+    if any(e is None or e.source != doc.source or _unit_of_entry(e) != j for j, e in enumerate(earlier)):
+        return None
+    ids, _ = render_units(renderer, [e.text for e in earlier] + [doc.text])
+    return ids
+
+
+def _unit_of_entry(doc: Document) -> int | None:
+    """*k* if ``doc`` is unit *k* of a OneGen entry (document ``uid-k``, metadata ``uid`` and ``fragment``)."""
+    meta = doc.metadata or {}
+    k = meta.get("fragment")
+    if doc.source is None or doc.start is not None or meta.get("uid") != doc.source or not isinstance(k, int):
+        return None
+    return k if doc.id == f"{doc.source}-{k}" else None

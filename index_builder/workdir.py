@@ -3,7 +3,7 @@
 Everything happens in a work directory beside the output, ``{out}.building/``:
 
 * ``state.json`` — the settings that decide the vectors (checkpoint fingerprint,
-  chunking, dtype, device type, batching, shard size) and the corpus' size/mtime;
+  chunking, encode dtype, device type, batching, shard size) and the corpus' size/mtime;
   a rerun with the same arguments resumes, a rerun with others is refused (or
   ``--restart`` discards the old work).
 * ``staged.sqlite`` — the docstore being built (``index_builder.ingest``); ``ingest.json``
@@ -30,7 +30,8 @@ import numpy as np
 
 from .errors import BuildError
 
-BUILDER_VERSION = 1
+# 2: a OneGen db.jsonl entry of several units is encoded in one sequence, as training encodes it
+BUILDER_VERSION = 2
 
 
 class WorkDir:

@@ -99,14 +99,27 @@ class Encoder:
         model = build_model(ckpt, resolve_dtype(dtype, dev), dev)
         return cls(ckpt, model, dev, max_length or ckpt.config.max_position_embeddings)
 
-    @torch.inference_mode()
     def encode_token_ids(self, seqs: Sequence[Sequence[int]], *, batch_tokens: int = 8192) -> torch.Tensor:
         """Hidden state at each sequence's last token, normalised: [n, d] float32 on the CPU.
 
         Sequences are packed in the given order into batches of at most ``batch_tokens``
         tokens (sort by length first to waste little padding).
         """
-        for i, s in enumerate(seqs):  # i is the position in ``seqs``; encode_documents / queries check first
+        return self.encode_at_positions(seqs, [[len(s) - 1] for s in seqs], batch_tokens=batch_tokens)
+
+    @torch.inference_mode()
+    def encode_at_positions(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], *,
+                            batch_tokens: int = 8192) -> torch.Tensor:
+        """Hidden states at ``positions[i]`` of each sequence ``seqs[i]``, normalised: [sum of counts, d] float32.
+
+        Rows come in order: sequence by sequence, each position in the order given. One forward per
+        batch computes every position of a sequence (the units of a OneGen entry, ``documents``), so
+        unit *k* is encoded after units 0 .. k-1 exactly as training encodes it. Sequences are packed
+        in the given order into batches of at most ``batch_tokens`` tokens.
+        """
+        if len(positions) != len(seqs):
+            raise ValueError(f"{len(seqs)} sequences but {len(positions)} position lists")
+        for i, (s, ps) in enumerate(zip(seqs, positions, strict=True)):  # i: the position in ``seqs``
             if len(s) == 0:
                 raise ValueError(f"sequence {i} of this batch is empty")
             if len(s) > self.max_length:
@@ -114,8 +127,10 @@ class Encoder:
                     f"sequence {i} of this batch has {len(s)} tokens, more than the model's maximum of "
                     f"{self.max_length}"
                 )
-        out = torch.empty(len(seqs), self.dim, dtype=torch.float32)
-        i = 0
+            if any(not 0 <= p < len(s) for p in ps):
+                raise ValueError(f"sequence {i} of this batch has {len(s)} tokens: positions {list(ps)} lie outside")
+        out = torch.empty(sum(len(ps) for ps in positions), self.dim, dtype=torch.float32)
+        i = row = 0
         while i < len(seqs):
             j, tokens = i, 0
             while j < len(seqs) and (j == i or tokens + len(seqs[j]) <= batch_tokens):
@@ -125,8 +140,12 @@ class Encoder:
             ids = torch.tensor([t for s in seqs[i:j] for t in s], dtype=torch.long, device=self.device)
             meta = build_attention_metadata(lens, lens, device=self.device)
             hidden = self.model(ids, meta)  # [T, d]
-            last = torch.tensor(lens, device=self.device).cumsum(0) - 1
-            out[i:j] = normalize(hidden[last]).cpu()
+            starts = [0]
+            for n in lens[:-1]:
+                starts.append(starts[-1] + n)
+            at = [start + p for start, ps in zip(starts, positions[i:j], strict=True) for p in ps]
+            out[row:row + len(at)] = normalize(hidden[torch.tensor(at, dtype=torch.long, device=self.device)]).cpu()
+            row += len(at)
             i = j
         return out
 

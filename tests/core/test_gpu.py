@@ -74,7 +74,7 @@ def test_cuda_graph_decode_equals_eager(retrieving_checkpoint, tiny_index):
                max_num_seqs=12)
     eager = Engine.from_checkpoint(retrieving_checkpoint, tiny_index, EngineConfig(**cfg))
     graphs = Engine.from_checkpoint(retrieving_checkpoint, tiny_index, EngineConfig(**cfg, cuda_graphs=True))
-    assert graphs.graph_runner is not None and graphs.graph_runner.sizes == [1, 2, 4, 8, 12]
+    assert graphs.runner.graph_runner is not None and graphs.runner.graph_runner.sizes == [1, 2, 4, 8, 12]
     assert _outputs(graphs) == _outputs(eager)
 
 

@@ -41,13 +41,13 @@ def _spy_shard_writes(monkeypatch) -> list[str]:
 
 def _spy_encoded_sequences(monkeypatch) -> list[int]:
     count = [0]
-    real = Encoder.encode_token_ids
+    real = Encoder.encode_at_positions
 
-    def spy(self, seqs, **kw):
+    def spy(self, seqs, positions, **kw):
         count[0] += len(seqs)
-        return real(self, seqs, **kw)
+        return real(self, seqs, positions, **kw)
 
-    monkeypatch.setattr(Encoder, "encode_token_ids", spy)
+    monkeypatch.setattr(Encoder, "encode_at_positions", spy)
     return count
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from index_builder.corpus import CorpusReader, Rejection, SourceRecord, expand_corpus
+from index_builder.corpus import CorpusReader, Rejection, SourceEntry, SourceRecord, expand_corpus
 from index_builder.errors import BuildError
 
 
@@ -91,13 +91,24 @@ def test_onegen_db_jsonl_fragments(tmp_path):
         + json.dumps({"uid": 2, "messages": [{"role": "user", "content": "First fact.[RD] Second fact.[RD]"}],
                       "src": "wiki"}) + "\n"
         + json.dumps({"uid": "bad", "messages": [{"role": "user"}]}) + "\n"
+        + json.dumps({"uid": "one", "messages": [{"role": "user", "content": "Only fact.[RD]\n"}]}) + "\n"
+        + json.dumps({"uid": "t", "messages": [{"role": "user", "content": "A.[RD][RD]B.[RD] tail"}]}) + "\n"
     )
     items, _ = read([p])
-    assert [(i.id, i.text) for i in items[:3]] == [
-        ("q1", "Paris is in France."), ("2-0", "First fact."), ("2-1", " Second fact."),
-    ]
-    assert items[1].source == "2" and items[1].metadata == {"src": "wiki", "uid": "2", "fragment": 0}
-    assert isinstance(items[3], Rejection) and "messages[0]" in items[3].reason and items[3].origin == f"{p}:3"
+    q1, two, bad, one, t, tail = items
+    assert (q1.id, q1.text, q1.source) == ("q1", "Paris is in France.", None)
+    # an entry of several units comes whole: they are encoded in one sequence
+    assert isinstance(two, SourceEntry) and two.id == "2" and two.texts == ["First fact.", " Second fact."]
+    assert [(u.id, u.text) for u in two.units] == [("2-0", "First fact."), ("2-1", " Second fact.")]
+    assert two.units[0].source == "2" and two.units[0].metadata == {"src": "wiki", "uid": "2", "fragment": 0}
+    assert isinstance(bad, Rejection) and "messages[0]" in bad.reason and bad.origin == f"{p}:3"
+    # a single unit is a document like any other (the same rendering either way)
+    assert isinstance(one, SourceRecord) and (one.id, one.text, one.source) == ("one-0", "Only fact.", "one")
+    # an empty unit is left out but keeps its place; text after the last [RD] has no vector: reported
+    assert isinstance(t, SourceEntry) and t.texts == ["A.", "", "B."]
+    assert [type(u) for u in t.units] == [SourceRecord, Rejection, SourceRecord]
+    assert "fragment 1 ('t-1'): empty text" in t.units[1].reason
+    assert isinstance(tail, Rejection) and tail.doc_id == "t-3" and "after its last '[RD]'" in tail.reason
 
 
 def test_folder_of_text_and_markdown(tmp_path):
