@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from onegen_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from onegen_core.distributed import RankContext
-from onegen_core.encoder import Encoder, resolve_device
+from onegen_core.encoder import Encoder, resolve_device, resolve_dtype
 from onegen_core.index_store import Manifest, sqlite_uri
 from onegen_core.model.attention import MAX_PAD_WASTE
 from onegen_core.rendering import Renderer
@@ -66,7 +66,7 @@ class BuildConfig:
     batch_tokens: int | None = None  # token budget of one packed forward; None: 4096 on CPU, 16384 on GPU
     batch_size: int = 512  # most documents in one forward
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # as the engine's: float32 on the CPU, bfloat16 (or float16) on a GPU (resolve_dtype)
     chunk_tokens: int | None = None
     chunk_overlap: int = 0
     max_doc_tokens: int | None = None
@@ -125,13 +125,15 @@ def build_index(cfg: BuildConfig, *, dist: RankContext | None = None) -> BuildRe
     ckpt = _load_checkpoint(cfg.checkpoint)
     dim = int(ckpt.config.hidden_size)
     max_length = int(ckpt.config.max_position_embeddings)
-    try:  # the engine's resolver; its message starts with the option's name
-        device = str(resolve_device(cfg.device, local_rank=dist.local_rank if dist.distributed else None))
+    try:  # the engine's resolvers; their messages start with the option's name
+        dev = resolve_device(cfg.device, local_rank=dist.local_rank if dist.distributed else None)
+        dtype = str(resolve_dtype(cfg.dtype, dev)).removeprefix("torch.")
     except ValueError as e:
         raise BuildError(f"--{e}") from None
+    device = str(dev)
     if cfg.batch_tokens is None:  # a CPU runs big GEMMs out of cache; a GPU wants them big
         cfg = replace(cfg, batch_tokens=4096 if device == "cpu" else 16384)
-    settings = _settings(cfg, ckpt, device)
+    settings = _settings(cfg, ckpt, device, dtype)
     timings: dict[str, float] = {}
     try:
         with dist.synced():
@@ -161,7 +163,7 @@ def build_index(cfg: BuildConfig, *, dist: RankContext | None = None) -> BuildRe
             factory = resolve_factory(cfg.index, dim, count)
             check_trainable(factory, dim, count, cfg.train_size)
             t_encode = time.monotonic()
-            encoded, encoded_docs, reused = _encode(work, cfg, ckpt, count, dim, device, dist, timings)
+            encoded, encoded_docs, reused = _encode(work, cfg, ckpt, count, dim, device, dtype, dist, timings)
             timings["encode"] = time.monotonic() - t_encode - timings.get("load_model", 0.0)
         shards = n_shards(count, cfg.shard_size)
         reused_docs = sum(min(cfg.shard_size, count - i * cfg.shard_size) for i in reused)
@@ -175,7 +177,7 @@ def build_index(cfg: BuildConfig, *, dist: RankContext | None = None) -> BuildRe
                 result.shards_encoded = shards - len(reused)  # all ranks together
                 result.documents_encoded = count - reused_docs
                 t_merge = time.monotonic()
-                result.manifest = merge_and_publish(work, cfg, ckpt, ingested, factory, dim, dist.world_size)
+                result.manifest = merge_and_publish(work, cfg, ckpt, ingested, factory, dim, dist.world_size, dtype)
                 timings["merge"] = time.monotonic() - t_merge
         result.seconds = time.monotonic() - t0
         return result  # on other ranks: this rank's share
@@ -190,7 +192,7 @@ def _load_checkpoint(path: Path) -> Checkpoint:
         raise BuildError(f"--checkpoint {path}: {e}") from None
 
 
-def _settings(cfg: BuildConfig, ckpt: Checkpoint, device: str) -> dict[str, Any]:
+def _settings(cfg: BuildConfig, ckpt: Checkpoint, device: str, dtype: str) -> dict[str, Any]:
     """What decides the staged documents and their vectors: a resumed build must use the same."""
     return {
         "builder_version": BUILDER_VERSION,
@@ -200,7 +202,7 @@ def _settings(cfg: BuildConfig, ckpt: Checkpoint, device: str) -> dict[str, Any]
         "chunk_overlap": cfg.chunk_overlap,
         "max_doc_tokens": cfg.max_doc_tokens,
         "on_invalid": cfg.on_invalid,
-        "dtype": cfg.dtype,
+        "dtype": dtype,  # resolved: "auto" resumes only where it means the same
         "device_type": device.split(":")[0],
         "batch_tokens": cfg.batch_tokens,
         "batch_size": cfg.batch_size,
@@ -220,7 +222,7 @@ def _shard_done(work: WorkDir, i: int, rows: int, dim: int) -> bool:
     return arr.shape == (rows, dim) and arr.dtype == np.float32
 
 
-def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: int, device: str,
+def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: int, device: str, dtype: str,
             dist: RankContext, timings: dict[str, float]) -> tuple[int, int, set[int]]:
     """Encode this rank's share of the missing shards. Returns (shards and documents it encoded, shards reused)."""
     n = n_shards(count, cfg.shard_size)
@@ -234,7 +236,7 @@ def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: 
     if not mine:
         return 0, 0, reused
     t_load = time.monotonic()
-    encoder = Encoder.from_checkpoint(ckpt, dtype=cfg.dtype, device=device)
+    encoder = Encoder.from_checkpoint(ckpt, dtype=dtype, device=device)
     timings["load_model"] = time.monotonic() - t_load
     if encoder.dim != dim:
         raise AssertionError(f"encoder dim {encoder.dim} != config hidden size {dim}")

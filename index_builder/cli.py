@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most documents in one forward pass (default: 512)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; under torchrun cuda means "
                    "cuda:LOCAL_RANK (default: auto)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
-                   help="model dtype for encoding; the engine must serve with the same for identical vectors "
-                   "(default: float32)")
+    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype for encoding; the engine must serve with the same for identical vectors. auto "
+                   "is the engine's default: float32 on the CPU, bfloat16 (float16 without bf16 support) on a GPU; "
+                   "the manifest records what it resolved to (default: auto)")
     b.add_argument("--chunk-tokens", type=_positive_int, default=None,
                    help="split documents longer than this many tokens into overlapping passages {id}#{k} "
                    "(default: no chunking)")

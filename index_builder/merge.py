@@ -3,7 +3,8 @@
 The shards' vectors go into one FAISS index (trained on a seeded sample for IVF / PQ
 factories, ``faiss_index.assemble``), the staged docstore's documents into
 ``docstore.sqlite``, the rejected inputs (``--skip-invalid``) into ``rejected.jsonl``, and
-the manifest records the checkpoint's fingerprint and the builder's settings. The directory is assembled in the
+the manifest records the checkpoint's fingerprint, the resolved encode dtype
+(``Manifest.encode_dtype``) and the builder's settings. The directory is assembled in the
 work directory's ``final/`` and renamed into place (``WorkDir.publish``).
 """
 
@@ -40,13 +41,13 @@ def n_shards(count: int, shard_size: int) -> int:
 
 
 def merge_and_publish(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, Any], factory: str,
-                      dim: int, world: int) -> Manifest:
+                      dim: int, world: int, encode_dtype: str) -> Manifest:
     faiss = import_faiss()
     threads = faiss.omp_get_max_threads()
     if cfg.faiss_threads is not None:  # FAISS and torch may share one OpenMP runtime: restored below
         faiss.omp_set_num_threads(cfg.faiss_threads)
     try:
-        manifest = _merge(work, cfg, ckpt, ingest, factory, dim, world)
+        manifest = _merge(work, cfg, ckpt, ingest, factory, dim, world, encode_dtype)
     finally:
         faiss.omp_set_num_threads(threads)
     work.publish()
@@ -54,7 +55,7 @@ def merge_and_publish(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest:
 
 
 def _merge(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, Any], factory: str, dim: int,
-           world: int) -> Manifest:
+           world: int, encode_dtype: str) -> Manifest:
     faiss = import_faiss()
     count = int(ingest["count"])
     n = n_shards(count, cfg.shard_size)
@@ -99,11 +100,12 @@ def _merge(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, 
         factory=factory,
         special_token_ids=dict(ckpt.token_ids.by_name),
         corpus_digest=ingest["digest"],
+        encode_dtype=encode_dtype,
         extra={
             "builder": {
                 "version": BUILDER_VERSION,
                 "index": cfg.index,
-                "dtype": cfg.dtype,
+                "dtype": encode_dtype,
                 "chunk_tokens": cfg.chunk_tokens,
                 "chunk_overlap": cfg.chunk_overlap,
                 "max_doc_tokens": cfg.max_doc_tokens,

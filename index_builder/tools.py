@@ -3,12 +3,12 @@
 ``verify`` checks an index against a checkpoint: the manifest's fingerprint and
 special-token ids must be the checkpoint's, the FAISS index, docstore and manifest
 must agree on the count and dimension, and a seeded sample of documents is encoded
-again with the engine's encoder and compared with the stored vectors: a document
-alone (``Renderer.document``), a unit of a OneGen entry after the units before it
-(``onegen_core.documents.render_units``), as the build did. An exact index (Flat
-storage) must hold the same vector within ``atol``; a compressed one (PQ, SQ) must
-hold what its own codec makes of the fresh vector, so a quantised index is checked
-as strictly as its codec allows.
+again with the engine's encoder, in the dtype the manifest records, and compared with
+the stored vectors: a document alone (``Renderer.document``), a unit of a OneGen entry
+after the units before it (``onegen_core.documents.render_units``), as the build did.
+An exact index (Flat storage) must hold the same vector within ``atol``; a compressed
+one (PQ, SQ) must hold what its own codec makes of the fresh vector, so a quantised
+index is checked as strictly as its codec allows.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from onegen_core.index_store import (
     FingerprintMismatchError,
     IndexError_,
     IndexStore,
+    Manifest,
     sqlite_uri,
 )
 from onegen_core.rendering import Renderer
@@ -123,16 +124,22 @@ def _size(n: int) -> str:
 
 
 # ---------------------------------------------------------------------- search
+def encode_dtype(manifest: Manifest) -> str:
+    """The dtype the index's documents were encoded in (older manifests: the builder's setting, else float32)."""
+    return manifest.encode_dtype or manifest.extra.get("builder", {}).get("dtype") or "float32"
+
+
 def search(path: str | Path, checkpoint: Checkpoint, queries: list[str], k: int = 5, *,
            nprobe: int | None = None, ef_search: int | None = None, device: str = "cpu",
-           dtype: str = "float32") -> list[list[Any]]:
-    """Encode ``queries`` with the checkpoint (query template + [RQ]) and search the index: hits per query."""
+           dtype: str | None = None) -> list[list[Any]]:
+    """Encode ``queries`` with the checkpoint (query template + [RQ]; in the index's encode dtype unless
+    ``dtype`` is given) and search the index: hits per query."""
     from onegen_core.encoder import Encoder
     from onegen_core.retriever import FaissRetriever
 
     store = open_index(path, expected_fingerprint=checkpoint.fingerprint)
     retriever = FaissRetriever(store, nprobe=nprobe, ef_search=ef_search)
-    encoder = Encoder.from_checkpoint(checkpoint, dtype=dtype, device=device)
+    encoder = Encoder.from_checkpoint(checkpoint, dtype=dtype or encode_dtype(store.manifest), device=device)
     return retriever.search(encoder.encode_queries(queries), k)
 
 
@@ -181,8 +188,7 @@ def verify(path: str | Path, checkpoint: Checkpoint, *, sample: int = 32, seed: 
     exact = is_exact(store.index)
     max_diff, min_cos = 0.0, 1.0
     if docs:
-        build_dtype = dtype or m.extra.get("builder", {}).get("dtype", "float32")
-        encoder = Encoder.from_checkpoint(checkpoint, dtype=build_dtype, device=device)
+        encoder = Encoder.from_checkpoint(checkpoint, dtype=dtype or encode_dtype(m), device=device)
         seqs = [_sequence_of(store.docstore, int(vid), d, encoder.renderer) for vid, d in zip(ids, docs, strict=True)]
         keep = [k for k, seq in enumerate(seqs) if seq is not None]  # the others are not counted as checked
         ids, docs, seqs = ids[keep], [docs[k] for k in keep], [seqs[k] for k in keep]

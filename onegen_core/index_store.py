@@ -6,7 +6,7 @@
   source, start, end)``; open it with any SQLite client.
 * ``manifest.json`` — format version, checkpoint fingerprint, special-token ids,
   dimension, metric (inner product on L2-normalised vectors), FAISS factory string,
-  vector count, corpus digest, build time.
+  vector count, corpus digest, the encode dtype (``encode_dtype``), build time.
 
 The engine opens an index only if its fingerprint matches the checkpoint's.
 """
@@ -77,6 +77,9 @@ class Manifest:
     normalized: bool = True
     special_token_ids: dict[str, int] = field(default_factory=dict)
     corpus_digest: str = ""
+    # the dtype the documents were encoded in, resolved ("float32", "bfloat16", "float16"): queries encoded in
+    # another give other vectors. None in manifests written before the field existed.
+    encode_dtype: str | None = None
     build_time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     format_version: int = INDEX_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # builder settings, training size, …

@@ -110,7 +110,7 @@ def index_matches(checkpoint: Path, index: Path, dtype: str) -> bool:
         manifest = json.loads((index / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    built = manifest.get("extra", {}).get("builder", {}).get("dtype")
+    built = manifest.get("encode_dtype") or manifest.get("extra", {}).get("builder", {}).get("dtype")
     return manifest.get("checkpoint_fingerprint") == load_checkpoint(checkpoint).fingerprint and built in (None, dtype)
 
 

@@ -10,6 +10,7 @@ the one training's own forward (``OneGenModel.hidden``, via evaluation's ``encod
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 
 import faiss
@@ -21,6 +22,7 @@ from index_builder.cli import main
 from index_builder.tools import verify
 from onegen_core.checkpoint import load_checkpoint
 from onegen_core.documents import parse_entry, split_units
+from onegen_core.index_store import IndexStore
 from onegen_core.rendering import Renderer
 
 DB = [
@@ -87,10 +89,19 @@ def test_index_vectors_are_the_vectors_training_computes(built, tiny_checkpoint,
     assert np.abs(alone - stored[[1, 4]]).max() > 1e-2
 
 
-def test_verify_re_encodes_units_after_the_units_before_them(built, tiny_checkpoint):
+def test_manifest_records_the_resolved_dtype_and_verify_re_encodes_units(built, tiny_checkpoint, tmp_path):
     _, out = built
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["encode_dtype"] == "float32" and m["extra"]["builder"]["dtype"] == "float32"  # auto on the CPU
     report = verify(out, load_checkpoint(tiny_checkpoint), sample=8)
     assert report.ok and report.checked == 8 and report.max_abs_diff < 1e-5, report
+    # a manifest written before the field existed still opens, and verify falls back to the builder's setting
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    del m["encode_dtype"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert IndexStore.open(old).manifest.encode_dtype is None
+    assert verify(old, load_checkpoint(tiny_checkpoint), sample=8).ok
 
 
 def test_unindexable_parts_of_an_entry_are_reported(tiny_checkpoint, tmp_path, capsys):
