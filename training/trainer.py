@@ -25,7 +25,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,25 @@ from .modeling import (
 log = logging.getLogger("training")
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+
+
+# --------------------------------------------------------------------------- what a step adds up
+@dataclass
+class StepSums:
+    """What training steps add up for the log: summed over micro-batches and steps, then over ranks."""
+
+    lm_loss: float = 0.0  # LM cross-entropy summed over GEN targets
+    lm_targets: float = 0.0
+    contrastive_loss: float = 0.0  # contrastive loss summed over queries
+    queries: float = 0.0
+    tokens: float = 0.0  # non-pad tokens
+    conversations: float = 0.0
+
+    def __add__(self, other: StepSums) -> StepSums:
+        return StepSums(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def over_ranks(self, ctx: RankContext) -> StepSums:
+        return StepSums(*ctx.sum(list(astuple(self))))
 
 
 # --------------------------------------------------------------------------- optimiser and schedule
@@ -182,18 +201,24 @@ class Trainer:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def setup(self) -> None:
+        """Rank, data, model, runner: everything ``train`` needs, resumed from a checkpoint if there is one."""
         cfg = self.cfg
-        self.ctx = ctx = RankContext.from_env(device="auto")
+        self.ctx = RankContext.from_env(device="auto")
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.deepspeed = None
         self._check_output()
+        self._setup_data()
+        self._setup_model()
+        self._setup_runner()
+
+    def _setup_data(self) -> None:
+        """The base's tokenizer with the spec's tokens, the validated data, the collator."""
+        cfg, ctx = self.cfg, self.ctx
         self.base_dir = resolve_base_dir(cfg.base_model)
         self.spec = resolve_spec(cfg, self.base_dir)
-        self.tokenizer, new_tokens, token_ids = prepare_tokenizer(cfg, self.base_dir, self.spec)
-        self.renderer = Renderer(self.tokenizer, self.spec, token_ids)
-        self.data = self._load_data(self.renderer)
-        d = self.data
+        self.tokenizer, self.new_tokens, self.token_ids = prepare_tokenizer(cfg, self.base_dir, self.spec)
+        self.renderer = Renderer(self.tokenizer, self.spec, self.token_ids)
+        self.data = d = self._load_data(self.renderer)
         if ctx.is_main:
             log.info("data: %d train / %d eval conversations, %d documents (%d units)%s", len(d.train), len(d.eval),
                      len(d.corpus.uids), d.corpus.num_units, " [cached]" if d.from_cache else "")
@@ -204,44 +229,52 @@ class Trainer:
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.collator = OneGenCollator(d.corpus, n_pos_per_sent=cfg.n_pos_per_sent,
                                        n_neg_per_pos=cfg.n_neg_per_pos, pad_id=self.pad_id)
-        # ---- model
-        ds_config = None
+
+    def _setup_model(self) -> None:
+        """The model (DeepSpeed's config decides its load dtype), its optimiser and learning-rate schedule."""
+        cfg, ctx = self.cfg, self.ctx
+        self.deepspeed = None
+        self.ds_config = None
         if cfg.deepspeed:
             from .ds import prepare_deepspeed_config
 
-            ds_config = prepare_deepspeed_config(cfg, ctx.world_size)
+            self.ds_config = prepare_deepspeed_config(cfg, ctx.world_size)
         torch.manual_seed(cfg.seed)
-        load_dtype = torch.bfloat16 if ds_config and ds_config.get("bf16", {}).get("enabled") else torch.float32
-        self.lm = build_model(cfg, self.base_dir, self.tokenizer, new_tokens, self.spec, token_ids, dtype=load_dtype)
+        bf16 = self.ds_config is not None and self.ds_config.get("bf16", {}).get("enabled")
+        self.lm = build_model(cfg, self.base_dir, self.tokenizer, self.new_tokens, self.spec, self.token_ids,
+                              dtype=torch.bfloat16 if bf16 else torch.float32)
         self.model = OneGenModel(self.lm).to(ctx.device)
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if ctx.is_main:
             n_train = sum(p.numel() for _, p in self.params)
             n_all = sum(p.numel() for p in self.model.parameters())
             log.info("model: %s, %s fine-tune, %.2fM / %.2fM parameters trainable, new tokens %s",
-                     self.base_dir.name, cfg.finetune, n_train / 1e6, n_all / 1e6, new_tokens or "none")
+                     self.base_dir.name, cfg.finetune, n_train / 1e6, n_all / 1e6, self.new_tokens or "none")
         self.optimizer = make_optimizer(cfg, self.params)
-        n_micro = len(micro_batches(len(d.train), cfg.per_device_train_batch_size, seed=cfg.seed, epoch=0,
+        n_micro = len(micro_batches(len(self.data.train), cfg.per_device_train_batch_size, seed=cfg.seed, epoch=0,
                                     rank=ctx.rank, world_size=ctx.world_size))
         self.steps_per_epoch = max(1, math.ceil(n_micro / cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         self.lr_factor = lr_factor(cfg, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        # ---- run dir, metrics
+
+    def _setup_runner(self) -> None:
+        """The run directory and its metrics, the module that runs steps (DeepSpeed, DDP or the model), resume."""
+        cfg, ctx = self.cfg, self.ctx
         self.run_dir = cfg.run_path
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
         self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl", report_to=cfg.report_to,
                                      tensorboard_dir=self.run_dir / "tensorboard", enabled=ctx.is_main)
-        self.digest = self._digest(d)
+        self.digest = self._digest(self.data)
         self.step = 0
         self.resumed_from = 0
-        if ds_config is not None:
+        if self.ds_config is not None:
             from .ds import DeepSpeedRunner
 
-            self.deepspeed = DeepSpeedRunner(self, ds_config)
+            self.deepspeed = DeepSpeedRunner(self, self.ds_config)
             self.runner: torch.nn.Module = self.deepspeed.engine
         elif ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -325,7 +358,7 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
     def _losses(self, lm_sum: torch.Tensor, n_tgt: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
-                batch: Batch) -> tuple[torch.Tensor, list[float]]:
+                batch: Batch) -> tuple[torch.Tensor, StepSums]:
         """Global-count-normalised loss of this rank's micro-batch, and its sums for logging."""
         cfg, ctx = self.cfg, self.ctx
         n_q = q.shape[0]
@@ -349,13 +382,13 @@ class Trainer:
                 ctr_sum = bpr_loss(q, d_all, pos_index, mask, reduction="sum")
         w = ctx.world_size
         loss = w * (cfg.lambda_g * lm_sum / max(n_tgt_all, 1.0) + cfg.lambda_r * ctr_sum / max(n_q_all, 1.0))
-        return loss, [float(lm_sum.detach()), float(n_tgt), float(ctr_sum.detach()), float(n_q),
-                      float(batch.num_tokens), float(batch.num_conversations)]
+        return loss, StepSums(float(lm_sum.detach()), float(n_tgt), float(ctr_sum.detach()), float(n_q),
+                              float(batch.num_tokens), float(batch.num_conversations))
 
-    def train_step(self, epoch: int, group: list[int], micros: list[list[int]]) -> tuple[list[float], float]:
+    def train_step(self, epoch: int, group: list[int], micros: list[list[int]]) -> tuple[StepSums, float]:
         cfg, ctx = self.cfg, self.ctx
         self.runner.train()
-        sums = [0.0] * 6
+        sums = StepSums()
         for j, mi in enumerate(group):
             batch = self.collator([self.data.train[i] for i in micros[mi]],
                                   batch_rng(cfg.seed, epoch, mi, ctx.rank)).to(ctx.device)
@@ -373,7 +406,7 @@ class Trainer:
                     self.deepspeed.backward_and_step(loss)  # DeepSpeed scales by 1/accumulation itself
                 else:
                     (loss / len(group)).backward()
-            sums = [a + b for a, b in zip(sums, parts, strict=True)]
+            sums = sums + parts
         if self.deepspeed is not None:
             grad_norm = self.deepspeed.grad_norm()
         else:
@@ -405,7 +438,7 @@ class Trainer:
         epoch = self.step // self.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not (ctx.is_main and self.progress), dynamic_ncols=True)
-        window = [0.0] * 6
+        window = StepSums()
         t_window = time.perf_counter()
         t0 = time.perf_counter()
         while self.step < self.total_steps:
@@ -417,11 +450,11 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 sums, grad_norm = self.train_step(epoch, group, micros)
                 self.step += 1
-                window = [a + b for a, b in zip(window, sums, strict=True)]
+                window = window + sums
                 bar.update(1)
                 if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                     self._log_train(window, time.perf_counter() - t_window, lr, grad_norm, epoch, bar)
-                    window = [0.0] * 6
+                    window = StepSums()
                     t_window = time.perf_counter()
                 if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                     self.run_eval()
@@ -439,19 +472,19 @@ class Trainer:
         return TrainResult(output_dir=out, steps=self.step, train_seconds=train_seconds, eval_start=eval_start,
                            eval_final=eval_final, resumed_from=self.resumed_from)
 
-    def _log_train(self, window: list[float], seconds: float, lr: float, grad_norm: float, epoch: int,
+    def _log_train(self, window: StepSums, seconds: float, lr: float, grad_norm: float, epoch: int,
                    bar: Any) -> None:
-        lm_sum, n_tgt, ctr_sum, n_q, tokens, convs = self.ctx.sum(window)
+        w = window.over_ranks(self.ctx)
         rec = {
             "split": "train", "step": self.step, "epoch": epoch,
-            "lm_loss": lm_sum / n_tgt if n_tgt else float("nan"),
-            "contrastive_loss": ctr_sum / n_q if n_q else float("nan"),
+            "lm_loss": w.lm_loss / w.lm_targets if w.lm_targets else float("nan"),
+            "contrastive_loss": w.contrastive_loss / w.queries if w.queries else float("nan"),
             "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-            "conversations_per_s": convs / seconds if seconds > 0 else 0.0,
+            "tokens_per_s": w.tokens / seconds if seconds > 0 else 0.0,
+            "conversations_per_s": w.conversations / seconds if seconds > 0 else 0.0,
         }
-        rec["loss"] = self.cfg.lambda_g * (rec["lm_loss"] if n_tgt else 0.0) + self.cfg.lambda_r * (
-            rec["contrastive_loss"] if n_q else 0.0)
+        rec["loss"] = self.cfg.lambda_g * (rec["lm_loss"] if w.lm_targets else 0.0) + self.cfg.lambda_r * (
+            rec["contrastive_loss"] if w.queries else 0.0)
         self.metrics.log(rec)
         bar.set_postfix(lm=f"{rec['lm_loss']:.3f}", ret=f"{rec['contrastive_loss']:.3f}", lr=f"{lr:.2e}",
                         tok_s=f"{rec['tokens_per_s']:.0f}")
