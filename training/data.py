@@ -96,12 +96,6 @@ class Corpus:
     def units_of(self, doc: int) -> range:
         return range(int(self.first_unit[doc]), int(self.first_unit[doc + 1]))
 
-    def unit_name(self, unit: int) -> str:
-        d = int(self.unit_doc[unit])
-        k = unit - int(self.first_unit[d])
-        n = int(self.first_unit[d + 1] - self.first_unit[d])
-        return self.uids[d] if n == 1 else f"{self.uids[d]}-{k}"
-
     def resolve(self, ref: Any) -> tuple[int | None, str | None]:
         """Unit index of a reference, or (None, why)."""
         if isinstance(ref, bool) or not isinstance(ref, str | int):

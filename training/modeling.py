@@ -270,10 +270,6 @@ def length_buckets(lengths: list[int], max_waste: float = MAX_PAD_WASTE) -> list
     return buckets
 
 
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-
-
 def save_onegen_checkpoint(model: nn.Module, tokenizer: Any, spec: OneGenSpec, out: Path, *, cfg: TrainConfig,
                            base_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Contract 1 into ``out``: full weights (or merged LoRA) or a LoRA adapter whose base is ``base_dir``."""

@@ -8,14 +8,6 @@ import pytest
 from ib_data import make_records, write_jsonl
 
 
-@pytest.fixture
-def write_corpus(tmp_path):
-    def write(records: list[dict], name: str = "corpus.jsonl") -> Path:
-        return write_jsonl(tmp_path / name, records)
-
-    return write
-
-
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", make_records(60))
