@@ -96,6 +96,7 @@ class Engine:
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens in the last step's forward (at most max_num_batched_tokens)
         self._max_text_chars = self.max_model_len * max_token_chars(self.tokenizer)
+        self._check_index_dtype()
         log.info("engine ready: %s %s on %s, %d KV blocks x %d, max_model_len %d, attention %s, linear %s",
                  checkpoint.model_type, self.dtype, self.device, self.runner.num_blocks, config.block_size,
                  self.max_model_len, self.runner.backend, self.model.linear_backend)
@@ -112,6 +113,16 @@ class Engine:
             store = IndexStore.open(index_dir, expected_fingerprint=ckpt.fingerprint)
             retriever = make_retriever(store, config.retriever, resolve_device(config.device))
         return cls(ckpt, config, retriever=retriever, index=store)
+
+    def _check_index_dtype(self) -> None:
+        """Warn when the index was encoded in another dtype than the one served: query vectors then come from a
+        slightly different computation than the document vectors they are compared with."""
+        encoded = self.index.manifest.encode_dtype if self.index is not None else None
+        served = str(self.dtype).removeprefix("torch.")
+        if encoded and encoded != served:
+            log.warning("the index %s was encoded in %s but the engine serves in %s: queries and documents are "
+                        "encoded differently (rebuild the index with --dtype %s, or serve with --dtype %s)",
+                        self.index.path, encoded, served, served, encoded)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -207,6 +207,7 @@ def write_index_dir(
     factory: str = "Flat",
     corpus_digest: str = "",
     extra: dict[str, Any] | None = None,
+    encode_dtype: str | None = None,
 ) -> Path:
     """Write a complete index dir from in-memory vectors (small corpora, tests). Atomic: built aside, renamed."""
     faiss = import_faiss()
@@ -234,6 +235,7 @@ def write_index_dir(
         special_token_ids=special_token_ids or {},
         corpus_digest=corpus_digest,
         extra=extra or {},
+        encode_dtype=encode_dtype,
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
     if out.exists():

@@ -66,3 +66,26 @@ def test_a_failed_search_fails_its_batch_and_the_engine_keeps_serving(retrieving
     again = _run(engine, PROMPTS[:6])
     assert all(f.reason in ("stop", "length") and f.result.error is None for f in again.values())
     assert sum(len(f.result.retrievals) for f in again.values()) >= 1
+
+
+def test_an_index_encoded_in_another_dtype_is_named_in_a_warning(retrieving_checkpoint, tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.index_store import Document, write_index_dir
+
+    ckpt = load_checkpoint(retrieving_checkpoint)
+    docs = [Document(id=f"d{i}", text=f"text {i}") for i in range(3)]
+    vecs = np.eye(3, ckpt.config.hidden_size, dtype=np.float32)
+    for encoded, warned in (("bfloat16", True), ("float32", False), (None, False)):
+        idx = write_index_dir(tmp_path / f"idx-{encoded}", vecs, docs, checkpoint_fingerprint=ckpt.fingerprint,
+                              special_token_ids=ckpt.token_ids.by_name, encode_dtype=encoded)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="onegen_core.engine"):
+            Engine.from_checkpoint(ckpt, idx, EngineConfig(dtype="float32", num_kv_blocks=16, block_size=8))
+        hits = [r.getMessage() for r in caplog.records if "encoded in" in r.getMessage()]
+        assert bool(hits) == warned, (encoded, hits)
+        if warned:
+            assert "bfloat16" in hits[0] and "float32" in hits[0]
