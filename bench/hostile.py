@@ -13,8 +13,9 @@ runs the scenarios in this order against that one process, and ends it with SIGT
   are pooled for the p99. ``/health/ready`` is polled every 0.2 s meanwhile.
 * **stall under load** — the same streams; once every stream has its first token, ``--retrieve-clients``
   (4) clients send ``/retrieve`` requests of as many queries as the server's ``--max-retrieve-batch``
-  allows (64) of ``--retrieve-words`` (300) words each, in a loop until the streams end (the requests
-  in flight then are awaited); one client sends a 1 MB prompt (``/generate`` prompt and chat, of
+  allows (64) of ``--retrieve-words`` (300) words each, in a loop until the streams end; the requests
+  in flight then get ``--load-grace-s`` (60 s) to finish, and those still running are cancelled (the
+  client goes away, not counted in the row; the server's queue must then empty: a check); one client sends a 1 MB prompt (``/generate`` prompt and chat, of
   1,000,000 characters, and one of 1 MiB + 1: expected 413 or 422) every second; one more stream starts
   1 s into the load (its time to first token shows how long a new request queues behind the queries);
   ``/health/ready`` is polled every 0.2 s (the fraction of 200s is reported). The p99 column of the
@@ -423,7 +424,8 @@ class Bench:
             row = Row("stall baseline: SSE /generate streams", Expect.of("ok"), list(base),
                       gaps=[g for o in base for g in token_gaps(o.token_times)])
             ready = sum(p.status == 200 for p in polls)
-            row.notes.append(f"{a.streams} x {a.max_tokens} tokens; max gap {fmt_seconds(max(row.gaps or [0]))}; "
+            row.notes.append(f"{a.streams} x {a.max_tokens} tokens; p50 gap {fmt_seconds(percentile(row.gaps or [], 50))}, "
+                             f"max {fmt_seconds(max(row.gaps or [0]))}; "
                              f"ready 200 in {ready}/{len(polls)} polls")
             self.details["stall_baseline"] = {"ready_polls": len(polls), "ready_200": ready,
                                               "ttft_s": [o.ttft for o in base], "p50_gap_s": percentile(row.gaps or [], 50)}
@@ -441,11 +443,18 @@ class Bench:
             bigs: list[Outcome] = []
             t_load = time.perf_counter()
 
+            cancelled: list[tuple[float, float]] = []  # (sent, cancelled) of /retrieve requests the bench gave up on
+
             async def retrieve_client(i: int) -> None:
                 n = 0
                 while not stop_load.is_set():
-                    retrieves.append(await call(c, "POST", "/retrieve", label=f"/retrieve client {i} round {n}",
-                                                json_body=self.retrieve_body(i, n), hung_s=a.hung_s))
+                    t_send = time.perf_counter()
+                    try:
+                        retrieves.append(await call(c, "POST", "/retrieve", label=f"/retrieve client {i} round {n}",
+                                                    json_body=self.retrieve_body(i, n), hung_s=a.hung_s))
+                    except asyncio.CancelledError:
+                        cancelled.append((t_send, time.perf_counter()))
+                        raise
                     n += 1
 
             million = "word " * 200_000  # 1,000,000 characters
@@ -477,26 +486,50 @@ class Bench:
             loaded = await asyncio.gather(*tasks)
             t_streams_done = time.perf_counter()
             stop_load.set()
-            log(f"  streams done after {t_streams_done - t_load:.1f} s of load; waiting for the "
-                f"{sum(1 for t in load if not t.done())} load clients' requests in flight")
-            await asyncio.gather(*load)
+            log(f"  streams done after {t_streams_done - t_load:.1f} s of load; waiting up to {a.load_grace_s:g} s "
+                f"for the {sum(1 for t in load if not t.done())} load clients' requests in flight")
+            _, pending = await asyncio.wait(load, timeout=a.load_grace_s)
+            for t in pending:  # the client goes away: the server must drop the search's queued work
+                t.cancel()
+            await asyncio.gather(*load, return_exceptions=True)
+            t_cancel = time.perf_counter()
             late_o = await late
             t_load_done = time.perf_counter()
+            emptied_s = None
+            if pending:
+                log(f"  cancelled {len(cancelled)} /retrieve requests; waiting for the server's queue to empty")
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    m = await self.scrape(c)
+                    if (self.metric_sum(m, "onegen_num_requests_waiting")
+                            + self.metric_sum(m, "onegen_num_requests_running")) == 0:
+                        emptied_s = time.perf_counter() - t_cancel
+                        break
+                    await asyncio.sleep(0.2)
+                self.check("stall", "cancelled /retrieve work leaves the scheduler", emptied_s is not None,
+                           f"{len(cancelled)} cancelled; queue empty {fmt_seconds(emptied_s)} after the cancel"
+                           if emptied_s is not None else "requests still running or waiting 120 s after the cancel")
             stop_polls.set()
             await poller
 
-            busy = in_any([(o.t_send, o.t_end) for o in retrieves])
+            busy = in_any([(o.t_send, o.t_end) for o in retrieves] + cancelled)
             under = gaps_within([o.token_times for o in loaded], busy)
             every = [g for o in loaded for g in token_gaps(o.token_times)]
             row = Row("stall under load: SSE /generate streams", Expect.of("ok"), list(loaded), gaps=under)
             row.notes.append(f"{len(under)}/{len(every)} gaps with a /retrieve in flight (p99 of all "
-                             f"{fmt_seconds(percentile(every, 99))}); max gap {fmt_seconds(max(under or [0]))}")
+                             f"{fmt_seconds(percentile(every, 99))}); p50 gap {fmt_seconds(percentile(under, 50))}, "
+                             f"max {fmt_seconds(max(under or [0]))}")
             self.add_row(row)
             n_q = len(self.retrieve_body(0, 0)["queries"])
             rrow = Row(f"stall under load: /retrieve {n_q} x {a.retrieve_words} words ({a.retrieve_clients} clients)",
                        Expect.of("ok"), retrieves)
             lat = [o.t_end - o.t_send for o in retrieves]
-            rrow.notes.append(f"latency p50 {fmt_seconds(percentile(lat, 50))}, max {fmt_seconds(max(lat or [0]))}")
+            rrow.notes.append(f"latency p50 {fmt_seconds(percentile(lat, 50))}, max {fmt_seconds(max(lat))}"
+                              if lat else "none completed")
+            if cancelled:
+                rrow.notes.append(f"{len(cancelled)} more in flight when the streams ended, cancelled by the bench "
+                                  f"after {a.load_grace_s:g} s (not counted); server queue empty "
+                                  f"{fmt_seconds(emptied_s)} after the cancel")
             self.add_row(rrow)
             brow = Row("stall under load: 1 MB prompts", Expect.of("clean", clean=[413, 422]), bigs)
             statuses = sorted({o.status for o in bigs if o.status})
@@ -505,8 +538,10 @@ class Bench:
             self.add_row(brow)
             lrow = Row("stall under load: stream started 1 s into the load", Expect.of("ok"), [late_o],
                        gaps=token_gaps(late_o.token_times))
+            after_cancel = bool(pending) and bool(late_o.token_times) and late_o.token_times[0] > t_cancel
             lrow.notes.append(f"time to first token {fmt_seconds(late_o.ttft)} (the scheduler admits in arrival "
-                              "order: a new request waits for the /retrieve queries queued before it)")
+                              "order: a new request waits for the /retrieve queries queued before it"
+                              + ("; its first token came only after the bench cancelled them)" if after_cancel else ")"))
             self.add_row(lrow)
             ready = sum(p.status == 200 for p in polls)
             prow = Row("stall under load: /health/ready every 0.2 s", Expect.of("ok"), polls)
@@ -519,6 +554,7 @@ class Bench:
                 "ready_fraction": frac, "gaps_under_load": len(under), "gaps_all": len(every),
                 "p99_gap_all_s": percentile(every, 99), "p50_gap_under_load_s": percentile(under, 50),
                 "late_stream_ttft_s": late_o.ttft, "retrieve_queries": n_q, "retrieve_requests": len(retrieves),
+                "retrieve_cancelled": len(cancelled), "queue_empty_after_cancel_s": emptied_s,
                 "ready_non_200": [outcome_record(p) for p in polls if p.status != 200][:20],
             }
 
@@ -1017,6 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrieve-clients", type=int, default=4)
     p.add_argument("--retrieve-queries", type=int, default=64, help="queries per /retrieve (= --max-retrieve-batch)")
     p.add_argument("--retrieve-words", type=int, default=300)
+    p.add_argument("--load-grace-s", type=float, default=60.0,
+                   help="after the streams under load end, how long /retrieve requests in flight may finish before "
+                        "the bench cancels them (and checks that the server drops their work)")
     p.add_argument("--auth-rounds", type=int, default=3, help="times the 22 unauthenticated requests are sent")
     p.add_argument("--drain-timeout-s", type=float, default=3.0)
     p.add_argument("--hung-s", type=float, default=600.0, help="bound on one request (health probes: 10 s)")
