@@ -80,6 +80,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -274,6 +275,16 @@ def signal_and_probe(proc: subprocess.Popen, socks: list[socket.socket], plan: l
     return t_sig, outs
 
 
+async def wait_all(events: list[asyncio.Event], timeout: float) -> bool:
+    """Wait for every event, at most ``timeout`` seconds (False: some never came; the requests say why)."""
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
+        return True
+    except TimeoutError:
+        log(f"  not every stream had its first token after {timeout:g} s; going on")
+        return False
+
+
 def words_text(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
@@ -393,6 +404,11 @@ class Bench:
         rng = random.Random(1000 * client_i + round_i)
         return {"queries": [words_text(rng, self.args.retrieve_words) for _ in range(n)], "k": 1}
 
+    def access_count(self, status: int) -> int:
+        """Access-log lines with this status so far (what the server believes it answered)."""
+        assert self.srv is not None
+        return sum(1 for r in self.srv.log_records() if r.get("logger") == "onegen.access" and r.get("status") == status)
+
     def metric_sum(self, text: str, name: str) -> float:
         total = 0.0
         for line in text.splitlines():
@@ -435,7 +451,7 @@ class Bench:
                 f"({a.retrieve_queries} x {a.retrieve_words} words) + 1 MB prompts + ready polls")
             t_phase = time.perf_counter()
             tasks, firsts = await self.streams(c, a.streams, a.max_tokens, "stream under load")
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), a.hung_s)
+            await wait_all(firsts, a.hung_s)
             stop_load, stop_polls = asyncio.Event(), asyncio.Event()
             polls = []
             poller = asyncio.create_task(self.poll_ready(stop_polls, 0.2, polls))
@@ -755,6 +771,7 @@ class Bench:
                     for p in ("/docs", "/redoc", "/openapi.json", "/info", "/metrics", "/v1/models")]
             return out
 
+        logged_before = self.access_count(401)
         rss_before = proc.memory_info().rss
         peak = rss_before
         sampling = True
@@ -794,6 +811,9 @@ class Bench:
         mib = 1024 * 1024
         row.notes.append(f"statuses {statuses}; RSS {rss_before / mib:.0f} -> peak {peak / mib:.0f} -> "
                          f"{rss_after / mib:.0f} MiB; latency p99 {fmt_seconds(percentile(lat, 99))}")
+        await asyncio.sleep(0.5)  # the access line is written after the response went out
+        logged = self.access_count(401) - logged_before
+        row.notes.append(f"the server's access log has {logged} 401s for these {len(outcomes)} requests")
         resets = [o for o in outcomes if classify(o)[0] == "lost"]
         if resets:
             big_resets = sum(1 for o in resets if "2.5 MB" in o.label)
@@ -855,7 +875,7 @@ class Bench:
                 add("/generate", {**self.stream_body(i + 4, long_tokens), "stream": False}, f"long plain /generate {i}")
             add("/v1/completions", {"prompt": "The history of Paris", "max_tokens": long_tokens, "temperature": 0,
                                     "ignore_eos": True}, "long plain /v1/completions")
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), a.hung_s)
+            await wait_all(firsts, a.hung_s)
             # streams short enough to finish inside the drain timeout (paced by the baseline's median gap), running
             # before the /retrieve is queued (the scheduler admits in arrival order)
             gap = self.details.get("stall_baseline", {}).get("p50_gap_s") or 0.1
@@ -864,7 +884,7 @@ class Bench:
             for i in range(2):
                 add("/generate", self.stream_body(i + 6, short_tokens), f"short SSE stream {i} ({short_tokens} tokens)",
                     "sse", watch=True)
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), a.hung_s)
+            await wait_all(firsts, a.hung_s)
             add("/retrieve", self.retrieve_body(9, 0), "heavy /retrieve in flight")
             await asyncio.sleep(0.3)
 
@@ -990,7 +1010,8 @@ def render_markdown(bench: Bench, meta: dict[str, Any]) -> str:
         "# Serving under hostile load (`bench/hostile.py`)",
         "",
         f"{meta['date']}; {meta['machine_start']['cpu']}, {meta['machine_start']['cores']} cores; "
-        f"model **{info.get('model')}** ({'demo, random weights' if info.get('demo') else meta['model']}), "
+        f"model **{info.get('model')}** ({'the demo: random weights' if info.get('demo') else meta['model']}: "
+        f"`{info.get('checkpoint')}`, index `{(info.get('index') or {}).get('path')}`), "
         f"{info.get('dtype')} on {info.get('device')}; runtime {meta['runtime_s']:.0f} s.",
         "",
         f"Server: `python -m server {' '.join(bench.details.get('server_flags', []))}` "
@@ -1011,12 +1032,19 @@ def render_markdown(bench: Bench, meta: dict[str, Any]) -> str:
     ]
     for ch in bench.checks:
         lines.append(f"- {'PASS' if ch['passed'] else '**FAIL**'} [{ch['scenario']}] {ch['check']}: {ch['detail']}")
-    bad = [(r.scenario, outcome_record(o)) for r in bench.rows for o, _, _ in r.unexpected()]
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in bench.rows:
+        for o, cat, why in r.unexpected():
+            why = re.sub(r"\d+(\.\d+)? ?(ms|s|bytes|events)\b", "N \\2", why)
+            groups.setdefault((r.scenario, cat, why), []).append(outcome_record(o))
     lines += ["", "## Unexpected outcomes", ""]
-    if not bad:
+    if not groups:
         lines.append("None.")
-    for scen, rec in bad[:30]:
-        lines.append(f"- {scen}: `{json.dumps(rec)[:600]}`")
+    for (scen, cat, why), recs in groups.items():
+        labels = sorted({rec["label"] for rec in recs})
+        lines.append(f"- {scen}: {len(recs)} x {cat} ({why}); requests: {'; '.join(labels)[:700]}")
+    lines.append("")
+    lines.append("Each request is in the JSON file (`unexpected`, `details`).")
     logscan = meta.get("server_log", {})
     lines += ["", "## Server log", "",
               f"{logscan.get('lines', 0)} lines; errors {len(logscan.get('errors', []))}, "
@@ -1075,7 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     meta: dict[str, Any] = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine_start": machine(),
-                            "model": args.checkpoint or args.model}
+                            "model": args.checkpoint or {"default": "the trained default model",
+                                                         "demo": "demo"}[args.model]}
     bench = Bench(args)
     bench.start_server()
     try:
