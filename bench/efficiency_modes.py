@@ -88,6 +88,9 @@ class ModeRun:
     outcomes: list[Outcome]
     wall: float  # seconds from submission to the last request's last token
     phases: dict[str, float]  # seconds spent per phase (engine generate, query encode, search, tokenise)
+    # tokens that went through the generation model, all requests: "engine" (prefill, extends, decode) and
+    # "separate forward" (the same model's query / embedding forwards outside the engine)
+    model_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def generated_tokens(self) -> int:
@@ -138,6 +141,13 @@ def run_requests(engine: Any, inputs: list[list[int]], sampling: list[Any], retr
     return [_Seg(list(done[i][1].token_ids), first.get(i), done[i][0], done[i][1]) for i in ids]
 
 
+def forwarded(segs: list[_Seg]) -> int:
+    """Tokens the engine ran through the model for these requests: prompt, inserted passages and every
+    generated token but the last (sampled, never fed back)."""
+    return sum(s.result.usage.prompt_tokens + s.result.usage.retrieved_tokens
+               + max(s.result.usage.completion_tokens - 1, 0) for s in segs)
+
+
 def _sampling(max_tokens: int, forced: dict[int, int] | None = None) -> Any:
     from onegen_core.params import SamplingParams
 
@@ -178,7 +188,8 @@ def one_pass(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
             ttft=(s.first_time if s.first_time is not None else s.finish_time) - t0, latency=s.finish_time - t0,
             retrieval_positions=[r.output_token_index for r in recs]))
     return ModeRun("one_pass", outcomes, wall, {"engine (prefill + decode + extend + search)": wall,
-                                                "of which search": sum(search.values())})
+                                                "of which search": sum(search.values())},
+                   {"engine": forwarded(segs), "separate forward": 0})
 
 
 def no_retrieval(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
@@ -189,7 +200,8 @@ def no_retrieval(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
                         RetrievalParams(enabled=False), clock, set(engine.token_ids.query_ids))
     wall = clock() - t0
     outcomes = [Outcome(s.tokens, [], 0, (s.first_time or s.finish_time) - t0, s.finish_time - t0) for s in segs]
-    return ModeRun("no_retrieval", outcomes, wall, {"engine (prefill + decode)": wall})
+    return ModeRun("no_retrieval", outcomes, wall, {"engine (prefill + decode)": wall},
+                   {"engine": forwarded(segs), "separate forward": 0})
 
 
 class _Tracker:
@@ -233,6 +245,7 @@ def two_pass(engine: Any, wl: Workload, clock: Clock, retrieve: RetrieveFn, name
     off = RetrievalParams(enabled=False)
     n = len(wl.requests)
     phases = {"engine (prefill + decode)": 0.0, "query encode + search": 0.0}
+    tokens = {"engine": 0, "separate forward": 0}
     t0 = clock()
     tr = _Tracker(n, t0, qids)
     ctx = [list(r.prompt_ids) for r in wl.requests]
@@ -240,6 +253,7 @@ def two_pass(engine: Any, wl: Workload, clock: Clock, retrieve: RetrieveFn, name
     def generate(n_new: int) -> None:
         t = clock()
         segs = run_requests(engine, ctx, [_sampling(n_new)] * n, off, clock, qids)
+        tokens["engine"] += forwarded(segs)
         for c, s in zip(ctx, segs, strict=True):
             c += s.tokens
         tr.add_segment(segs)
@@ -254,6 +268,7 @@ def two_pass(engine: Any, wl: Workload, clock: Clock, retrieve: RetrieveFn, name
         texts = [engine.tokenizer.decode([x for x in o if x not in qids], skip_special_tokens=True) for o in tr.out]
         hits = retrieve(ctx, [r.question for r in wl.requests], texts, wl.k)
         now = clock()
+        tokens["separate forward"] += getattr(retrieve, "same_model", False) * sum(len(c) for c in ctx)
         phases["query encode + search"] += now - t
         tr.add_query_token(rq, now)
         for i, hs in enumerate(hits):
@@ -265,7 +280,7 @@ def two_pass(engine: Any, wl: Workload, clock: Clock, retrieve: RetrieveFn, name
     if wl.max_tokens > len(tr.out[0]):
         generate(wl.max_tokens - len(tr.out[0]))
     wall = clock() - t0
-    return ModeRun(name, tr.outcomes(), wall, phases)
+    return ModeRun(name, tr.outcomes(), wall, phases, tokens)
 
 
 def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokenize: bool = True) -> ModeRun:
@@ -285,6 +300,7 @@ def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokeniz
     n = len(wl.requests)
     phases = {"engine (prefill + decode)": 0.0, "embed forward (whole text)": 0.0, "search": 0.0,
               "decode + re-tokenise": 0.0}
+    tokens = {"engine": 0, "separate forward": 0}
     t0 = clock()
     tr = _Tracker(n, t0, qids)
     ideal = [list(r.prompt_ids) for r in wl.requests]  # the ids the engine would hold, to check re-tokenisation
@@ -308,6 +324,7 @@ def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokeniz
         t = clock()
         segs = run_requests(engine, ids_in, [_sampling(n_new, forced)] * n, off, clock, qids)
         phases["engine (prefill + decode)"] += clock() - t
+        tokens["engine"] += forwarded(segs)
         tr.add_segment(segs)
         t = clock()
         for i, s in enumerate(segs):
@@ -321,6 +338,7 @@ def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokeniz
         emb_in = encode(text)
         t = clock()
         vecs = encoder.encode_token_ids(emb_in)  # a separate forward over the whole re-tokenised text
+        tokens["separate forward"] += sum(len(e) for e in emb_in)
         t1 = clock()
         hits = engine.retriever.search(vecs, wl.k)
         now = clock()
@@ -339,7 +357,7 @@ def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokeniz
     if wl.max_tokens > len(tr.out[0]):
         generate(wl.max_tokens - len(tr.out[0]), None)
     wall = clock() - t0
-    return ModeRun("ref_loop", tr.outcomes(same), wall, phases)
+    return ModeRun("ref_loop", tr.outcomes(same), wall, phases, tokens)
 
 
 # --------------------------------------------------------------------------- retrieve callbacks
@@ -350,6 +368,7 @@ def same_model_retrieve(engine: Any, encoder: Any) -> RetrieveFn:
     def retrieve(ctx: list[list[int]], questions: list[str], generated: list[str], k: int) -> list[list[Any]]:
         return engine.retriever.search(encoder.encode_token_ids(ctx), k)
 
+    retrieve.same_model = True  # type: ignore[attr-defined]  # its forwards count as the model's tokens
     return retrieve
 
 

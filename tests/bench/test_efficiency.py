@@ -83,6 +83,14 @@ def test_modes_give_one_pass_answers(setup, hops, k):
     assert set(c["reasons"]) <= {"re-tokenised ids differ"}
     # the passages matter: without them the tokens differ, so the equalities above are not vacuous
     assert not em.compare(one, runs["none"])["identical"]
+    # the work each mode does, in tokens through the model: one-pass never runs a separate forward
+    assert one.model_tokens["separate forward"] == 0
+    assert runs["two_pass"].model_tokens["separate forward"] > 0 and runs["ref_ids"].model_tokens["separate forward"] > 0
+    if hops == [0]:  # retrieve first: the pipeline prefills what one-pass prefills, plus the query forward
+        prompts = sum(len(r.prompt_ids) for r in requests)
+        assert runs["two_pass"].model_tokens["engine"] == one.model_tokens["engine"]
+        assert runs["two_pass"].model_tokens["separate forward"] == prompts + len(requests)  # prompt + [RQ]
+        assert runs["ref_ids"].model_tokens["engine"] == one.model_tokens["engine"] + prompts  # + generating [RQ]
 
 
 def test_the_check_fails_when_the_passage_moves(setup):
