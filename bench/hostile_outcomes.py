@@ -46,6 +46,7 @@ class Outcome:
     t_send: float = 0.0
     t_end: float = 0.0
     token_times: list[float] = field(default_factory=list)  # arrival of each token event
+    retrieval_times: list[float] = field(default_factory=list)  # arrival of each retrieval event (native SSE)
 
     @property
     def ttft(self) -> float | None:
@@ -159,6 +160,20 @@ def effective_status(o: Outcome) -> int | None:
 def token_gaps(token_times: Sequence[float]) -> list[float]:
     """Seconds between consecutive token events of one stream (the time to the first token excluded)."""
     return [b - a for a, b in zip(token_times, token_times[1:], strict=False)]
+
+
+def stream_gaps(o: Outcome, *, busy: Callable[[float], bool] | None = None, skip_retrievals: bool = False
+                ) -> list[float]:
+    """The stream's inter-token gaps; only those whose later token arrived while ``busy(t)`` held, and
+    without those in which a retrieval event arrived (search + passage insert) if ``skip_retrievals``."""
+    out = []
+    for a, b in zip(o.token_times, o.token_times[1:], strict=False):
+        if busy is not None and not busy(b):
+            continue
+        if skip_retrievals and any(a < t <= b for t in o.retrieval_times):
+            continue
+        out.append(b - a)
+    return out
 
 
 def percentile(values: Iterable[float], q: float) -> float:

@@ -156,3 +156,10 @@ def test_parse_http_response():
     junk = ho.Outcome(label="r")
     ho.parse_http_response(junk, b"garbage")
     assert junk.status is None and ho.classify(junk)[0] == "lost"
+
+
+def test_stream_gaps_can_leave_out_retrievals_and_idle_time():
+    o = sse([], token_times=[1.0, 1.1, 3.1, 3.2, 3.3], retrieval_times=[2.0])
+    assert ho.stream_gaps(o) == pytest.approx([0.1, 2.0, 0.1, 0.1])
+    assert ho.stream_gaps(o, skip_retrievals=True) == pytest.approx([0.1, 0.1, 0.1])  # the 2 s gap held a search
+    assert ho.stream_gaps(o, busy=ho.in_any([(3.15, 9.0)]), skip_retrievals=True) == pytest.approx([0.1, 0.1])
