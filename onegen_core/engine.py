@@ -268,8 +268,21 @@ class Engine:
             seq = Sequence(request_id=f"{request_id}/q{i}", token_ids=list(ids), roles=[Role.CTX] * len(ids),
                            sampling=no_sampling, retrieval=no_retrieval, detok=None, search=job, search_slot=i)
             job.sequences.append(seq)
-            self.scheduler.add(seq)
+        self._feed_search(job)
         return request_id
+
+    def _feed_search(self, job: SearchRequest) -> None:
+        """Queue the next queries of a search: about one step's token budget of them at a time, so a big search
+        keeps the engine busy when it is alone yet takes its turn with the requests that arrive after it (they
+        are queued between its queries), instead of holding the waiting queue for all of its queries."""
+        budget = self.config.max_num_batched_tokens
+        while job.next_query < len(job.sequences):
+            seq = job.sequences[job.next_query]
+            if job.queued_tokens and job.queued_tokens + seq.num_tokens > budget:
+                return
+            job.next_query += 1
+            job.queued_tokens += seq.num_tokens
+            self.scheduler.add(seq)
 
     def _new_request_id(self, request_id: str | None) -> str:
         request_id = request_id or uuid.uuid4().hex
@@ -359,8 +372,11 @@ class Engine:
             if job is None or job.request_id not in self.searches:  # aborted meanwhile
                 continue
             job.vectors[seq.search_slot] = vec
+            job.queued_tokens -= seq.num_tokens
             if job.complete:
                 events.append(self._search_done(job))
+            else:
+                self._feed_search(job)
         return events
 
     def _search_done(self, job: SearchRequest, error: str | None = None) -> SearchDone:

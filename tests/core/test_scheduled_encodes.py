@@ -134,3 +134,28 @@ def test_decode_tokens_go_before_a_passage_extend(retrieving_checkpoint, tiny_in
         if inserted:
             assert all(n == 1 for n in got.values()), got
     assert inserted > engine.config.max_num_batched_tokens  # the extend needed several steps
+
+
+def test_a_request_after_a_big_search_is_not_queued_behind_all_of_its_queries(engine):
+    """A search hands the scheduler about one step's budget of queries at a time: a generation that arrives after
+    a 16-query search starts within a few steps, not after every query."""
+    budget = engine.config.max_num_batched_tokens
+    per_query = len(engine.prepare_queries([LONG_QUERY])[0])
+    search = engine.add_search([LONG_QUERY] * 16, k=1)
+    engine.step()
+    gen = engine.add_request(PROMPTS[0], sampling=SamplingParams(max_tokens=2),
+                             retrieval=RetrievalParams(enabled=False))
+    steps_to_first_token = done_step = None
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        for ev in engine.step():
+            if isinstance(ev, TokenDelta) and ev.request_id == gen and steps_to_first_token is None:
+                steps_to_first_token = step
+            if isinstance(ev, SearchDone) and ev.request_id == search:
+                done_step = step
+                assert ev.error is None and len(ev.hits) == 16
+    all_queries_steps = 16 * per_query // budget
+    assert steps_to_first_token is not None and done_step is not None
+    assert steps_to_first_token <= 2 * (per_query // budget + 2), (steps_to_first_token, all_queries_steps)
+    assert steps_to_first_token < done_step
