@@ -10,7 +10,10 @@ runs the scenarios in this order against that one process, and ends it with SIGT
 * **stall baseline** — ``--streams`` (8) concurrent SSE ``/generate`` streams (chat prompts,
   ``--max-tokens`` 64, temperature 0, EOS ignored so each makes exactly that many tokens). The
   client records the arrival time of every ``token`` event; the inter-token gaps of all streams
-  are pooled for the p99. ``/health/ready`` is polled every 0.2 s meanwhile.
+  are pooled for the p99. ``/health/ready`` is polled every 0.2 s meanwhile. The baseline runs again
+  after the load: on a shared CPU, the two baselines show how much the machine's other work moved.
+  Each stall row notes the CPU that other processes used meanwhile (system busy time less the
+  server's and the bench's, psutil), in cores.
 * **stall under load** — the same streams; once every stream has its first token, ``--retrieve-clients``
   (4) clients send ``/retrieve`` requests of as many queries as the server's ``--max-retrieve-batch``
   allows (64) of ``--retrieve-words`` (300) words each, in a loop until the streams end; the requests
@@ -306,6 +309,37 @@ def outcome_record(o: Outcome) -> dict[str, Any]:
     return rec
 
 
+class Contention:
+    """CPU used by processes other than the server and this bench over an interval, in cores (psutil)."""
+
+    def __init__(self, server_pid: int | None):
+        import psutil
+
+        self._psutil = psutil
+        self._procs = [psutil.Process()] + ([psutil.Process(server_pid)] if server_pid else [])
+        self._t0 = time.perf_counter()
+        self._busy0 = self._busy()
+        self._own0 = self._own()
+
+    def _busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def _own(self) -> float:
+        total = 0.0
+        for p in self._procs:
+            try:
+                ct = p.cpu_times()
+                total += ct.user + ct.system
+            except self._psutil.Error:
+                pass
+        return total
+
+    def others_cores(self) -> float:
+        wall = max(1e-9, time.perf_counter() - self._t0)
+        return max(0.0, (self._busy() - self._busy0) - (self._own() - self._own0)) / wall
+
+
 # ---------------------------------------------------------------------------------------------- the bench
 class Bench:
     def __init__(self, args: argparse.Namespace):
@@ -425,6 +459,31 @@ class Bench:
         return r.text
 
     # ------------------------------------------------------------------ 1 + 2: stall
+    async def baseline(self, c: httpx.AsyncClient, scenario: str, key: str) -> None:
+        """The streams alone, with readiness polled every 0.2 s (before the load, and again after it)."""
+        a = self.args
+        log(f"{scenario}: {a.streams} streams x {a.max_tokens} tokens")
+        meter = Contention(self.srv.proc.pid if self.srv else None)
+        stop_polls = asyncio.Event()
+        polls: list[Outcome] = []
+        poller = asyncio.create_task(self.poll_ready(stop_polls, 0.2, polls))
+        tasks, _ = await self.streams(c, a.streams, a.max_tokens, key)
+        base = await asyncio.gather(*tasks)
+        stop_polls.set()
+        await poller
+        others = meter.others_cores()
+        row = Row(scenario, Expect.of("ok"), list(base), gaps=[g for o in base for g in token_gaps(o.token_times)])
+        ready = sum(p.status == 200 for p in polls)
+        plain_gaps = [g for o in base for g in stream_gaps(o, skip_retrievals=True)]
+        row.notes.append(f"{a.streams} x {a.max_tokens} tokens; p50 gap {fmt_seconds(percentile(row.gaps or [], 50))}, "
+                         f"max {fmt_seconds(max(row.gaps or [0]))}; p99 without the gaps holding a retrieval "
+                         f"{fmt_seconds(percentile(plain_gaps, 99))} ({sum(len(o.retrieval_times) for o in base)} "
+                         f"retrievals); ready 200 in {ready}/{len(polls)} polls; other processes used "
+                         f"{others:.2f} of the {os.cpu_count()} cores")
+        self.details[key] = {"ready_polls": len(polls), "ready_200": ready, "ttft_s": [o.ttft for o in base],
+                             "p50_gap_s": percentile(row.gaps or [], 50), "other_processes_cores": others}
+        self.add_row(row)
+
     async def stall(self) -> None:
         a = self.args
         async with self.client() as c:
@@ -432,26 +491,7 @@ class Bench:
             await call(c, "POST", "/generate", label="warm-up", json_body={**self.stream_body(0, 4), "stream": False},
                        hung_s=a.hung_s)
 
-            log(f"stall baseline: {a.streams} streams x {a.max_tokens} tokens")
-            stop_polls = asyncio.Event()
-            polls: list[Outcome] = []
-            poller = asyncio.create_task(self.poll_ready(stop_polls, 0.2, polls))
-            tasks, _ = await self.streams(c, a.streams, a.max_tokens, "baseline stream")
-            base = await asyncio.gather(*tasks)
-            stop_polls.set()
-            await poller
-            row = Row("stall baseline: SSE /generate streams", Expect.of("ok"), list(base),
-                      gaps=[g for o in base for g in token_gaps(o.token_times)])
-            ready = sum(p.status == 200 for p in polls)
-            plain_gaps = [g for o in base for g in stream_gaps(o, skip_retrievals=True)]
-            row.notes.append(f"{a.streams} x {a.max_tokens} tokens; p50 gap {fmt_seconds(percentile(row.gaps or [], 50))}, "
-                             f"max {fmt_seconds(max(row.gaps or [0]))}; p99 without the gaps holding a retrieval "
-                             f"{fmt_seconds(percentile(plain_gaps, 99))} ({sum(len(o.retrieval_times) for o in base)} "
-                             f"retrievals); "
-                             f"ready 200 in {ready}/{len(polls)} polls")
-            self.details["stall_baseline"] = {"ready_polls": len(polls), "ready_200": ready,
-                                              "ttft_s": [o.ttft for o in base], "p50_gap_s": percentile(row.gaps or [], 50)}
-            self.add_row(row)
+            await self.baseline(c, "stall baseline: SSE /generate streams", "stall_baseline")
 
             log(f"stall under load: {a.streams} streams + {a.retrieve_clients} /retrieve clients "
                 f"({a.retrieve_queries} x {a.retrieve_words} words) + 1 MB prompts + ready polls")
@@ -464,6 +504,7 @@ class Bench:
             retrieves: list[Outcome] = []
             bigs: list[Outcome] = []
             t_load = time.perf_counter()
+            meter = Contention(self.srv.proc.pid if self.srv else None)
 
             cancelled: list[tuple[float, float]] = []  # (sent, cancelled) of /retrieve requests the bench gave up on
 
@@ -507,6 +548,7 @@ class Bench:
             late = asyncio.create_task(late_stream())
             loaded = await asyncio.gather(*tasks)
             t_streams_done = time.perf_counter()
+            others = meter.others_cores()
             stop_load.set()
             log(f"  streams done after {t_streams_done - t_load:.1f} s of load; waiting up to {a.load_grace_s:g} s "
                 f"for the {sum(1 for t in load if not t.done())} load clients' requests in flight")
@@ -543,7 +585,8 @@ class Bench:
             row.notes.append(f"{len(under)}/{len(every)} gaps with a /retrieve in flight (p99 of all "
                              f"{fmt_seconds(percentile(every, 99))}); p50 gap {fmt_seconds(percentile(under, 50))}, "
                              f"max {fmt_seconds(max(under or [0]))}")
-            row.notes.append(f"p99 without the gaps holding a retrieval {fmt_seconds(percentile(under_plain, 99))}")
+            row.notes.append(f"p99 without the gaps holding a retrieval {fmt_seconds(percentile(under_plain, 99))}; "
+                             f"other processes used {others:.2f} of the {os.cpu_count()} cores")
             self.add_row(row)
             n_q = len(self.retrieve_body(0, 0)["queries"])
             rrow = Row(f"stall under load: /retrieve {n_q} x {a.retrieve_words} words ({a.retrieve_clients} clients)",
@@ -577,11 +620,15 @@ class Bench:
                 "load_s": round(t_load_done - t_load, 2), "streams_s_under_load": round(t_streams_done - t_load, 2),
                 "phase_s": round(t_load_done - t_phase, 2), "ready_polls": len(polls), "ready_200": ready,
                 "ready_fraction": frac, "gaps_under_load": len(under), "gaps_all": len(every),
+                "other_processes_cores": others,
                 "p99_gap_all_s": percentile(every, 99), "p50_gap_under_load_s": percentile(under, 50),
                 "late_stream_ttft_s": late_o.ttft, "retrieve_queries": n_q, "retrieve_requests": len(retrieves),
                 "retrieve_cancelled": len(cancelled), "queue_empty_after_cancel_s": emptied_s,
                 "ready_non_200": [outcome_record(p) for p in polls if p.status != 200][:20],
             }
+            # again without load: the CPU may be shared, and a baseline on each side of the load shows how much
+            # of the difference the machine's other work explains
+            await self.baseline(c, "stall baseline again, after the load", "stall_baseline_after")
 
     # ------------------------------------------------------------------ 4: injection
     async def injection(self) -> None:
