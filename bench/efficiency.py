@@ -334,6 +334,7 @@ def summarize(run: em.ModeRun) -> dict[str, Any]:
             "tokens_per_s": run.generated_tokens / run.wall, "generated_tokens": run.generated_tokens,
             "inserted_tokens_mean": float(np.mean([x.inserted_tokens for x in o])),
             "model_tokens_per_request": {k: v / len(o) for k, v in run.model_tokens.items()},
+            "engine_steps": run.engine_steps,
             "phases_s": {k: round(v, 4) for k, v in run.phases.items()}}
 
 
@@ -462,8 +463,19 @@ def same_cell(m: str, s: dict[str, Any]) -> str:
     return txt
 
 
+NOISY = 1.15  # a cell whose repeats of one mode differ by more than this factor is flagged
+
+
+def spread(res: dict[str, Any]) -> float:
+    """The largest slowest/fastest repeat ratio of any mode run in this cell."""
+    ws = [s["walls_s"] for s in res["modes"].values() if not s.get("shared_with_cell") and len(s["walls_s"]) > 1]
+    return max((max(w) / min(w) for w in ws), default=1.0)
+
+
 def cell_rows(res: dict[str, Any], label: str) -> list[str]:
     rows = []
+    if spread(res) > NOISY:
+        label += " †"
     for m, s in res["modes"].items():
         rows.append(f"| {label} | {MODE_NAMES[m]} | {s['latency_s']:.3f} | {s['ttft_s']:.3f} | {s['tokens_per_s']:.1f} | "
                     f"{fmt_ratio(s.get('ratio_latency'))} | {fmt_ratio(s.get('ratio_ttft'))} | "
@@ -521,7 +533,7 @@ def render_markdown(report: dict[str, Any]) -> str:
           "*model tokens*: tokens per request that went through the generation model — in the engine (prefill, "
           "extends, decode) + in separate forwards of the same model (query / embedding forwards); MiniLM's own "
           "forward is not counted.", "",
-          "| cell | mode | model tokens | phases |", "| --- | --- | ---: | --- |"]
+          "| cell | mode | model tokens | engine steps | phases |", "| --- | --- | ---: | ---: | --- |"]
     for key in report["target_cells"]:
         r = by_key.get(key)
         if r is None:
@@ -530,8 +542,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             ph = ", ".join(f"{k} {v:.3f}" for k, v in s["phases_s"].items())
             mt = s.get("model_tokens_per_request", {})
             tk = f"{mt.get('engine', 0):.0f} + {mt.get('separate forward', 0):.0f}" if mt else ""
-            L.append(f"| {key} | {MODE_NAMES[m]} | {tk} | {ph} |")
+            L.append(f"| {key} | {MODE_NAMES[m]} | {tk} | {s.get('engine_steps', '')} | {ph} |")
     L.append("")
+    noisy = [(r["key"], spread(r)) for r in report["cells"] if spread(r) > NOISY]
+    if noisy:
+        L += [f"† repeats of a mode in this cell differ by more than {100 * (NOISY - 1):.0f}% (the best is shown): "
+              + ", ".join(f"{k} (up to {100 * (x - 1):.0f}%)" for k, x in noisy) + ".", ""]
     if report.get("notes"):
         L += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(L)
@@ -605,6 +621,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--seed", type=int, default=0, help="question order")
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of the target cells")
+    p.add_argument("--profile-cells", nargs="+", default=None, metavar="KEY",
+                   help="profile these cells instead (keys as in the JSON, e.g. L256-H1-k1-N32)")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--name", default="efficiency", help="output file stem (NAME.md, NAME.json)")
     a = p.parse_args(argv)
@@ -728,9 +746,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [(r["key"], m, s["equality"]) for r in results for m, s in r["modes"].items()
            if m in COMPARED and "equality" in s and s["equality"]["same_answers_to_eos"] < s["equality"]["n"]]
     for key, m, e in bad:
-        notes.append(f"{key} {MODE_NAMES[m]}: answers differ from one-pass's for {e['n'] - e['same_answers_to_eos']} of "
-                     f"{e['n']} requests before EOS ({e['reasons']}, first difference at output positions "
-                     f"{e['first_difference_at']})")
+        txt = (f"{key} {MODE_NAMES[m]}: answers differ from one-pass's for {e['n'] - e['same_answers_to_eos']} of "
+               f"{e['n']} requests before EOS ({e['reasons']}, first difference at output positions "
+               f"{e['first_difference_at']})")
+        for d in e.get("passage_differences", [])[:3]:
+            fmt_hits = lambda hs: ", ".join(f"{i} {sc:.4f}" for i, sc in hs)  # noqa: E731
+            txt += f"; retrieval {d['hop'] + 1}: one-pass [{fmt_hits(d['ref'])}] vs [{fmt_hits(d['other'])}]"
+        notes.append(txt)
     if not all(r["modes"]["one_pass"].get("retrieved_at_hops_only", True) for r in results):
         notes.append("one-pass retrieved at positions other than the forced ones in some cells (the model emitted [RQ] "
                      "itself): see retrieved_at_hops_only in the JSON")
@@ -762,9 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.profile:
         prof_path = args.out_dir / f"{args.name}_profile.txt"
-        profile_cells(ctx, [Cell(**by_key[k]["cell"]) for k in (t_two, t_ref) if k in by_key],
-                      [m for m in ("one_pass", "two_pass", "two_pass_minilm", "ref_loop") if m in args.modes],
-                      prof_path)
+        keys = args.profile_cells or [t_two, t_ref]
+        profile_cells(ctx, [Cell(**by_key[k]["cell"]) for k in keys if k in by_key],
+                      [m for m in MODES if m in args.modes and m != "no_retrieval"], prof_path)
         report["profile"] = str(prof_path.relative_to(REPO) if prof_path.is_relative_to(REPO) else prof_path)
     report["seconds"] = time.perf_counter() - t_start
     report["plots"] = plot(report, args.out_dir)

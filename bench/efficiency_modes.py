@@ -80,6 +80,7 @@ class Outcome:
     latency: float  # seconds from submission to the last token
     retrieval_positions: list[int] = field(default_factory=list)  # output positions where it retrieved
     retokenized_same: bool | None = None  # ref_loop: every re-tokenised text gave the engine's ids
+    scores: list[list[float]] = field(default_factory=list)  # the retriever's score of each passage
 
 
 @dataclass
@@ -91,6 +92,7 @@ class ModeRun:
     # tokens that went through the generation model, all requests: "engine" (prefill, extends, decode) and
     # "separate forward" (the same model's query / embedding forwards outside the engine)
     model_tokens: dict[str, int] = field(default_factory=dict)
+    engine_steps: int = 0  # Engine.step() calls (forwards through the engine), all segments
 
     @property
     def generated_tokens(self) -> int:
@@ -115,6 +117,7 @@ class _Seg:
     first_time: float | None  # absolute clock of the first non-query token, None if none
     finish_time: float
     result: Any
+    steps: int = 0  # engine steps of the batch this request ran in
 
 
 def run_requests(engine: Any, inputs: list[list[int]], sampling: list[Any], retrieval: Any, clock: Clock,
@@ -126,8 +129,10 @@ def run_requests(engine: Any, inputs: list[list[int]], sampling: list[Any], retr
            for p, sp in zip(inputs, sampling, strict=True)]
     first: dict[str, float] = {}
     done: dict[str, tuple[float, Any]] = {}
+    steps = 0
     while len(done) < len(ids):
         events = engine.step()
+        steps += 1
         now = clock()
         for ev in events:
             if isinstance(ev, TokenDelta):
@@ -138,7 +143,7 @@ def run_requests(engine: Any, inputs: list[list[int]], sampling: list[Any], retr
                     raise RuntimeError(f"request {ev.request_id} ended with {ev.result.finish_reason}: "
                                        f"{ev.result.error}")
                 done[ev.request_id] = (now, ev.result)
-    return [_Seg(list(done[i][1].token_ids), first.get(i), done[i][0], done[i][1]) for i in ids]
+    return [_Seg(list(done[i][1].token_ids), first.get(i), done[i][0], done[i][1], steps) for i in ids]
 
 
 def forwarded(segs: list[_Seg]) -> int:
@@ -186,10 +191,11 @@ def one_pass(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
             output_ids=s.tokens, passages=[[h.doc_id for h in r.hits] for r in recs],
             inserted_tokens=sum(r.inserted_tokens for r in recs),
             ttft=(s.first_time if s.first_time is not None else s.finish_time) - t0, latency=s.finish_time - t0,
-            retrieval_positions=[r.output_token_index for r in recs]))
+            retrieval_positions=[r.output_token_index for r in recs],
+            scores=[[h.score for h in r.hits] for r in recs]))
     return ModeRun("one_pass", outcomes, wall, {"engine (prefill + decode + extend + search)": wall,
                                                 "of which search": sum(search.values())},
-                   {"engine": forwarded(segs), "separate forward": 0})
+                   {"engine": forwarded(segs), "separate forward": 0}, segs[0].steps)
 
 
 def no_retrieval(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
@@ -201,7 +207,7 @@ def no_retrieval(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
     wall = clock() - t0
     outcomes = [Outcome(s.tokens, [], 0, (s.first_time or s.finish_time) - t0, s.finish_time - t0) for s in segs]
     return ModeRun("no_retrieval", outcomes, wall, {"engine (prefill + decode)": wall},
-                   {"engine": forwarded(segs), "separate forward": 0})
+                   {"engine": forwarded(segs), "separate forward": 0}, segs[0].steps)
 
 
 class _Tracker:
@@ -213,6 +219,7 @@ class _Tracker:
         self.first: list[float | None] = [None] * n
         self.finish: list[float] = [t0] * n
         self.passages: list[list[list[str]]] = [[] for _ in range(n)]
+        self.scores: list[list[list[float]]] = [[] for _ in range(n)]
         self.inserted = [0] * n
         self.query_ids = query_ids
 
@@ -232,7 +239,7 @@ class _Tracker:
         return [Outcome(self.out[i], self.passages[i], self.inserted[i],
                         (self.first[i] if self.first[i] is not None else self.finish[i]) - self.t0,
                         self.finish[i] - self.t0,
-                        retokenized_same=None if retokenized is None else retokenized[i])
+                        retokenized_same=None if retokenized is None else retokenized[i], scores=self.scores[i])
                 for i in range(len(self.out))]
 
 
@@ -246,6 +253,7 @@ def two_pass(engine: Any, wl: Workload, clock: Clock, retrieve: RetrieveFn, name
     n = len(wl.requests)
     phases = {"engine (prefill + decode)": 0.0, "query encode + search": 0.0}
     tokens = {"engine": 0, "separate forward": 0}
+    steps = [0]
     t0 = clock()
     tr = _Tracker(n, t0, qids)
     ctx = [list(r.prompt_ids) for r in wl.requests]
@@ -254,6 +262,7 @@ def two_pass(engine: Any, wl: Workload, clock: Clock, retrieve: RetrieveFn, name
         t = clock()
         segs = run_requests(engine, ctx, [_sampling(n_new)] * n, off, clock, qids)
         tokens["engine"] += forwarded(segs)
+        steps[0] += segs[0].steps
         for c, s in zip(ctx, segs, strict=True):
             c += s.tokens
         tr.add_segment(segs)
@@ -276,11 +285,12 @@ def two_pass(engine: Any, wl: Workload, clock: Clock, retrieve: RetrieveFn, name
             ids = _passage_ids(engine, hs)
             ctx[i] += ids
             tr.passages[i].append([h.doc_id for h in hs])
+            tr.scores[i].append([float(h.score) for h in hs])
             tr.inserted[i] += len(ids)
     if wl.max_tokens > len(tr.out[0]):
         generate(wl.max_tokens - len(tr.out[0]))
     wall = clock() - t0
-    return ModeRun(name, tr.outcomes(), wall, phases, tokens)
+    return ModeRun(name, tr.outcomes(), wall, phases, tokens, steps[0])
 
 
 def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokenize: bool = True) -> ModeRun:
@@ -301,6 +311,7 @@ def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokeniz
     phases = {"engine (prefill + decode)": 0.0, "embed forward (whole text)": 0.0, "search": 0.0,
               "decode + re-tokenise": 0.0}
     tokens = {"engine": 0, "separate forward": 0}
+    steps = [0]
     t0 = clock()
     tr = _Tracker(n, t0, qids)
     ideal = [list(r.prompt_ids) for r in wl.requests]  # the ids the engine would hold, to check re-tokenisation
@@ -325,6 +336,7 @@ def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokeniz
         segs = run_requests(engine, ids_in, [_sampling(n_new, forced)] * n, off, clock, qids)
         phases["engine (prefill + decode)"] += clock() - t
         tokens["engine"] += forwarded(segs)
+        steps[0] += segs[0].steps
         tr.add_segment(segs)
         t = clock()
         for i, s in enumerate(segs):
@@ -352,12 +364,13 @@ def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokeniz
             ids = _passage_ids(engine, hs)
             ideal[i] += ids
             tr.passages[i].append([h.doc_id for h in hs])
+            tr.scores[i].append([float(h.score) for h in hs])
             tr.inserted[i] += len(ids)
             tr.finish[i] = now
     if wl.max_tokens > len(tr.out[0]):
         generate(wl.max_tokens - len(tr.out[0]), None)
     wall = clock() - t0
-    return ModeRun("ref_loop", tr.outcomes(same), wall, phases, tokens)
+    return ModeRun("ref_loop", tr.outcomes(same), wall, phases, tokens, steps[0])
 
 
 # --------------------------------------------------------------------------- retrieve callbacks
@@ -395,6 +408,7 @@ def compare(ref: ModeRun, other: ModeRun) -> dict[str, Any]:
     same_answers = same_passages = 0
     reasons: dict[str, int] = {}
     first_diff: list[int] = []
+    passage_diffs: list[dict[str, Any]] = []  # the first hop whose passages differ: (doc id, score) on each side
     for a, b in zip(ref.outcomes, other.outcomes, strict=True):
         sp = a.passages == b.passages
         same_passages += sp
@@ -408,8 +422,15 @@ def compare(ref: ModeRun, other: ModeRun) -> dict[str, Any]:
         else:
             why = "numerics"
         reasons[why] = reasons.get(why, 0) + 1
+        if why == "different passage":
+            def hits(o: Outcome, h: int) -> list[tuple[str, float]]:
+                ids = o.passages[h] if h < len(o.passages) else []
+                return list(zip(ids, o.scores[h] if h < len(o.scores) else [float("nan")] * len(ids), strict=True))
+
+            h = next(i for i in range(max(len(a.passages), len(b.passages))) if a.passages[i:i + 1] != b.passages[i:i + 1])
+            passage_diffs.append({"hop": h, "ref": hits(a, h), "other": hits(b, h)})
         d = next((i for i, (x, y) in enumerate(zip(a.output_ids, b.output_ids, strict=False)) if x != y),
                  min(len(a.output_ids), len(b.output_ids)))
         first_diff.append(d)
     return {"n": n, "same_answers": same_answers, "same_passages": same_passages, "reasons": reasons,
-            "first_difference_at": first_diff, "identical": same_answers == n}
+            "first_difference_at": first_diff, "passage_differences": passage_diffs, "identical": same_answers == n}

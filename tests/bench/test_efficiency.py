@@ -115,6 +115,8 @@ def test_compare_classifies_differences():
     assert c["same_answers"] == 1 and c["same_passages"] == 2 and not c["identical"]
     assert c["reasons"] == {"numerics": 1, "different passage": 1}
     assert c["first_difference_at"] == [2, 1]
+    [d] = c["passage_differences"]  # the first retrieval whose passages differ, with the scores
+    assert d["hop"] == 0 and [i for i, _ in d["ref"]] == ["c"] and [i for i, _ in d["other"]] == ["d"]
     retok = run(([1, 2, 3], [["a"]], None), ([4, 5, 6], [["b"]], None), ([7, 8, 0], [["c"]], False))
     assert em.compare(ref, retok)["reasons"] == {"re-tokenised ids differ": 1}
     assert em.compare(ref, ref)["identical"]
