@@ -46,6 +46,10 @@ runs the scenarios in this order against that one process, and ends it with SIGT
   ``/health/ready`` is polled on fresh connections every 20 ms for 1 s, then every 0.2 s until the
   process exits: each must answer 503 or be refused (uvicorn stops listening within ~0.1 s of the
   signal); new ``/generate`` requests likewise. The server must exit with no traceback in its log.
+* **drain, long steps** — the same drain against a second server whose ``--max-num-batched-tokens``
+  (``--long-step-budget``, 8192) makes one engine step long: the requests are aborted between steps,
+  and uvicorn cancels what has not ended ``_DRAIN_FINISH_S`` (10 s) after the drain timeout. On a
+  2-core CPU with the default model a step of 8192 query tokens outlasts that grace.
 
 Categories, one per request (``bench/hostile_outcomes.py`` classifies, ``tests/bench/test_hostile_bench.py``
 tests it):
@@ -349,6 +353,7 @@ class Bench:
         self.checks: list[dict[str, Any]] = []  # scenario checks beyond the categories (pass / fail)
         self.srv: ServerProcess | None = None
         self.info: dict[str, Any] = {}
+        self.logscans: list[dict[str, Any]] = []  # one per server started
         self.rng = random.Random(11)
 
     # ------------------------------------------------------------------ set-up
@@ -366,23 +371,26 @@ class Bench:
         ckpt, index = prepare_demo()
         return Path(ckpt), Path(index), a.dtype or "auto"
 
-    def server_flags(self, ckpt: Path, index: Path, dtype: str) -> list[str]:
+    def server_flags(self, ckpt: Path, index: Path, dtype: str, budget: int) -> list[str]:
         a = self.args
         return ["--checkpoint", str(ckpt), "--index", str(index), "--dtype", dtype,
-                "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+                "--max-num-batched-tokens", str(budget),
                 "--max-num-seqs", str(a.max_num_seqs),
                 "--max-retrieve-batch", str(a.retrieve_queries),
                 "--drain-timeout-s", str(a.drain_timeout_s),
                 "--max-body-bytes", str(a.max_body_bytes),
                 "--log-format", "json"]
 
-    def start_server(self) -> None:
+    def start_server(self, budget: int | None = None, tag: str = "") -> None:
+        """Start ``python -m server`` (``budget``: its --max-num-batched-tokens, default the bench's flag)."""
         ckpt, index, dtype = self.model_paths()
         self.checkpoint = ckpt
-        flags = self.server_flags(ckpt, index, dtype)
-        self.details["server_flags"] = [*flags, "--api-key", "<key>", "--host", "127.0.0.1"]
+        flags = self.server_flags(ckpt, index, dtype, budget or self.args.max_num_batched_tokens)
+        self.details[f"server_flags{tag}"] = [*flags, "--api-key", "<key>", "--host", "127.0.0.1"]
         log_path = Path(self.args.log or (Path("/tmp") / f"onegen-hostile-{os.getpid()}.log"))
-        self.details["server_log"] = str(log_path)
+        if tag:
+            log_path = log_path.with_name(log_path.stem + tag + log_path.suffix)
+        self.details[f"server_log{tag}"] = str(log_path)
         log(f"starting python -m server {' '.join(flags)} (log: {log_path})")
         t0 = time.perf_counter()
         self.srv = ServerProcess(flags, log_path, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
@@ -902,12 +910,12 @@ class Bench:
         self.add_row(crow)
 
     # ------------------------------------------------------------------ 3: drain
-    async def drain(self) -> None:
+    async def drain(self, title: str = "drain", key: str = "drain") -> None:
         assert self.srv is not None
         a = self.args
         srv = self.srv
         long_tokens = max(64, min(4000, int(self.info.get("max_model_len") or 2048) - 256))
-        log(f"drain: in-flight requests (long ones of {long_tokens} tokens), then SIGTERM "
+        log(f"{title}: in-flight requests (long ones of {long_tokens} tokens), then SIGTERM "
             f"(--drain-timeout-s {a.drain_timeout_s})")
         outcomes: list[Outcome] = []
         async with self.client(limits=httpx.Limits(max_connections=50, max_keepalive_connections=0)) as c:
@@ -919,7 +927,7 @@ class Bench:
                 if watch:
                     firsts.append(ev)
                 tasks.append(asyncio.create_task(call(c, "POST", path, label=label, kind=kind, json_body=body,
-                                                      hung_s=a.drain_timeout_s + 60.0,
+                                                      hung_s=a.hung_s,
                                                       on_first_token=ev.set if watch else None)))
 
             for i in range(4):
@@ -996,16 +1004,18 @@ class Bench:
             t_exit = time.perf_counter()
         rc = srv.proc.poll()
         srv.stop()
-        row = Row("drain: SIGTERM with streams, plain requests and a /retrieve in flight",
+        row = Row(f"{title}: SIGTERM with streams, plain requests and a /retrieve in flight",
                   Expect.of("ok", "clean", clean=[503]), outcomes)
         ended = {}
         for o in outcomes:
             cat, why = classify(o)
             ended[why] = ended.get(why, 0) + 1
         row.notes.append("; ".join(f"{n} {w}" for w, n in sorted(ended.items())))
-        row.notes.append(f"all ended {t_all_done - t_sig:.1f} s after SIGTERM; exit {rc} after {t_exit - t_sig:.1f} s")
+        early_end = sum(1 for o in outcomes if o.t_end < t_sig)
+        row.notes.append(f"all ended {t_all_done - t_sig:.1f} s after SIGTERM"
+                         + (f" ({early_end} before it)" if early_end else "") + f"; exit {rc} after {t_exit - t_sig:.1f} s")
         self.add_row(row)
-        prow = Row("drain: /health/ready after SIGTERM",
+        prow = Row(f"{title}: /health/ready after SIGTERM",
                    Expect.of("clean", "refused", clean=[503]), probes)
         n503 = sum(1 for p in probes if p.status == 503)
         first_refused = next((p.t_send - t_sig for p in probes[len(delays):] if p.transport_error == "refused"), None)
@@ -1014,16 +1024,16 @@ class Bench:
                           f"rest on fresh ones every 20 ms, then 0.2 s); first fresh connection refused "
                           f"{fmt_seconds(first_refused)} after the signal")
         self.add_row(prow)
-        nrow = Row("drain: new /generate after SIGTERM", Expect.of("clean", "refused", clean=[503]), new_requests)
+        nrow = Row(f"{title}: new /generate after SIGTERM", Expect.of("clean", "refused", clean=[503]), new_requests)
         self.add_row(nrow)
         text = srv.log_text()
         bad_lines = [ln for ln in text.splitlines() if "Traceback" in ln or "Exception in ASGI" in ln
                      or "timeout graceful shutdown exceeded" in ln]
-        self.check("drain", "server exits by the signal", rc == -signal.SIGTERM or rc == 0, f"exit status {rc}")
-        self.check("drain", "no traceback in the server log", not bad_lines, "; ".join(bad_lines[:5]) or "none")
-        self.check("drain", "ready never 200 after SIGTERM", not any(p.status == 200 for p in probes),
+        self.check(key, "server exits by the signal", rc == -signal.SIGTERM or rc == 0, f"exit status {rc}")
+        self.check(key, "no traceback in the server log", not bad_lines, "; ".join(bad_lines[:5]) or "none")
+        self.check(key, "ready never 200 after SIGTERM", not any(p.status == 200 for p in probes),
                    f"{len(probes)} probes")
-        self.details["drain"] = {"exit_status": rc, "seconds_to_exit": round(t_exit - t_sig, 2),
+        self.details[key] = {"exit_status": rc, "seconds_to_exit": round(t_exit - t_sig, 2),
                                  "seconds_to_all_ended": round(t_all_done - t_sig, 2), "probes": len(probes),
                                  "probes_503": n503, "first_refused_after_s": first_refused,
                                  "long_tokens": long_tokens, "endings": ended,
@@ -1071,7 +1081,9 @@ def render_markdown(bench: Bench, meta: dict[str, Any]) -> str:
         f"{info.get('dtype')} on {info.get('device')}; runtime {meta['runtime_s']:.0f} s.",
         "",
         f"Server: `python -m server {' '.join(bench.details.get('server_flags', []))}` "
-        f"(step budget `--max-num-batched-tokens {a.max_num_batched_tokens}`, `--max-num-seqs {a.max_num_seqs}`).",
+        f"(step budget `--max-num-batched-tokens {a.max_num_batched_tokens}`, `--max-num-seqs {a.max_num_seqs}`)"
+        + (f"; the `drain, long steps` rows: a second server with `--max-num-batched-tokens {a.long_step_budget}`."
+           if "server_flags-long-step" in bench.details else "."),
         "",
         f"Load before: `{meta['machine_start']['uptime']}`; after: `{meta['machine_end']['uptime']}` "
         "(the CPU may have been shared with other jobs).",
@@ -1101,13 +1113,16 @@ def render_markdown(bench: Bench, meta: dict[str, Any]) -> str:
         lines.append(f"- {scen}: {len(recs)} x {cat} ({why}); requests: {'; '.join(labels)[:700]}")
     lines.append("")
     lines.append("Each request is in the JSON file (`unexpected`, `details`).")
-    logscan = meta.get("server_log", {})
-    lines += ["", "## Server log", "",
-              f"{logscan.get('lines', 0)} lines; errors {len(logscan.get('errors', []))}, "
-              f"5xx other than 503 in the access log {len(logscan.get('access_5xx', []))}, 503s "
-              f"{logscan.get('access_503', 0)} ({', '.join(logscan.get('access_503_paths', []))}: while loading "
-              f"and draining), traceback {logscan.get('traceback')}; "
-              f"warnings: {', '.join(sorted(set(str(w) for w in logscan.get('warnings', []))))[:600] or 'none'}."]
+    lines += ["", "## Server log", ""]
+    for i, logscan in enumerate(meta.get("server_logs", [])):
+        which = "the server" if i == 0 else "the long-step server"
+        lines.append(
+            f"- {which}: {logscan.get('lines', 0)} lines; errors {len(logscan.get('errors', []))}, 5xx other than 503 "
+            f"in the access log {len(logscan.get('access_5xx', []))}, 503s {logscan.get('access_503', 0)} "
+            f"({', '.join(logscan.get('access_503_paths', []))}: while loading and draining), traceback "
+            f"{logscan.get('traceback')}; errors: "
+            f"{'; '.join(sorted({str(e.get('msg', '')).splitlines()[0][:120] for e in logscan.get('errors', [])})) or 'none'}; "
+            f"warnings: {', '.join(sorted({str(w) for w in logscan.get('warnings', [])}))[:600] or 'none'}.")
     return "\n".join(lines) + "\n"
 
 
@@ -1120,6 +1135,15 @@ async def run(bench: Bench, scenarios: list[str]) -> None:
         await bench.auth()
     if "drain" in scenarios:
         await bench.drain()
+    if "drain-long-step" in scenarios:
+        # a second server whose step budget makes one engine step outlast the server's 10 s grace after the
+        # drain timeout (its requests are aborted between steps)
+        budget = bench.args.long_step_budget
+        if bench.srv is not None:
+            bench.logscans.append(bench.scan_log())
+            bench.srv.stop()
+        await asyncio.to_thread(bench.start_server, budget, "-long-step")
+        await bench.drain(f"drain, long steps (--max-num-batched-tokens {budget})", "drain_long_step")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1144,7 +1168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-timeout-s", type=float, default=3.0)
     p.add_argument("--hung-s", type=float, default=600.0, help="bound on one request (health probes: 10 s)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
-    p.add_argument("--scenarios", default="stall,injection,auth,drain")
+    p.add_argument("--long-step-budget", type=int, default=8192,
+                   help="--max-num-batched-tokens of the drain-long-step scenario's server")
+    p.add_argument("--scenarios", default="stall,injection,auth,drain,drain-long-step")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "hostile"), help="writes OUT.md and OUT.json")
     p.add_argument("--log", help="server log file (default: /tmp/onegen-hostile-PID.log)")
     args = p.parse_args(argv)
@@ -1153,7 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(scenarios) - {"stall", "injection", "auth", "drain"}
+    unknown = set(scenarios) - {"stall", "injection", "auth", "drain", "drain-long-step"}
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}")
 
@@ -1167,8 +1193,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run(bench, scenarios))
     finally:
         assert bench.srv is not None
-        meta["server_log"] = bench.scan_log()
+        bench.logscans.append(bench.scan_log())
         bench.srv.stop()
+    meta["server_log"] = bench.logscans[0]
+    meta["server_logs"] = bench.logscans
     meta["runtime_s"] = time.perf_counter() - t0
     meta["machine_end"] = machine()
     md = render_markdown(bench, meta)
