@@ -1099,7 +1099,8 @@ def render_markdown(bench: Bench, meta: dict[str, Any]) -> str:
         "",
     ]
     for ch in bench.checks:
-        lines.append(f"- {'PASS' if ch['passed'] else '**FAIL**'} [{ch['scenario']}] {ch['check']}: {ch['detail']}")
+        detail = ch["detail"] if len(ch["detail"]) <= 400 else ch["detail"][:400] + " … (in the JSON)"
+        lines.append(f"- {'PASS' if ch['passed'] else '**FAIL**'} [{ch['scenario']}] {ch['check']}: {detail}")
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in bench.rows:
         for o, cat, why in r.unexpected():
