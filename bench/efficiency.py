@@ -33,9 +33,10 @@ all segments batched by the engine).
 
 Sweeps (one factor at a time around the base cell: 256-token prompt, 1 retrieval, k=1, 1 request): prompt
 length 64 -> 2048 tokens, retrievals per request 1 -> 5, passages per retrieval k = 1, 3 (at 1 and 3
-retrievals), concurrency 1, 8, 32. No-retrieval does not depend on retrievals or k: it runs once per
-(prompt length, concurrency). Each cell runs every mode ``--repeats`` times, interleaved; the best
-(lowest wall time) repeat is reported (a shared CPU drifts between cells).
+retrievals), concurrency 1, 8, 32. Each cell runs every mode (no retrieval too, though it does not depend
+on retrievals or k: its time drifts with the machine's load like the others') ``--repeats`` times,
+interleaved, plus more rounds while a mode's best time is not confirmed by a second repeat within 10%; the
+best (lowest wall time) repeat is reported.
 
 Columns: *latency* — mean over the cell's requests of submission -> last token; *TTFT* — mean time to the
 first output token that is not ``[RQ]`` (the first answer token; one-pass's ``[RQ]`` is not counted as a
@@ -378,15 +379,14 @@ def confirmed(walls: list[float]) -> bool:
     return len(w) >= 2 and w[1] <= w[0] * (1 + CONFIRM)
 
 
-def run_cell(ctx: dict[str, Any], cell: Cell, modes: list[str], repeats: int, floor_cache: dict[tuple[int, int], Any],
-             max_repeats: int | None = None) -> dict[str, Any]:
+def run_cell(ctx: dict[str, Any], cell: Cell, modes: list[str], repeats: int, max_repeats: int | None = None
+             ) -> dict[str, Any]:
     """Every mode ``repeats`` times, interleaved; then more rounds (up to ``max_repeats``) while some mode's
     best time is not confirmed by a second repeat within ``CONFIRM`` of it (a shared CPU stalls some runs)."""
     wl = workload(ctx, cell)
     reqs, hops = wl.requests, wl.hops
     runners = {m: mode_runner(ctx, wl, m) for m in modes}
-    floor_key = (cell.prompt, cell.conc)
-    todo = [m for m in modes if not (m == "no_retrieval" and floor_key in floor_cache)]
+    todo = list(modes)  # no retrieval too, in every cell: the floor drifts with the load like the other modes
     runs: dict[str, list[em.ModeRun]] = {m: [] for m in todo}
     load_before = loadavg()
     t_cell = time.perf_counter()
@@ -400,12 +400,6 @@ def run_cell(ctx: dict[str, Any], cell: Cell, modes: list[str], repeats: int, fl
             runs[m].append(runners[m]())
         r += 1
     best = {m: min(rs, key=lambda x: x.wall) for m, rs in runs.items()}
-    if "no_retrieval" in modes:
-        if floor_key in floor_cache:
-            best["no_retrieval"], floor_walls = floor_cache[floor_key]
-        else:
-            floor_walls = [x.wall for x in runs["no_retrieval"]]
-            floor_cache[floor_key] = (best["no_retrieval"], floor_walls)
     out: dict[str, Any] = {"cell": asdict(cell), "key": cell.key, "hop_positions": hops, "rounds": r,
                            "prompt_tokens_mean": float(np.mean([len(r.prompt_ids) for r in reqs])),
                            "seconds": time.perf_counter() - t_cell, "loadavg_before": load_before,
@@ -415,8 +409,7 @@ def run_cell(ctx: dict[str, Any], cell: Cell, modes: list[str], repeats: int, fl
     for m in modes:
         run = best[m]
         s = summarize(run)
-        s["walls_s"] = [x.wall for x in runs[m]] if m in runs else floor_cache[floor_key][1]
-        s["shared_with_cell"] = None if m in runs else "no retrieval depends on prompt length and concurrency only"
+        s["walls_s"] = [x.wall for x in runs[m]]
         if m != "one_pass":
             o = summarize(one)
             s["ratio_latency"] = s["latency_s"] / o["latency_s"]
@@ -479,7 +472,7 @@ def same_cell(m: str, s: dict[str, Any]) -> str:
 
 def unconfirmed(res: dict[str, Any]) -> list[str]:
     """The modes of a cell whose best time no second repeat came within CONFIRM of."""
-    return [m for m, s in res["modes"].items() if not s.get("shared_with_cell") and not confirmed(s["walls_s"])]
+    return [m for m, s in res["modes"].items() if not confirmed(s["walls_s"])]
 
 
 def cell_rows(res: dict[str, Any], label: str) -> list[str]:
@@ -729,15 +722,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # warm-up: every mode once on a small cell (first calls pay one-time kernel set-up)
     t0 = time.perf_counter()
-    run_cell(ctx, Cell(64, 2, 1, 1), args.modes, 1, {})
+    run_cell(ctx, Cell(64, 2, 1, 1), args.modes, 1)
     log(f"warm-up {time.perf_counter() - t0:.1f} s")
 
     results = []
-    floor_cache: dict[tuple[int, int], Any] = {}
     for i, cell in enumerate(cells, 1):
         reps = min(args.repeats, args.repeats_concurrent) if cell.conc >= 8 else args.repeats
         most = reps + 1 if cell.conc >= 8 else max(args.max_repeats, reps)
-        res = run_cell(ctx, cell, args.modes, reps, floor_cache, most)
+        res = run_cell(ctx, cell, args.modes, reps, most)
         res["repeats"] = reps
         results.append(res)
         one = res["modes"]["one_pass"]
