@@ -106,7 +106,8 @@ class HeadAsGet:
 
 
 # A refused request's body up to this size is left to the server to drain (it reads and drops it, and the
-# connection stays usable); a larger or chunked (unknown size) one closes the connection instead.
+# connection stays usable); a larger or chunked (unknown size) one closes the connection instead (by
+# lingering a bounded time, so that the answer is not lost to a reset: server.http_protocol).
 _DRAIN_LIMIT = 64 * 1024
 
 
@@ -124,7 +125,8 @@ class ApiKeyGate:
 
     ``public`` tells which paths need no key (health probes; metrics and docs when configured so).
     The 401 closes the connection when the request announces a large (or chunked) body, so the
-    server does not go on reading, and discarding, a body it refused.
+    server does not go on reading, and discarding, a body it refused for longer than the lingering
+    close that gets the answer to the client (``server.http_protocol``).
     """
 
     def __init__(self, app: ASGIApp, key: str | None, public: Callable[[str], bool],

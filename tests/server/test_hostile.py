@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from server_harness import HEADER_TIMEOUT_S, RETRIEVING_PROMPT
+from server_harness import API_KEY, HEADER_TIMEOUT_S, RETRIEVING_PROMPT
 
 from onegen_core.checkpoint import load_checkpoint
 from onegen_core.rendering import Renderer
@@ -153,6 +153,40 @@ def test_key_is_checked_before_the_body_is_read(live_server):
     r = httpx.post(live_server.url + "/generate", content=b"{not json",
                    headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def _send_whole_body_then_read(port: int, head: bytes, body_chunks: list[bytes]) -> bytes:
+    """Send a request and all of its body (as a client that reads only once it has sent does), then read
+    the answer until the server closes: a server that closes without reading the body resets the
+    connection, and the reset destroys the answer it sent before the client reads it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer waits in a small buffer
+        s.sendall(head)
+        for chunk in body_chunks:
+            s.sendall(chunk)
+        reply, _ = _read_until_closed(s, limit=20)
+    return reply
+
+
+def test_answers_refusing_a_large_body_reach_a_client_still_sending_it(live_server):
+    size = 2_500_000  # far more than the kernel buffers on both ends hold
+    body = b'{"prompt": "' + b"x" * (size - 14) + b'"}'
+    start = b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    key = b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+    length = b"Content-Length: %d\r\n\r\n" % len(body)
+    # no key: 401 from the headers, with the body still on its way
+    reply = _send_whole_body_then_read(live_server.port, start + length, [body])
+    assert reply.lower().startswith(b"http/1.1 401") and b"authentication_error" in reply, reply[:300]
+    # the key, and a body over --max-body-bytes announced by Content-Length: 413
+    reply = _send_whole_body_then_read(live_server.port, start + key + length, [body])
+    assert reply.lower().startswith(b"http/1.1 413") and b"payload_too_large" in reply, reply[:300]
+    # the same body chunked (no length announced): 413 once the limit is passed
+    chunks = [b"%x\r\n%s\r\n" % (len(c), c) for c in (body[i:i + 65536] for i in range(0, len(body), 65536))]
+    reply = _send_whole_body_then_read(live_server.port, start + key + b"Transfer-Encoding: chunked\r\n\r\n",
+                                       [*chunks, b"0\r\n\r\n"])
+    assert reply.lower().startswith(b"http/1.1 413") and b"payload_too_large" in reply, reply[:300]
+    # the server is fine afterwards
+    assert httpx.get(live_server.url + "/health/live", timeout=30).status_code == 200
 
 
 def test_docs_need_the_key(live_server, client):
