@@ -15,6 +15,7 @@ at the end, aside and renamed — bad data or a crash never leaves a partial one
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -287,6 +288,20 @@ class Trainer:
         self._maybe_resume()
         self.metrics.truncate_after(self.step if self.resumed_from else -1)
 
+    def release_runner(self) -> None:
+        """Drop the DDP / DeepSpeed wrapper while the process group still exists.
+
+        DDP's Reducer holds the gloo process group. Freed after ``destroy_process_group``, it is the
+        group's last owner, and the group's destructor joins gloo's worker threads while holding the
+        GIL; a worker still freeing the last barrier's tensors waits for the GIL, so the finished
+        rank hangs (about one torchrun run in ten on a loaded 2-core machine). Freed first, the Reducer
+        only drops a reference, and ``destroy_process_group`` frees the group with the GIL released.
+        """
+        if hasattr(self, "runner"):
+            self.runner = self.model
+        self.deepspeed = None
+        gc.collect()
+
     # ------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
         cfg = self.cfg
@@ -528,6 +543,7 @@ def run_training(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = No
         trainer.setup()
         return trainer.train()
     finally:
+        trainer.release_runner()
         ctx = getattr(trainer, "ctx", None)
         if ctx is not None:
             ctx.close()
