@@ -4,8 +4,9 @@ SIGTERM / SIGINT: /health/ready turns 503 at once, uvicorn stops accepting
 connections and waits up to ``--drain-timeout-s`` for in-flight requests (streams
 included) to finish; what is still running then is aborted by the app, so that each
 request ends with its documented error (JSON 503; an SSE ``error`` event, then
-``[DONE]``), and the engine is stopped. uvicorn's own graceful-shutdown timeout is
-``_DRAIN_FINISH_S`` later: it cancels only responses that could not be sent by then.
+``[DONE]``), and the engine is stopped. The abort takes effect at the end of the engine
+step under way, however long it takes; uvicorn cancels only the responses that could not
+be sent ``state.DRAIN_FINISH_S`` after that (``ServerState.shutdown_overdue``).
 A checkpoint or index path that does not exist ends the process with status 2 and one
 line naming it, before the port is bound; a model or index that fails to load ends it
 with status 1 and the reason.
@@ -16,8 +17,10 @@ close after ``--keep-alive-timeout-s``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -30,21 +33,35 @@ from .logs import configure_logging
 from .settings import ServerSettings, parse_settings
 
 log = logging.getLogger("onegen.server")
-# After the drain timeout aborts the requests still running, how long they have to send their error responses
-# before uvicorn cancels their tasks (which cuts streams and answers plain requests with a bare 500).
-_DRAIN_FINISH_S = 10.0
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, marking the app as draining the moment a shutdown signal arrives."""
+    """uvicorn's server, marking the app as draining the moment a shutdown signal arrives, and
+    waiting for in-flight responses for as long as ``overdue`` says (uvicorn's own timeout is off)."""
 
-    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None],
+                 overdue: Callable[[float], str | None]):
         super().__init__(config)
         self._on_signal = on_signal
+        self._overdue = overdue
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_signal()
         super().handle_exit(sig, frame)
+
+    async def _wait_tasks_to_complete(self) -> None:
+        t0 = time.monotonic()
+        waiting = asyncio.ensure_future(super()._wait_tasks_to_complete())
+        try:
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=0.1)
+                reason = None if waiting.done() else self._overdue(time.monotonic() - t0)
+                if reason is not None:
+                    log.error("shutdown: cutting off the responses still running: %s", reason)
+                    raise asyncio.TimeoutError(reason)  # uvicorn's shutdown cancels the tasks left
+            waiting.result()
+        finally:
+            waiting.cancel()
 
 
 def missing_path(settings: ServerSettings) -> str | None:
@@ -89,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        log_level=settings.log_level, timeout_graceful_shutdown=settings.drain_timeout_s + _DRAIN_FINISH_S,  # type: ignore[arg-type]
+        log_level=settings.log_level, timeout_graceful_shutdown=None,
         lifespan="on", workers=1, http=header_timeout_protocol(settings.header_timeout_s),
         timeout_keep_alive=settings.keep_alive_timeout_s, h11_max_incomplete_event_size=settings.max_header_bytes,
     )
-    server = _DrainingServer(config, on_signal)
+    server = _DrainingServer(config, on_signal, lambda waiting_s: app.state.onegen.shutdown_overdue(waiting_s))
     server.run()
     if fatal:
         print(f"onegen server: could not start: {fatal[0]}", file=sys.stderr)

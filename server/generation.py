@@ -184,6 +184,9 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # this request's task is cancelled (shutdown): so is its work, not orphaned
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task in done:

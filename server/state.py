@@ -9,7 +9,9 @@ joining an unbounded queue.
 Draining (SIGTERM): ``begin_drain`` turns ``/health/ready`` and admission to 503 at once
 and, when the drain timeout expires with requests still in flight, aborts them all, so
 that each one ends with its documented error (a JSON 503, or an SSE ``error`` event and
-``[DONE]``) before uvicorn's own, slightly later, graceful-shutdown timeout would cut it off.
+``[DONE]``). The abort takes effect between two engine steps, so the shutdown then waits on
+the engine, not on a clock (``shutdown_overdue``): responses still being sent are cut off
+only ``DRAIN_FINISH_S`` after the engine ran the abort, however long its step was.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from .settings import ServerSettings
 from .worker import EngineWorker
 
 log = logging.getLogger("onegen.server")
+# After the engine has aborted what a drain left running, how long those requests have to send their error
+# responses before the shutdown cancels their tasks (which cuts streams and answers plain requests with a bare 500).
+DRAIN_FINISH_S = 10.0
 
 
 @dataclass
@@ -71,6 +76,23 @@ class ServerState:
         # every request the engine holds then (admission is closed, so no new one can follow this command)
         self.worker.abort_all(f"the request was aborted: the server is shutting down and its drain timeout "
                               f"of {timeout_s:g} s expired")
+
+    def shutdown_overdue(self, waiting_s: float) -> str | None:
+        """Why the shutdown should stop waiting for responses still being sent (their tasks are then
+        cancelled), or None to go on waiting; ``waiting_s``: how long it has waited so far.
+
+        Responses get ``DRAIN_FINISH_S`` after the engine thread ran the drain timeout's abort, however long
+        the step it was in took. Only an engine that makes no progress (stalled past ``--stall-timeout-s``,
+        failed or stopped) falls back to a bound on the clock: the drain timeout plus ``DRAIN_FINISH_S``.
+        """
+        aborted_at = self.worker.aborted_all_at
+        if aborted_at is not None:
+            if time.monotonic() - aborted_at > DRAIN_FINISH_S:
+                return f"responses still unsent {DRAIN_FINISH_S:g} s after the engine aborted their requests"
+            return None
+        if not self.worker.making_progress() and waiting_s > self.settings.drain_timeout_s + DRAIN_FINISH_S:
+            return f"the engine makes no progress (worker state {self.worker.state})"
+        return None
 
     def end_drain(self) -> None:
         """At shutdown: stay draining, and drop the expiry timer (the worker aborts what is left)."""

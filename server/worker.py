@@ -129,6 +129,7 @@ class EngineWorker:
         self.engine: Any = None  # set once loaded; only its immutable attributes are read off-thread
         self.error: BaseException | None = None
         self.load_seconds: float | None = None
+        self.aborted_all_at: float | None = None  # time.monotonic() when the engine thread ran abort_all
 
     # ------------------------------------------------------------------ event-loop side
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -303,6 +304,7 @@ class EngineWorker:
                         self._abort_messages[rid] = cmd.message
                 for rid in list(self._searches):
                     self.engine.abort(rid, error=cmd.message)
+                self.aborted_all_at = time.monotonic()
             elif isinstance(cmd, _Search):
                 self._add_search(cmd)
 
