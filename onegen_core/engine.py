@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from .checkpoint import Checkpoint, load_checkpoint
 from .detokenizer import IncrementalDetokenizer
 from .encoder import InputTooLong, normalize, resolve_device, resolve_dtype
-from .engine_config import EngineConfig
+from .engine_config import EngineConfig, step_token_budget
 from .index_store import IndexStore
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner
@@ -67,9 +68,11 @@ class ContextLengthExceeded(ValueError):
 class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, retriever: Retriever | None = None,
                  index: IndexStore | None = None):
-        self.config = config = config or EngineConfig()
+        config = config or EngineConfig()
         self.checkpoint = checkpoint
         self.device = resolve_device(config.device)
+        # the step budget's default depends on the device: what the engine runs with is what it reports
+        self.config = config = replace(config, max_num_batched_tokens=step_token_budget(config, self.device.type))
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.index = index
         self.retriever = retriever

@@ -159,3 +159,17 @@ def test_a_request_after_a_big_search_is_not_queued_behind_all_of_its_queries(en
     assert steps_to_first_token is not None and done_step is not None
     assert steps_to_first_token <= 2 * (per_query // budget + 2), (steps_to_first_token, all_queries_steps)
     assert steps_to_first_token < done_step
+
+
+def test_step_budget_defaults_to_the_device(retrieving_checkpoint):
+    """Unset, the budget is 256 tokens on the CPU (a 2048-token step there holds every stream for seconds) and
+    2048 on a GPU; the engine reports the budget it runs with, and a given budget is kept."""
+    from onegen_core.engine_config import STEP_BUDGET_CPU, STEP_BUDGET_GPU, step_token_budget
+
+    assert (STEP_BUDGET_CPU, STEP_BUDGET_GPU) == (256, 2048)
+    assert step_token_budget(EngineConfig(), "cuda") == STEP_BUDGET_GPU
+    assert step_token_budget(EngineConfig(), "cpu") == STEP_BUDGET_CPU
+    assert step_token_budget(EngineConfig(max_num_batched_tokens=40), "cuda") == 40
+    engine = Engine.from_checkpoint(retrieving_checkpoint, config=EngineConfig(num_kv_blocks=64, device="cpu"))
+    assert engine.config.max_num_batched_tokens == STEP_BUDGET_CPU
+    assert engine.scheduler.max_num_batched_tokens == STEP_BUDGET_CPU
