@@ -615,7 +615,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto (the index's encode dtype on CPU, bfloat16 on GPU) | float32 | bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="the engine's step token budget (default: the engine's, 2048 on a GPU and 256 on the CPU)")
+                   help="the engine's step token budget (default: the engine's, 2048 on a GPU and 512 on the CPU)")
     p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request")
     p.add_argument("--hop-gap", type=int, default=12, help="output tokens between retrievals")
     p.add_argument("--base-prompt", type=int, default=256, help="prompt length of the other sweeps")

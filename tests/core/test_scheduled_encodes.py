@@ -162,11 +162,11 @@ def test_a_request_after_a_big_search_is_not_queued_behind_all_of_its_queries(en
 
 
 def test_step_budget_defaults_to_the_device(retrieving_checkpoint):
-    """Unset, the budget is 256 tokens on the CPU (a 2048-token step there holds every stream for seconds) and
+    """Unset, the budget is 512 tokens on the CPU (a 2048-token step there holds every stream for seconds) and
     2048 on a GPU; the engine reports the budget it runs with, and a given budget is kept."""
     from onegen_core.engine_config import STEP_BUDGET_CPU, STEP_BUDGET_GPU, step_token_budget
 
-    assert (STEP_BUDGET_CPU, STEP_BUDGET_GPU) == (256, 2048)
+    assert (STEP_BUDGET_CPU, STEP_BUDGET_GPU) == (512, 2048)
     assert step_token_budget(EngineConfig(), "cuda") == STEP_BUDGET_GPU
     assert step_token_budget(EngineConfig(), "cpu") == STEP_BUDGET_CPU
     assert step_token_budget(EngineConfig(max_num_batched_tokens=40), "cuda") == 40

@@ -57,7 +57,7 @@ def test_help_states_each_default_once():
     engine_default = next(a.help for a in parser._actions if a.dest == "max_num_seqs")
     assert engine_default.count("(default") == 1 and "(default: 64)" in engine_default  # EngineConfig's
     budget = next(a.help for a in parser._actions if a.dest == "max_num_batched_tokens")
-    assert budget.count("(default") == 1 and "(default: 2048 on a GPU, 256 on the CPU)" in budget
+    assert budget.count("(default") == 1 and "(default: 2048 on a GPU, 512 on the CPU)" in budget
     assert "(default: 16384)" in next(a.help for a in parser._actions if a.dest == "max_header_bytes")
 
 
