@@ -47,10 +47,11 @@ runs the scenarios in this order against that one process, and ends it with SIGT
   process exits: each must answer 503 or be refused (uvicorn stops listening within ~0.1 s of the
   signal); new ``/generate`` requests likewise. The server must exit with no traceback in its log.
 * **drain, long steps** — the same drain against a second server whose ``--max-num-batched-tokens``
-  (``--long-step-budget``, 8192) makes one engine step long: the requests are aborted between steps,
-  and the server cuts off only what has not ended ``DRAIN_FINISH_S`` (10 s) after the engine ran the
-  abort. On a 2-core CPU with the default model a step of 8192 query tokens outlasts the drain timeout
-  plus that grace, which a fixed grace after the drain timeout did not survive.
+  (``--long-step-budget``, 32768) makes one engine step long: the in-flight /retrieve's 64 queries
+  (~25,000 tokens) go through in one step, which on a 2-core CPU with the default model outlasts the
+  drain timeout plus ``DRAIN_FINISH_S`` (10 s). The requests are aborted between steps; the server cuts
+  off only what has not ended 10 s after the engine ran the abort (a fixed grace after the drain
+  timeout used to cut them: bare 500s and cut streams).
 
 Categories, one per request (``bench/hostile_outcomes.py`` classifies, ``tests/bench/test_hostile_bench.py``
 tests it):
@@ -1170,7 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-timeout-s", type=float, default=3.0)
     p.add_argument("--hung-s", type=float, default=600.0, help="bound on one request (health probes: 10 s)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0)
-    p.add_argument("--long-step-budget", type=int, default=8192,
+    p.add_argument("--long-step-budget", type=int, default=32768,
                    help="--max-num-batched-tokens of the drain-long-step scenario's server")
     p.add_argument("--scenarios", default="stall,injection,auth,drain,drain-long-step")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "hostile"), help="writes OUT.md and OUT.json")
