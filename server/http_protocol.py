@@ -42,7 +42,6 @@ class _LingeringTransport:
         self._protocol = protocol
         self._loop = loop
         self.lingering = False
-        self._lost = False  # the socket is gone (the client closed it, or a linger ended)
         self._started = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -53,8 +52,9 @@ class _LingeringTransport:
         return self.lingering or self._transport.is_closing()
 
     def close(self) -> None:
+        # (a transport the client closed, or that a linger closed, is closing already: closed again at once)
         conn = self._protocol.conn
-        if self.lingering or self._lost or self._transport.is_closing() or conn.their_state is not h11.SEND_BODY:
+        if self.lingering or self._transport.is_closing() or conn.their_state is not h11.SEND_BODY:
             self._close_now()
             return
         # the answer is written, the client is still sending its body: half-close and drain
@@ -65,16 +65,14 @@ class _LingeringTransport:
         self._transport.resume_reading()
         self.heard_from_client()
 
-    def lost(self) -> None:
-        self._lost = True
+    def cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def heard_from_client(self) -> None:
         """(Re)start the idle deadline; past the total deadline, close now."""
-        if self._timer is not None:
-            self._timer.cancel()
+        self.cancel_timer()
         left = self._started + LINGER_TOTAL_S - self._loop.time()
         if left <= 0:
             self._close_now()
@@ -82,9 +80,7 @@ class _LingeringTransport:
             self._timer = self._loop.call_later(min(LINGER_IDLE_S, left), self._close_now)
 
     def _close_now(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.cancel_timer()
         self._transport.close()
 
 
@@ -121,7 +117,7 @@ def header_timeout_protocol(header_timeout_s: float) -> type[H11Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             if self._lingering is not None:
-                self._lingering.lost()
+                self._lingering.cancel_timer()
             super().connection_lost(exc)
 
         def _arm(self) -> None:
