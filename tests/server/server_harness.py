@@ -39,17 +39,19 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m server ...`` as a child process; ``url`` once ``wait_ready`` returned."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None, api_key: str | None = None):
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None, api_key: str | None = None,
+                 *, launcher: list[str] | None = None, cwd: Path = REPO):
+        """``launcher`` replaces ``python -m server`` (e.g. ``["bash", "scripts/serve.sh"]``), run in ``cwd``."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        cmd = [*(launcher or [sys.executable, "-m", "server"]), "--host", "127.0.0.1", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
 
     @property
     def headers(self) -> dict[str, str]:
