@@ -51,7 +51,8 @@ Targets (CPU): one-pass >= 1.3x lower latency than two-pass at 1024-token prompt
 two-pass rows), and >= 2x lower than the reference loop at 3 retrievals per request.
 
 Outputs: ``bench/results/efficiency.md`` / ``.json`` and the PNG plots ``efficiency_prompt_length.png``,
-``efficiency_hops.png``, ``efficiency_concurrency.png`` (``--out-dir``). ``--profile`` adds a torch.profiler
+``efficiency_hops.png``, ``efficiency_concurrency.png`` (``--out-dir``; a ``--quick`` run writes them under
+``bench/results/quick/`` instead, git-ignored, so it never overwrites the committed full results). ``--profile`` adds a torch.profiler
 table of the target cells (top operators per mode) to ``efficiency_profile.txt``.
 
 Model: the trained default (``.cache/onegen-default/checkpoint`` + ``index``, served in the index's dtype,
@@ -65,7 +66,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -86,6 +86,7 @@ for p in (str(REPO), str(HERE)):
 import efficiency_modes as em  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import QUICK_RESULTS, RESULTS, machine_info  # noqa: E402
 
 DEFAULT_ROOT = REPO / ".cache" / "onegen-default"
 TINY_ROOT = REPO / ".cache" / "efficiency-tiny"
@@ -99,24 +100,6 @@ TARGET_REF_LOOP = 2.0
 
 def log(msg: str) -> None:
     print(f"[efficiency] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- machine
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "device": device.type}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def code_version() -> dict[str, Any]:
@@ -636,7 +619,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of the target cells")
     p.add_argument("--profile-cells", nargs="+", default=None, metavar="KEY",
                    help="profile these cells instead (keys as in the JSON, e.g. L256-H1-k1-N32)")
-    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where NAME.md / .json and the plots go (default bench/results; with --quick bench/results/quick, "
+                   "git-ignored, so a quick run never overwrites the committed full results)")
     p.add_argument("--name", default="efficiency", help="output file stem (NAME.md, NAME.json)")
     a = p.parse_args(argv)
     quick = a.quick
@@ -645,6 +630,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "ks": [1] if quick else [1, 3], "k_hops": [1] if quick else [1, 3],
                 "concurrency": [1] if quick else [1, 8, 32],
                 "repeats": 2 if quick else 3}
+    defaults["out_dir"] = QUICK_RESULTS if quick else RESULTS
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)

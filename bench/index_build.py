@@ -71,18 +71,15 @@ def make_corpus(path: Path, n: int, seed: int, max_words: int) -> list[dict]:
 def hf_loop(model, seqs: list[list[int]], batch_size: int, pad_id: int,
             order: list[int] | None = None) -> tuple[np.ndarray, float]:
     """The plain loop: fixed-size batches (in corpus order unless ``order``), right padding, hidden state at [RD]."""
+    from training.evaluate import padded_batch
+
     order = order or list(range(len(seqs)))
     out = np.empty((len(seqs), model.config.hidden_size), dtype=np.float32)
     t0 = time.perf_counter()
     for i in range(0, len(seqs), batch_size):
         rows = order[i:i + batch_size]
         batch = [seqs[k] for k in rows]
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, s in enumerate(batch):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
+        ids, mask = padded_batch(batch, pad_id)
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, W, d], after the final norm
         last = mask.sum(1) - 1
         h = hidden[torch.arange(len(batch)), last]

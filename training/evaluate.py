@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,18 @@ from .data import Corpus, Example
 from .modeling import OneGenModel
 
 
-def _padded(rows: list[np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_batch(rows: Sequence[Sequence[int] | np.ndarray], pad_id: int, device: torch.device | str = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows right-padded with ``pad_id`` into ``ids`` [B, L] and ``attention_mask`` [B, L] (long, 1 = real).
+
+    The one padded-batch builder of the repository: evaluation here, and the bench's Hugging Face loops
+    (``bench/quality.py``'s LM loss, ``bench/index_build.py``'s encode loop) import it.
+    """
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.from_numpy(r.astype(np.int64))
+        ids[i, : len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
         mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)
 
@@ -61,7 +68,7 @@ def encode_units(model: OneGenModel, corpus: Corpus, units: np.ndarray, *, batch
     for i in tqdm(range(0, len(docs), batch_size), desc="eval documents", unit="batch", disable=not progress,
                   leave=False):
         chunk = docs[i: i + batch_size]
-        ids, mask = _padded([corpus.ids[d] for d in chunk], pad_id, device)
+        ids, mask = padded_batch([corpus.ids[d] for d in chunk], pad_id, device)
         with autocast or contextlib.nullcontext():
             h = model.hidden(ids, mask)
         for r, d in enumerate(chunk):
@@ -85,7 +92,7 @@ def evaluate(model: OneGenModel, examples: list[Example], corpus: Corpus, *, bat
         for i in tqdm(range(0, len(examples), batch_size), desc="eval conversations", unit="batch",
                       disable=not progress, leave=False):
             chunk = examples[i: i + batch_size]
-            ids, mask = _padded([e.ids for e in chunk], pad_id, device)
+            ids, mask = padded_batch([e.ids for e in chunk], pad_id, device)
             labels = torch.full_like(ids, -100)
             for r, e in enumerate(chunk):
                 labels[r, : len(e.ids)] = torch.from_numpy(e.labels())

@@ -1,0 +1,42 @@
+"""Helpers the bench scripts share: the machine a result was measured on, and where a run writes.
+
+Scripts run as ``python bench/NAME.py``, so this module is importable as ``common``. It imports no torch
+at module level (``hostile.py`` drives a server in another process and does not need it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_RESULTS = RESULTS / "quick"  # git-ignored: quick runs never overwrite the committed full results
+
+
+def cpu_name(fallback: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo, else ``fallback`` (default: platform's processor or machine)."""
+    name = fallback if fallback is not None else (platform.processor() or platform.machine())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """CPU, cores, torch threads and versions; with a torch ``device``, its type (and the GPU and CUDA on one)."""
+    import torch
+
+    info: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version(),
+                            "platform": platform.platform()}
+    if device is not None:
+        info["device"] = device.type
+        if device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(device)
+            info["cuda"] = torch.version.cuda
+    return info
