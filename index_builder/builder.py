@@ -37,8 +37,9 @@ import numpy as np
 from tqdm import tqdm
 
 from onegen_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from onegen_core.device import resolve_device, resolve_dtype
 from onegen_core.distributed import RankContext
-from onegen_core.encoder import Encoder, resolve_device, resolve_dtype
+from onegen_core.encoder import Encoder
 from onegen_core.index_store import Manifest, sqlite_uri
 from onegen_core.model.attention import MAX_PAD_WASTE
 from onegen_core.rendering import Renderer

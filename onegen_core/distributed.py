@@ -1,7 +1,7 @@
 """This process's rank under ``torchrun`` (or a world of one): the context training and the index builder share.
 
 ``RankContext.from_env`` reads the launcher's environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_*``), picks this rank's device (``encoder.resolve_device``: a bare
+``LOCAL_RANK``, ``MASTER_*``), picks this rank's device (``device.resolve_device``: a bare
 ``cuda`` is ``cuda:LOCAL_RANK``) and joins the process group. Its collectives:
 ``barrier``, ``sum`` (floats, e.g. a step's loss sums) and ``sync`` / ``synced`` — a
 barrier that also propagates failure, so that an error on one rank stops every rank at
@@ -22,6 +22,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+
+from .device import resolve_device
 
 
 class PeerFailed(ValueError):
@@ -71,9 +73,6 @@ class RankContext:
         ``device`` is resolved for this rank (``auto``: CUDA if available); ``backend`` defaults to
         NCCL on CUDA and gloo elsewhere.
         """
-        # imported here, not at the top: importing this module must not import the model code
-        from .encoder import resolve_device
-
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
         local_rank = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else 0

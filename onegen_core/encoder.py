@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .device import resolve_device, resolve_dtype
 from .model import build_attention_metadata, build_model
 from .rendering import Renderer
 
@@ -25,41 +26,6 @@ from .rendering import Renderer
 def normalize(h: torch.Tensor) -> torch.Tensor:
     """[N, d] hidden states -> float32 unit vectors (the metric is inner product on these)."""
     return F.normalize(h.float(), p=2.0, dim=-1)
-
-
-def resolve_device(device: str | torch.device, *, local_rank: int | None = None) -> torch.device:
-    """The one device resolver (engine, encoder, index builder, training).
-
-    ``auto`` is CUDA when available, else the CPU. A bare ``cuda`` is ``cuda:<local_rank>`` (modulo the
-    visible devices) when the caller is one rank of several. ``ValueError`` for a device that is not
-    one (``cuda`` on a machine without CUDA, an unknown name).
-    """
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-        if dev.index is None and local_rank is not None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype {dtype!r} is not supported; one of auto, {', '.join(table)}")
-    return table[dtype]
 
 
 class InputTooLong(ValueError):

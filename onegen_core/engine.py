@@ -33,7 +33,8 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .detokenizer import IncrementalDetokenizer
-from .encoder import InputTooLong, normalize, resolve_device, resolve_dtype
+from .device import resolve_device, resolve_dtype
+from .encoder import InputTooLong, normalize
 from .engine_config import EngineConfig, step_token_budget
 from .index_store import IndexStore
 from .kv_cache import BlockManager

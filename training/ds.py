@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from onegen_core.device import auto_dtype, resolve_device
+
 from .config import TrainConfig
 
 _HF_DS_CONFIG: Any = None  # must stay alive while models load under ZeRO-3
@@ -55,8 +57,7 @@ def prepare_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any
     global _HF_DS_CONFIG
     import_deepspeed()
     ds = read_deepspeed_config(str(cfg.deepspeed))
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()
-                                       and torch.cuda.is_bf16_supported())
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and auto_dtype(resolve_device("auto")) == torch.bfloat16)
     fill = {
         "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,

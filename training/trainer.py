@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from onegen_core.device import auto_dtype
 from onegen_core.distributed import RankContext
 from onegen_core.rendering import Renderer
 
@@ -189,7 +190,7 @@ class Trainer:
         p = self.cfg.precision
         dev = self.ctx.device
         if p == "auto":
-            p = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+            p = "bf16" if auto_dtype(dev) == torch.bfloat16 else "fp32"  # no fp16 autocast: without bf16, fp32
         if p == "bf16" and self.deepspeed is None:
             return lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
         return contextlib.nullcontext
