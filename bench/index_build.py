@@ -91,7 +91,6 @@ def part1(args: argparse.Namespace, tmp: Path) -> list[dict]:
     import faiss
 
     from index_builder import BuildConfig, build_index
-    from index_builder.builder import encode_sorted
     from onegen_core.checkpoint import load_checkpoint
     from onegen_core.encoder import Encoder
     from onegen_core.rendering import Renderer
@@ -134,7 +133,7 @@ def part1(args: argparse.Namespace, tmp: Path) -> list[dict]:
         engine_unsorted()
         times["engine_unsorted"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        enc_vecs = encode_sorted(encoder, seqs, args.batch_tokens, args.batch_size)
+        enc_vecs = encoder.encode_sorted(seqs, batch_tokens=args.batch_tokens, batch_size=args.batch_size)
         times["builder_encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = build_index(BuildConfig(checkpoint=ckpt_dir, corpus=[corpus], out=tmp / f"index{rep}",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +41,6 @@ from onegen_core.device import resolve_device, resolve_dtype
 from onegen_core.distributed import RankContext
 from onegen_core.encoder import Encoder
 from onegen_core.index_store import Manifest, sqlite_uri
-from onegen_core.model.attention import MAX_PAD_WASTE
 from onegen_core.rendering import Renderer
 from onegen_core.spec import SpecError
 
@@ -249,7 +248,8 @@ def _encode(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, count: int, dim: 
     try:
         for i in mine:
             seqs, positions = _shard_sequences(con, renderer, i * cfg.shard_size, rows[i], i)
-            vecs = encode_sorted(encoder, seqs, cfg.batch_tokens, cfg.batch_size, bar.update, positions=positions)
+            vecs = encoder.encode_sorted(seqs, positions, batch_tokens=cfg.batch_tokens, batch_size=cfg.batch_size,
+                                         progress=bar.update)
             save_npy_atomic(work.shard_path(i), vecs)
     finally:
         con.close()
@@ -285,52 +285,3 @@ def _shard_sequences(con: sqlite3.Connection, renderer: Renderer, lo: int, rows:
             positions.append([position])
             last_entry = entry
     return seqs, positions
-
-
-# The encoder runs a batch's attention as one padded call when padding costs at most this factor of the
-# real work (onegen_core.model.attention), else one call per sequence: batches are cut to stay under it.
-PAD_WASTE = MAX_PAD_WASTE  # the attention's own threshold for one padded call
-
-
-def length_batches(lengths: list[int], batch_tokens: int, batch_size: int) -> Iterator[list[int]]:
-    """Indices sorted longest first, cut into batches of at most ``batch_tokens`` tokens / ``batch_size`` docs,
-    each of lengths close enough that its attention pads little (``PAD_WASTE``)."""
-    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
-    batch: list[int] = []
-    tokens = squares = 0
-    for k in order:
-        n = lengths[k]
-        if batch:
-            longest = lengths[batch[0]]
-            too_wasteful = (len(batch) + 1) * longest * longest > PAD_WASTE * (squares + n * n)
-            if tokens + n > batch_tokens or len(batch) >= batch_size or too_wasteful:
-                yield batch
-                batch, tokens, squares = [], 0, 0
-        batch.append(k)
-        tokens += n
-        squares += n * n
-    if batch:
-        yield batch
-
-
-def encode_sorted(encoder: Any, seqs: list[list[int]], batch_tokens: int, batch_size: int,
-                  progress: Callable[[int], Any] | None = None, *,
-                  positions: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """Encode rendered sequences in length-sorted batches: [rows, d] float32, in the input order.
-
-    Each sequence gives one row per position in ``positions`` (default: its last token, a rendered
-    document's document token); ``progress`` is called with the rows each batch encoded.
-    """
-    if positions is None:
-        positions = [[len(s) - 1] for s in seqs]
-    starts = np.zeros(len(seqs) + 1, dtype=np.int64)
-    starts[1:] = np.cumsum([len(p) for p in positions])
-    out = np.empty((int(starts[-1]), encoder.dim), dtype=np.float32)
-    for batch in length_batches([len(s) for s in seqs], batch_tokens, batch_size):
-        vecs = encoder.encode_at_positions([seqs[k] for k in batch], [positions[k] for k in batch],
-                                           batch_tokens=batch_tokens)
-        rows = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in batch])
-        out[rows] = vecs.numpy()
-        if progress is not None:
-            progress(len(rows))
-    return out

@@ -10,13 +10,14 @@ and query vectors come from the same code as the engine's in-flight queries
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .bucketing import length_buckets
 from .checkpoint import Checkpoint, load_checkpoint
 from .device import resolve_device, resolve_dtype
 from .model import build_attention_metadata, build_model
@@ -69,7 +70,7 @@ class Encoder:
         """Hidden state at each sequence's last token, normalised: [n, d] float32 on the CPU.
 
         Sequences are packed in the given order into batches of at most ``batch_tokens``
-        tokens (sort by length first to waste little padding).
+        tokens (``encode_sorted`` buckets them by length first, to waste little padding).
         """
         return self.encode_at_positions(seqs, [[len(s) - 1] for s in seqs], batch_tokens=batch_tokens)
 
@@ -115,15 +116,37 @@ class Encoder:
             i = j
         return out
 
-    def _encode_sorted(self, seqs: list[list[int]], batch_tokens: int, kind: str) -> np.ndarray:
+    def encode_sorted(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]] | None = None, *,
+                      batch_tokens: int = 8192, batch_size: int | None = None,
+                      progress: Callable[[int], Any] | None = None) -> np.ndarray:
+        """``encode_at_positions`` (default positions: each sequence's last token) in length buckets, rows back
+        in the input order: [rows, d] float32.
+
+        Buckets (``bucketing.length_buckets``) take sequences longest first, at most ``batch_tokens`` tokens
+        and ``batch_size`` sequences each, cut where padding their attention would waste work; ``progress``
+        is called with the rows each bucket encoded.
+        """
+        if positions is None:
+            positions = [[len(s) - 1] for s in seqs]
+        if len(positions) != len(seqs):
+            raise ValueError(f"{len(seqs)} sequences but {len(positions)} position lists")
+        starts = np.zeros(len(seqs) + 1, dtype=np.int64)
+        starts[1:] = np.cumsum([len(p) for p in positions])
+        out = np.empty((int(starts[-1]), self.dim), dtype=np.float32)
+        for bucket in length_buckets([len(s) for s in seqs], max_tokens=batch_tokens, max_rows=batch_size):
+            vecs = self.encode_at_positions([seqs[k] for k in bucket], [positions[k] for k in bucket],
+                                            batch_tokens=batch_tokens)
+            rows = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in bucket])
+            out[rows] = vecs.numpy()
+            if progress is not None:
+                progress(len(rows))
+        return out
+
+    def _encode_rendered(self, seqs: list[list[int]], batch_tokens: int, kind: str) -> np.ndarray:
         for i, s in enumerate(seqs):  # checked in the caller's order, so the error names the caller's index
             if len(s) > self.max_length:
                 raise InputTooLong(kind, i, len(s), self.max_length)
-        order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
-        vecs = self.encode_token_ids([seqs[k] for k in order], batch_tokens=batch_tokens)
-        out = torch.empty_like(vecs)
-        out[torch.tensor(order, dtype=torch.long)] = vecs
-        return out.numpy()
+        return self.encode_sorted(seqs, batch_tokens=batch_tokens)
 
     def encode_documents(self, docs: Sequence[tuple[str, str | None] | str], *, batch_tokens: int = 8192) -> np.ndarray:
         """Documents ``(text, title)`` (or plain texts) -> [n, d] float32 unit vectors."""
@@ -131,8 +154,8 @@ class Encoder:
         for d in docs:
             text, title = (d, None) if isinstance(d, str) else d
             seqs.append(self.renderer.document(text, title))
-        return self._encode_sorted(seqs, batch_tokens, "document")
+        return self._encode_rendered(seqs, batch_tokens, "document")
 
     def encode_queries(self, queries: Sequence[str], *, batch_tokens: int = 8192) -> np.ndarray:
         """Queries -> [n, d] float32 unit vectors (query template + the query RET token)."""
-        return self._encode_sorted([self.renderer.query(q) for q in queries], batch_tokens, "query")
+        return self._encode_rendered([self.renderer.query(q) for q in queries], batch_tokens, "query")

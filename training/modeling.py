@@ -24,13 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onegen_core.bucketing import length_buckets
 from onegen_core.checkpoint import SpecialTokenIds, resolve_special_tokens
-from onegen_core.model.attention import MAX_PAD_WASTE
+from onegen_core.device import DTYPES
 from onegen_core.spec import PRESETS, SPEC_FILENAME, OneGenSpec, SpecError
 
 from .config import TrainConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def import_peft():
@@ -212,7 +211,7 @@ class OneGenModel(nn.Module):
                 doc_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """LM loss sum, target count, query vectors [Q, H] and document vectors [M, H] of a right-padded batch.
 
-        Rows are run in length buckets (``length_buckets``), each cut to its own longest row, so a batch
+        Rows are run in length buckets (``onegen_core.bucketing``), each cut to its own longest row, so a batch
         of long conversations and short documents does not pad every document to the longest conversation.
         """
         lengths = attention_mask.sum(1).tolist()
@@ -220,7 +219,7 @@ class OneGenModel(nn.Module):
         n = 0
         q_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         d_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        buckets = length_buckets(lengths)
+        buckets = length_buckets(lengths, power=1)  # a padded forward pads every layer: waste is linear
         slot_list, bucket_list = [0] * len(lengths), [0] * len(lengths)
         for b, rows in enumerate(buckets):
             for i, r in enumerate(rows):
@@ -249,25 +248,6 @@ def _in_order(parts: list[tuple[torch.Tensor, torch.Tensor]], count: int, like: 
     vecs = torch.cat([v for _, v in parts])
     out = vecs.new_zeros((count, vecs.shape[1]))
     return out.index_copy(0, index, vecs)
-
-
-def length_buckets(lengths: list[int], max_waste: float = MAX_PAD_WASTE) -> list[list[int]]:
-    """Rows grouped by length (longest first); a group's padded size stays within ``max_waste`` x its real tokens
-    (the engine's and the index builder's threshold)."""
-    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
-    buckets: list[list[int]] = []
-    total = 0
-    for r in order:
-        if buckets:
-            cur = buckets[-1]
-            width = lengths[cur[0]]
-            if width * (len(cur) + 1) <= max_waste * (total + lengths[r]):
-                cur.append(r)
-                total += lengths[r]
-                continue
-        buckets.append([r])
-        total = lengths[r]
-    return buckets
 
 
 def save_onegen_checkpoint(model: nn.Module, tokenizer: Any, spec: OneGenSpec, out: Path, *, cfg: TrainConfig,

@@ -11,7 +11,6 @@ import pytest
 from ib_data import make_records, write_jsonl
 
 from index_builder import BuildConfig, build_index
-from index_builder.builder import encode_sorted, length_batches
 from onegen_core.checkpoint import load_checkpoint
 from onegen_core.index_store import Document, IndexStore
 from onegen_core.retriever import FaissRetriever, TorchRetriever
@@ -62,17 +61,14 @@ def test_manifest_contract(flat_index, small_corpus, tiny_checkpoint):
     assert not flat_index.with_name(flat_index.name + ".building").exists()
 
 
-def test_length_sorted_batches_respect_budgets_and_order(encoder):
-    lengths = [5, 40, 12, 40, 3, 25, 7]
-    batches = list(length_batches(lengths, batch_tokens=60, batch_size=3))
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    flat = [lengths[i] for b in batches for i in b]
-    assert flat == sorted(lengths, reverse=True)
-    assert all(len(b) <= 3 and (len(b) == 1 or sum(lengths[i] for i in b) <= 60) for b in batches)
+def test_length_bucketed_encoding_equals_one_sequence_per_forward(encoder):
+    """The builder's encode path (``Encoder.encode_sorted``; its buckets: tests/core/test_bucketing.py)."""
     seqs = [encoder.renderer.document(f"document number {i} " * n) for i, n in enumerate([1, 9, 3, 6])]
-    out = encode_sorted(encoder, seqs, batch_tokens=64, batch_size=2)
+    calls = []
+    out = encoder.encode_sorted(seqs, batch_tokens=64, batch_size=2, progress=calls.append)
     ref = encoder.encode_token_ids(seqs, batch_tokens=1).numpy()  # one sequence per forward, input order
     np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert sum(calls) == len(seqs) and max(calls) <= 2
 
 
 def test_hnsw_and_ivfpq_train_on_a_sample(tiny_checkpoint, tmp_path, encoder):

@@ -3,12 +3,10 @@
 Regression for the default model's trial run: training placed ``[RQ]`` inside the chat template
 while ``Encoder.encode_queries`` rendered ``query + [RQ]`` as plain text, so ``/retrieve`` and
 in-generation retrieval computed different vectors. Also: length-bucketed training forwards equal
-one padded forward.
+one padded forward (the buckets themselves: tests/core/test_bucketing.py).
 """
 
 from __future__ import annotations
-
-import random
 
 import numpy as np
 import pytest
@@ -17,12 +15,11 @@ import torch
 from onegen_core.checkpoint import load_checkpoint
 from onegen_core.conversation import render_conversation
 from onegen_core.encoder import Encoder
-from onegen_core.model.attention import MAX_PAD_WASTE
 from onegen_core.rendering import Renderer
 from onegen_core.spec import OneGenSpec
 from training import modeling
 from training.config import TrainConfig
-from training.modeling import OneGenModel, length_buckets, resolve_spec
+from training.modeling import OneGenModel, resolve_spec
 
 QUESTIONS = ["Where does Karho live?", "What is the job of Mirelle, the harpist of Odrin?"]
 
@@ -63,17 +60,6 @@ def test_training_writes_the_query_format_its_conversations_use(tmp_path):
     assert resolve_spec(explicit, tmp_path).query_format == "template"  # an explicit spec field wins
 
 
-def test_length_buckets_cover_every_row_within_the_padding_bound():
-    rng = random.Random(0)
-    lengths = [rng.choice([rng.randint(200, 320), rng.randint(20, 140)]) for _ in range(40)]
-    buckets = length_buckets(lengths)
-    assert sorted(r for b in buckets for r in b) == list(range(40))
-    for b in buckets:
-        width = max(lengths[r] for r in b)
-        assert width * len(b) <= MAX_PAD_WASTE * sum(lengths[r] for r in b) or len(b) == 1
-    assert len(buckets) > 1 and length_buckets([5, 5, 5]) == [[0, 1, 2]]
-
-
 def test_bucketed_forward_equals_one_padded_forward(tiny_checkpoint, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +81,7 @@ def test_bucketed_forward_equals_one_padded_forward(tiny_checkpoint, monkeypatch
                 doc_cols=torch.tensor([11, 8, 29, 10, 5]))
     with torch.no_grad():
         bucketed = runner(**args)
-        monkeypatch.setattr(modeling, "length_buckets", lambda lens: [list(range(len(lens)))])
+        monkeypatch.setattr(modeling, "length_buckets", lambda lens, **_: [list(range(len(lens)))])
         padded = runner(**args)
     assert int(bucketed[1]) == int(padded[1]) > 0
     torch.testing.assert_close(bucketed[0], padded[0], atol=1e-4, rtol=1e-5)
