@@ -1,12 +1,12 @@
 """The DEMO model and index: random weights, for tests and for trying the stack without the default model.
 
 The README's serve command serves the trained default model (``server.prepare_default``).
-This demo is what the tests and ``bench/serve.py`` serve instead: a tiny Llama with RANDOM WEIGHTS (``onegen_core.testing.build_tiny_checkpoint``,
-with its query token made likely so that it retrieves while it generates) and a FAISS
-index over a small built-in corpus, encoded by that model with the same encoder the
-engine uses. It exercises every route end to end; its text is gibberish
-and its retrievals are arbitrary. The checkpoint carries a marker file, so the server
-labels itself as a demo in /info and in its logs.
+This demo is what the tests and ``bench/serve.py`` serve instead: a tiny Llama with RANDOM
+WEIGHTS (``onegen_core.random_checkpoint.build_tiny_checkpoint``, with its query token made
+likely so that it retrieves while it generates) and a FAISS index over a small built-in
+corpus, encoded by that model with the same encoder the engine uses. It exercises every
+route end to end; its text is gibberish and its retrievals are arbitrary. The checkpoint
+carries a marker file, so the server labels itself as a demo in /info and in its logs.
 
     python -m server.demo            # -> .cache/onegen-demo/{checkpoint,index}
 
@@ -87,7 +87,7 @@ _BUILDING = ".onegen-demo-building"  # present while a demo checkpoint is being 
 def _build_demo_checkpoint(ckpt: Path) -> None:
     """Write the demo checkpoint into ``ckpt`` (which may be a mount point: its contents are replaced,
     never the directory itself). Refuses a non-empty directory that is not a demo checkpoint."""
-    from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
+    from onegen_core.random_checkpoint import build_tiny_checkpoint, make_query_token_likely
 
     ckpt.mkdir(parents=True, exist_ok=True)
     ours = (ckpt / DEMO_MARKER).is_file() or (ckpt / _BUILDING).is_file()
