@@ -1,7 +1,7 @@
 """Quality of the default OneGen model: retrieval, answers and kept LM quality, side by side in one run.
 
     python bench/quality.py                                   # everything, defaults below
-    python bench/quality.py --limit-retrieval 100 --limit-answers 20 --skip-base   # a quicker look
+    python bench/quality.py --limit-retrieval 100 --limit-answers 20 --skip-base   # a quicker look (results/quick/)
     python bench/quality.py --pool heldout --json /tmp/q.json
 
 Inputs (defaults under ``.cache/onegen-default/``): ``--checkpoint checkpoint/`` (the trained OneGen
@@ -45,7 +45,8 @@ Sections and columns:
 Targets (printed with pass / miss): trained recall@5 >= base + 0.20 (far above the untrained base);
 trained recall@5 >= MiniLM; stretch: >= BM25; one-pass F1 >= no-retrieval F1 + 0.05; one-pass F1 >=
 pipeline F1; trained LM loss <= base * 1.05. Everything runs on the CPU with the torch threads the
-environment sets (``OMP_NUM_THREADS``); the JSON (``--json``, default ``bench/results/quality.json``)
+environment sets (``OMP_NUM_THREADS``); the JSON (``--json``, default ``bench/results/quality.json``, or
+``bench/results/quick/quality.json`` for a reduced run: smaller limits than the defaults or a row skipped)
 holds every number, the per-kind tables, 20 example misses of the trained retriever, every answer
 row's predictions and the timings.
 
@@ -65,7 +66,6 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -83,6 +83,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import QUICK_RESULTS, RESULTS, machine_info  # noqa: E402
 from quality_metrics import (  # noqa: E402
     answer_summary,
     exact_match,
@@ -105,6 +106,8 @@ N_MISSES = 20
 BASE_MARGIN_R5 = 0.20
 NO_RETRIEVAL_MARGIN_F1 = 0.05
 LM_LOSS_TOLERANCE = 0.05
+# The full report's sample sizes (the flags' defaults): a run with fewer writes under bench/results/quick/.
+FULL = {"limit_retrieval": 400, "limit_answers": 100, "lm_passages": 200}
 
 
 def log(msg: str) -> None:
@@ -170,20 +173,6 @@ def file_digest(items: list[str]) -> str:
     for s in items:
         h.update(s.encode("utf-8") + b"\0")
     return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- machine / model
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
 # --------------------------------------------------------------------------- cached encodes
@@ -357,18 +346,14 @@ def run_batch(engine: Any, requests: list[dict[str, Any]], sampling: Any, retrie
 def lm_loss(model: Any, tokenizer: Any, texts: list[str], *, desc: str, batch: int = 8,
             max_length: int = 512) -> tuple[float, int]:
     """Mean next-token cross-entropy over all tokens of ``texts`` (each alone, no special tokens added)."""
+    from training.evaluate import padded_batch
+
     seqs = [tokenizer.encode(t, add_special_tokens=False)[:max_length] for t in texts]
     seqs = sorted((s for s in seqs if len(s) >= 2), key=len, reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, count = 0.0, 0
     for i in tqdm(range(0, len(seqs), batch), desc=desc, unit="batch"):
-        chunk = seqs[i:i + batch]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
+        ids, mask = padded_batch(seqs[i:i + batch], pad)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -377,48 +362,50 @@ def lm_loss(model: Any, tokenizer: Any, texts: list[str], *, desc: str, batch: i
     return total / max(count, 1), count
 
 
-# --------------------------------------------------------------------------- the benchmark
+# --------------------------------------------------------------------------- inputs
 def fmt(x: float | None, pct: bool = False) -> str:
     if x is None:
         return "n/a"
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_ROOT / "checkpoint", help="trained OneGen checkpoint")
-    p.add_argument("--index", type=Path, default=DEFAULT_ROOT / "index", help="its index dir (over corpus.jsonl)")
-    p.add_argument("--base", type=Path, default=DEFAULT_ROOT / "smollm2-135m-instruct", help="untrained base model dir")
-    p.add_argument("--data", type=Path, default=DEFAULT_ROOT / "wiki", help="`python -m training prepare` output dir")
-    p.add_argument("--limit-retrieval", type=int, default=400, help="held-out questions for retrieval (default 400)")
-    p.add_argument("--limit-answers", type=int, default=100, help="held-out questions for answers (0 skips; default 100)")
-    p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per answer (default 64)")
-    p.add_argument("--pool", choices=["all", "heldout"], default="all",
-                   help="passages ranked: all of corpus.jsonl, or the held-out articles' only (default all)")
-    p.add_argument("--seed", type=int, default=0, help="question sample seed (default 0)")
-    p.add_argument("--skip-base", action="store_true", help="skip the untrained-base retrieval row (the slow encode)")
-    p.add_argument("--lm-passages", type=int, default=200, help="held-out passages for the LM loss (0 skips; default 200)")
-    p.add_argument("--no-reference-rows", action="store_true", help="skip the two [RQ]-slot reference answer rows")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT / "bench", help="cached base/MiniLM document vectors")
-    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json", help="JSON report path")
-    args = p.parse_args(argv)
-    for name in ("limit_answers", "lm_passages"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.limit_retrieval < 1:
-        p.error("--limit-retrieval must be >= 1")
-    if args.max_tokens < 1:
-        p.error("--max-tokens must be >= 1")
+def docs_encoder(encode: Callable[[list[Any]], np.ndarray], items: list[Any]) -> Callable[[list[int]], np.ndarray]:
+    """``encode`` applied to the items at the given positions (for ``cached_encode``)."""
+    return lambda idx: encode([items[j] for j in idx])
 
+
+def encode_in_chunks(encode: Callable[[list[str]], np.ndarray], texts: list[str], desc: str,
+                     chunk: int = 64) -> np.ndarray:
+    """``encode`` over ``texts`` in chunks, with a progress bar; one [n, d] float32 array."""
+    parts = [np.asarray(encode(texts[i:i + chunk]), dtype=np.float32)
+             for i in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", leave=False)]
+    return np.concatenate(parts) if parts else np.zeros((0, 1), dtype=np.float32)
+
+
+@dataclass
+class Inputs:
+    """What every table reads: the data, the question samples, the pool, the checkpoint and its index."""
+    args: argparse.Namespace
+    passages: list[Passage]
+    questions: list[Question]
+    heldout: set[str]
+    by_id: dict[str, Passage]
+    pool: list[int]  # positions in ``passages`` of the ranked passages
+    pool_ids: list[str]
+    pool_set: set[str]
+    r_questions: list[Question]  # the retrieval sample
+    a_questions: list[Question]  # the answer sample (the first of the same seeded order)
+    ckpt: Any  # onegen_core.checkpoint.Checkpoint
+    units: IndexUnits
+    keep: list[int]  # index rows whose passage is in the pool
+    info: dict[str, Any] | None = None  # machine, model, corpus, settings (the JSON's head)
+
+
+def load_inputs(args: argparse.Namespace) -> Inputs:
+    """Read the data and the checkpoint, sample the questions and check that the index fits the checkpoint."""
     from onegen_core.checkpoint import load_checkpoint
-    from onegen_core.encoder import Encoder
 
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-
-    # ---------------------------------------------------------------- inputs
-    t0 = time.perf_counter()
-    passages, questions, heldout, split = load_data(args.data)
+    passages, questions, heldout, _split = load_data(args.data)
     by_id = {q.id: q for q in passages}
     pool = [i for i, q in enumerate(passages) if args.pool == "all" or q.article in heldout]
     pool_ids = [passages[i].id for i in pool]
@@ -434,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warning: {len(outside)} eval questions are about articles not listed as held out "
             f"(e.g. {by_id[outside[0].positives[0]].article!r})")
     ckpt = load_checkpoint(args.checkpoint)
-    spec = ckpt.spec
     adapter_base = str(ckpt.model_path) if ckpt.adapter_path else None
     if adapter_base and Path(adapter_base).resolve() != args.base.resolve():
         log(f"warning: the adapter's base is {adapter_base}, not --base {args.base}")
@@ -447,132 +433,190 @@ def main(argv: list[str] | None = None) -> int:
     if not_indexed:
         log(f"warning: {len(not_indexed)} pool passages are not in the index (e.g. {not_indexed[:3]}); "
             "questions about them count as misses for OneGen")
-    info = {
+    keep = [i for i, pid in enumerate(units.passage_ids) if pid in pool_set]
+    inp = Inputs(args, passages, questions, heldout, by_id, pool, pool_ids, pool_set, r_questions, a_questions,
+                 ckpt, units, keep)
+    inp.info = run_info(inp)
+    return inp
+
+
+def run_info(inp: Inputs) -> dict[str, Any]:
+    """The JSON's head: machine, model (checkpoint and index), corpus and the settings."""
+    args, ckpt, passages, heldout = inp.args, inp.ckpt, inp.passages, inp.heldout
+    manifest = inp.units.store.manifest
+    return {
         "machine": machine_info(),
-        "model": {"checkpoint": str(args.checkpoint), "adapter_base": adapter_base, "base": str(args.base),
-                  "fingerprint": ckpt.fingerprint, "model_type": ckpt.model_type, "spec": spec.to_dict(),
+        "model": {"checkpoint": str(args.checkpoint), "adapter_base": adapter_base(ckpt), "base": str(args.base),
+                  "fingerprint": ckpt.fingerprint, "model_type": ckpt.model_type, "spec": ckpt.spec.to_dict(),
                   "index": str(args.index), "index_vectors": int(manifest.count), "index_factory": manifest.factory,
                   "index_dim": int(manifest.dim)},
         "corpus": {"data": str(args.data), "passages": len(passages), "articles": len({q.article for q in passages}),
                    "heldout_articles": len(heldout),
                    "heldout_passages": sum(q.article in heldout for q in passages),
-                   "eval_questions": len(questions), "eval_kinds": dict(Counter(q.kind for q in questions)),
-                   "pool": args.pool, "pool_passages": len(pool)},
+                   "eval_questions": len(inp.questions), "eval_kinds": dict(Counter(q.kind for q in inp.questions)),
+                   "pool": args.pool, "pool_passages": len(inp.pool)},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    timings["load"] = time.perf_counter() - t0
 
-    m, mo, co = info["machine"], info["model"], info["corpus"]
+
+def adapter_base(ckpt: Any) -> str | None:
+    return str(ckpt.model_path) if ckpt.adapter_path else None
+
+
+def print_header(inp: Inputs) -> None:
+    assert inp.info is not None
+    m, mo, co = inp.info["machine"], inp.info["model"], inp.info["corpus"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)")
-    print(f"model: {mo['checkpoint']} (adapter over {adapter_base or 'n/a: a full model'}), fingerprint "
-          f"{ckpt.fingerprint}; index {mo['index']} ({mo['index_vectors']} vectors, {mo['index_factory']})")
+    print(f"model: {mo['checkpoint']} (adapter over {adapter_base(inp.ckpt) or 'n/a: a full model'}), fingerprint "
+          f"{inp.ckpt.fingerprint}; index {mo['index']} ({mo['index_vectors']} vectors, {mo['index_factory']})")
     print(f"corpus: {co['passages']} passages, {co['articles']} articles, {co['heldout_articles']} held out "
-          f"({co['heldout_passages']} passages); pool: {args.pool} ({len(pool)} passages); eval questions "
-          f"{len(questions)} {dict(sorted(co['eval_kinds'].items()))}")
+          f"({co['heldout_passages']} passages); pool: {inp.args.pool} ({len(inp.pool)} passages); eval questions "
+          f"{len(inp.questions)} {dict(sorted(co['eval_kinds'].items()))}")
 
-    # ---------------------------------------------------------------- 1. retrieval
-    kinds = [q.kind for q in r_questions]
-    positives = [q.positives for q in r_questions]
-    qtexts = [q.question for q in r_questions]
-    rankings: dict[str, list[list[str]]] = {}
-    retrieval: dict[str, dict[str, Any]] = {}
 
-    # a. OneGen trained: the encoder /retrieve uses, against the index's vectors
-    t0 = time.perf_counter()
-    enc = Encoder.from_checkpoint(ckpt, dtype="float32", device="cpu")
-    qv = encode_in_chunks(enc.encode_queries, qtexts, "OneGen queries")
+# --------------------------------------------------------------------------- 1. retrieval
+RETRIEVERS = {"onegen": ("OneGen trained ([RQ] hidden state)", "retrieval: OneGen trained"),
+              "base": ("untrained base (same templates)", "retrieval: untrained base"),
+              "bm25": ("BM25 (bm25s)", "retrieval: BM25"),
+              "minilm": ("all-MiniLM-L6-v2", "retrieval: MiniLM")}  # key: (row name, timing name)
+
+
+def rank_onegen(inp: Inputs) -> list[list[str]]:
+    """The encoder /retrieve uses, against the index's stored vectors (or its own search where it cannot hand
+    them out, deep enough to fill the top 10 after pool filtering and dedup)."""
+    from onegen_core.encoder import Encoder
+
+    enc = Encoder.from_checkpoint(inp.ckpt, dtype="float32", device="cpu")
+    qv = encode_in_chunks(enc.encode_queries, [q.question for q in inp.r_questions], "OneGen queries")
     del enc
     gc.collect()
-    keep = [i for i, pid in enumerate(units.passage_ids) if pid in pool_set]
+    units = inp.units
     if units.vectors is not None:
-        rankings["onegen"] = rank_all(qv, units.vectors[keep], [units.passage_ids[i] for i in keep], TOP_K)
-    else:  # search the index itself, deep enough to fill the top 10 after pool filtering and dedup
-        depth = min(units.store.index.ntotal, 1024)
-        row_of = {int(v): i for i, v in enumerate(units.vector_ids)}
-        _, hits = units.store.search(qv, depth)
-        rankings["onegen"] = []
-        for row in hits:
-            seen: list[str] = []
-            for v in row:
-                pid = units.passage_ids[row_of[int(v)]] if int(v) in row_of else None
-                if pid in pool_set and pid not in seen:
-                    seen.append(pid)
-                if len(seen) == TOP_K:
-                    break
-            rankings["onegen"].append(seen)
-    timings["retrieval: OneGen trained"] = time.perf_counter() - t0
+        return rank_all(qv, units.vectors[inp.keep], [units.passage_ids[i] for i in inp.keep], TOP_K)
+    depth = min(units.store.index.ntotal, 1024)
+    row_of = {int(v): i for i, v in enumerate(units.vector_ids)}
+    _, hits = units.store.search(qv, depth)
+    ranked = []
+    for row in hits:
+        seen: list[str] = []
+        for v in row:
+            pid = units.passage_ids[row_of[int(v)]] if int(v) in row_of else None
+            if pid in inp.pool_set and pid not in seen:
+                seen.append(pid)
+            if len(seen) == TOP_K:
+                break
+        ranked.append(seen)
+    return ranked
 
-    # b. the untrained base through the same templates
-    if not args.skip_base:
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="onegen-quality-base-") as tmp:
-            view = base_view(args.base, ckpt.path / "onegen.json", Path(tmp) / "base")
-            base_ckpt = load_checkpoint(view)
-            benc = Encoder.from_checkpoint(base_ckpt, dtype="float32", device="cpu")
-            key = file_digest([base_ckpt.fingerprint, json.dumps(spec.to_dict(), sort_keys=True)]
-                              + [f"{passages[i].id}\t{passages[i].title}\t{passages[i].text}" for i in pool])
-            dv = cached_encode(args.cache_dir, "base-docs", key, len(pool),
-                               [len(passages[i].text) + len(passages[i].title) for i in pool],
-                               docs_encoder(benc.encode_documents, [(passages[i].text, passages[i].title) for i in pool]),
-                               desc="base documents")
-            bqv = encode_in_chunks(benc.encode_queries, qtexts, "base queries")
-            del benc
-            gc.collect()
-        rankings["base"] = rank_all(bqv, dv, pool_ids, TOP_K)
-        del dv
-        timings["retrieval: untrained base"] = time.perf_counter() - t0
 
-    # c. BM25
-    t0 = time.perf_counter()
+def rank_base(inp: Inputs) -> list[list[str]]:
+    """The untrained base through the trained checkpoint's templates (document vectors cached)."""
+    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.encoder import Encoder
+
+    args, passages, pool = inp.args, inp.passages, inp.pool
+    with tempfile.TemporaryDirectory(prefix="onegen-quality-base-") as tmp:
+        view = base_view(args.base, inp.ckpt.path / "onegen.json", Path(tmp) / "base")
+        base_ckpt = load_checkpoint(view)
+        benc = Encoder.from_checkpoint(base_ckpt, dtype="float32", device="cpu")
+        key = file_digest([base_ckpt.fingerprint, json.dumps(inp.ckpt.spec.to_dict(), sort_keys=True)]
+                          + [f"{passages[i].id}\t{passages[i].title}\t{passages[i].text}" for i in pool])
+        dv = cached_encode(args.cache_dir, "base-docs", key, len(pool),
+                           [len(passages[i].text) + len(passages[i].title) for i in pool],
+                           docs_encoder(benc.encode_documents, [(passages[i].text, passages[i].title) for i in pool]),
+                           desc="base documents")
+        bqv = encode_in_chunks(benc.encode_queries, [q.question for q in inp.r_questions], "base queries")
+        del benc
+        gc.collect()
+    return rank_all(bqv, dv, inp.pool_ids, TOP_K)
+
+
+def rank_bm25(inp: Inputs) -> list[list[str]]:
     from training.prepare import BM25Index
 
-    bm25 = BM25Index([passage_text(passages[i]) for i in pool])
-    rankings["bm25"] = [[pool_ids[d] for d in row] for row in bm25.search(qtexts, TOP_K)]
-    del bm25
-    timings["retrieval: BM25"] = time.perf_counter() - t0
+    bm25 = BM25Index([passage_text(inp.passages[i]) for i in inp.pool])
+    return [[inp.pool_ids[d] for d in row] for row in bm25.search([q.question for q in inp.r_questions], TOP_K)]
 
-    # d. all-MiniLM-L6-v2
-    t0 = time.perf_counter()
+
+@dataclass
+class MiniLMPool:
+    """MiniLM and its vectors of the pool: ranked in section 1, the pipeline's retriever in section 2."""
+    model: MiniLM
+    doc_vectors: np.ndarray  # [len(pool), d]
+
+    def rank(self, inp: Inputs, questions: list[Question], k: int) -> list[list[str]]:
+        qv = encode_in_chunks(self.model.encode, [q.question for q in questions], "MiniLM queries")
+        return rank_all(qv, self.doc_vectors, inp.pool_ids, k)
+
+
+def minilm_pool(inp: Inputs) -> MiniLMPool:
     minilm = MiniLM()
-    key = file_digest([minilm.fingerprint()] + [f"{passages[i].id}\t{passage_text(passages[i])}" for i in pool])
-    mdv = cached_encode(args.cache_dir, "minilm-docs", key, len(pool), [len(passage_text(passages[i])) for i in pool],
-                        docs_encoder(minilm.encode, [passage_text(passages[i]) for i in pool]), desc="MiniLM documents")
-    mqv = encode_in_chunks(minilm.encode, qtexts, "MiniLM queries")
-    rankings["minilm"] = rank_all(mqv, mdv, pool_ids, TOP_K)
-    timings["retrieval: MiniLM"] = time.perf_counter() - t0
+    texts = [passage_text(inp.passages[i]) for i in inp.pool]
+    key = file_digest([minilm.fingerprint()] + [f"{inp.passages[i].id}\t{t}" for i, t in zip(inp.pool, texts, strict=True)])
+    mdv = cached_encode(inp.args.cache_dir, "minilm-docs", key, len(inp.pool), [len(t) for t in texts],
+                        docs_encoder(minilm.encode, texts), desc="MiniLM documents")
+    return MiniLMPool(minilm, mdv)
 
-    names = {"onegen": "OneGen trained ([RQ] hidden state)", "base": "untrained base (same templates)",
-             "bm25": "BM25 (bm25s)", "minilm": "all-MiniLM-L6-v2"}
-    for k, ranked in rankings.items():
-        retrieval[k] = {"name": names[k], **retrieval_summary(ranked, positives, kinds)}
 
+def onegen_misses(inp: Inputs, rankings: list[list[str]]) -> tuple[list[dict[str, Any]], int, int]:
+    """The first ``N_MISSES`` top-1 misses of the trained retriever, all misses, and those in the right article."""
     misses = []
-    same_article = 0
-    n_miss = 0
-    for q, ranked in zip(r_questions, rankings["onegen"], strict=True):
+    same_article = n_miss = 0
+    for q, ranked in zip(inp.r_questions, rankings, strict=True):
         if ranked and ranked[0] in q.positives:
             continue
         n_miss += 1
-        got = by_id.get(ranked[0]) if ranked else None
-        exp = by_id[q.positives[0]]
+        got = inp.by_id.get(ranked[0]) if ranked else None
+        exp = inp.by_id[q.positives[0]]
         same_article += bool(got and got.article == exp.article)
         if len(misses) < N_MISSES:
             misses.append({"question": q.question, "kind": q.kind, "expected_id": exp.id, "expected_title": exp.title,
                            "retrieved_id": got.id if got else None, "retrieved_title": got.title if got else None,
                            "same_article": bool(got and got.article == exp.article),
                            "rank_of_expected": first_hit_rank(ranked, q.positives)})
+    return misses, n_miss, same_article
+
+
+def retrieval_table(inp: Inputs, timings: dict[str, float]
+                    ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], MiniLMPool]:
+    """Section 1: every retriever's ranking of the pool, summarised and printed; the trained one's misses."""
+    rankings: dict[str, list[list[str]]] = {}
+    t0 = time.perf_counter()
+    rankings["onegen"] = rank_onegen(inp)
+    timings[RETRIEVERS["onegen"][1]] = time.perf_counter() - t0
+    if not inp.args.skip_base:
+        t0 = time.perf_counter()
+        rankings["base"] = rank_base(inp)
+        timings[RETRIEVERS["base"][1]] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rankings["bm25"] = rank_bm25(inp)
+    timings[RETRIEVERS["bm25"][1]] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    minilm = minilm_pool(inp)
+    rankings["minilm"] = minilm.rank(inp, inp.r_questions, TOP_K)
+    timings[RETRIEVERS["minilm"][1]] = time.perf_counter() - t0
+
+    kinds = [q.kind for q in inp.r_questions]
+    positives = [q.positives for q in inp.r_questions]
+    retrieval = {k: {"name": RETRIEVERS[k][0], **retrieval_summary(ranked, positives, kinds)}
+                 for k, ranked in rankings.items()}
+    misses, n_miss, same_article = onegen_misses(inp, rankings["onegen"])
     retrieval["onegen"]["top1_misses"] = n_miss
     retrieval["onegen"]["top1_misses_same_article"] = same_article
+    print_retrieval(inp, retrieval, timings)
+    return retrieval, misses, minilm
 
-    print(f"\n### Retrieval: {len(r_questions)} held-out questions {dict(sorted(Counter(kinds).items()))}, "
-          f"ranking {len(pool)} passages (pool: {args.pool})\n")
+
+def print_retrieval(inp: Inputs, retrieval: dict[str, dict[str, Any]], timings: dict[str, float]) -> None:
+    kinds = Counter(q.kind for q in inp.r_questions)
+    print(f"\n### Retrieval: {len(inp.r_questions)} held-out questions {dict(sorted(kinds.items()))}, "
+          f"ranking {len(inp.pool)} passages (pool: {inp.args.pool})\n")
     print("| retriever | recall@1 | recall@5 | MRR@10 | seconds |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    tkeys = {"onegen": "retrieval: OneGen trained", "base": "retrieval: untrained base", "bm25": "retrieval: BM25",
-             "minilm": "retrieval: MiniLM"}
     for k, r in retrieval.items():
         print(f"| {r['name']} | {fmt(r['recall@1'])} | {fmt(r['recall@5'])} | {fmt(r['mrr@10'])} | "
-              f"{timings[tkeys[k]]:.0f} |")
+              f"{timings[RETRIEVERS[k][1]]:.0f} |")
+    n_miss, same_article = retrieval["onegen"]["top1_misses"], retrieval["onegen"]["top1_misses_same_article"]
     if n_miss:
         print(f"\nOneGen top-1 misses: {n_miss}, of which {same_article} retrieved another passage of the right article.")
     print("\nrecall@5 per question kind:\n")
@@ -582,149 +626,182 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(fmt(retrieval[k]["per_kind"][kind]["recall@5"]) for k in retrieval)
         print(f"| {kind} | {block['n']} | {cells} |")
 
-    # ---------------------------------------------------------------- 2. answers
-    answers: dict[str, dict[str, Any]] = {}
-    details: list[dict[str, Any]] = []
-    if a_questions:
-        from onegen_core.engine import Engine, EngineConfig
-        from onegen_core.params import RetrievalParams, SamplingParams
-        from onegen_core.retriever import TorchRetriever
 
-        t0 = time.perf_counter()
-        cfg = EngineConfig(device="cpu", dtype="float32", max_num_seqs=64, kv_cache_memory_gb=2.0, seed=args.seed)
-        if args.pool == "all" or units.vectors is None:
-            if args.pool != "all":
-                log("warning: the index cannot hand out its vectors: one-pass retrieval searches the whole index")
-            engine = Engine.from_checkpoint(ckpt, args.index, cfg)
-        else:  # one-pass retrieval restricted to the same pool as section 1
-            retr = TorchRetriever(units.vectors[keep], [units.documents[i] for i in keep])
-            engine = Engine(ckpt, cfg, retriever=retr, index=units.store)
-        timings["answers: engine load"] = time.perf_counter() - t0
+# --------------------------------------------------------------------------- 2. answers
+def answer_engine(inp: Inputs) -> tuple[Any, dict[int, str]]:
+    """The engine of section 2 (with ``--pool heldout`` searching the same pool as section 1) and the corpus
+    passage of each of its vector ids."""
+    from onegen_core.engine import Engine, EngineConfig
+    from onegen_core.retriever import TorchRetriever
+
+    args, units, keep = inp.args, inp.units, inp.keep
+    cfg = EngineConfig(device="cpu", dtype="float32", max_num_seqs=64, kv_cache_memory_gb=2.0, seed=args.seed)
+    if args.pool == "all" or units.vectors is None:
+        if args.pool != "all":
+            log("warning: the index cannot hand out its vectors: one-pass retrieval searches the whole index")
+        engine = Engine.from_checkpoint(inp.ckpt, args.index, cfg)
         pid_of_vector = {int(v): pid for v, pid in zip(units.vector_ids, units.passage_ids, strict=True)}
-        if args.pool != "all" and units.vectors is not None:  # TorchRetriever numbers its documents 0..n-1
-            pid_of_vector = {j: units.passage_ids[i] for j, i in enumerate(keep)}
-        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-        on = RetrievalParams(enabled=True, k=1, max_retrievals=1)
-        off = RetrievalParams(enabled=False)
-        markers = list(ckpt.token_ids.by_name)
+    else:  # one-pass retrieval restricted to the same pool as section 1
+        retr = TorchRetriever(units.vectors[keep], [units.documents[i] for i in keep])
+        engine = Engine(inp.ckpt, cfg, retriever=retr, index=units.store)
+        pid_of_vector = {j: units.passage_ids[i] for j, i in enumerate(keep)}  # TorchRetriever numbers them 0..n-1
+    return engine, pid_of_vector
 
-        def clean(r: Any) -> str:
-            return strip_generated(r.text, passage_open=spec.passage_open, passage_close=spec.passage_close,
-                                   markers=markers)
 
-        def chat(content: str) -> dict[str, Any]:
-            return {"messages": [{"role": "user", "content": content}]}
+def answer_rows(inp: Inputs, engine: Any, mpass: list[Passage]) -> list[tuple[str, str, list[dict[str, Any]], Any]]:
+    """(key, row name, one request per answer question, retrieval params) of every row of the answers table."""
+    from onegen_core.params import RetrievalParams
 
-        # MiniLM top-1 for the answer questions (from the cached pool vectors)
-        mtop = rank_all(encode_in_chunks(minilm.encode, [q.question for q in a_questions], "MiniLM queries"),
-                        mdv, pool_ids, 1)
-        mpass = [by_id[r[0]] for r in mtop]
-        rq = ckpt.token_ids.by_name[spec.query_tokens[0].token]
+    qs = inp.a_questions
+    on = RetrievalParams(enabled=True, k=1, max_retrievals=1)
+    off = RetrievalParams(enabled=False)
+    rq = inp.ckpt.token_ids.by_name[inp.ckpt.spec.query_tokens[0].token]
 
-        def slot(q: Question, psg: Passage) -> dict[str, Any]:
-            ids = engine.renderer.chat([{"role": "user", "content": q.question}]).ids
-            return {"prompt_token_ids": list(ids) + [rq] + engine.renderer.passage(psg.text, psg.title)}
+    def chat(content: str) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": content}]}
 
-        rows: list[tuple[str, str, list[dict[str, Any]], Any]] = [
-            ("one_pass", "one-pass (OneGen retrieves, k=1)", [chat(q.question) for q in a_questions], on),
-            ("no_retrieval", "no retrieval", [chat(q.question) for q in a_questions], off),
-            ("pipeline", "pipeline: MiniLM top-1 in the prompt",
-             [chat(f"{p_.title}\n{p_.text}\n\nQuestion: {q.question}") for q, p_ in zip(a_questions, mpass, strict=True)],
+    def slot(q: Question, psg: Passage) -> dict[str, Any]:  # the passage in the [RQ] slot, as the engine inserts it
+        ids = engine.renderer.chat([{"role": "user", "content": q.question}]).ids
+        return {"prompt_token_ids": list(ids) + [rq] + engine.renderer.passage(psg.text, psg.title)}
+
+    rows = [
+        ("one_pass", "one-pass (OneGen retrieves, k=1)", [chat(q.question) for q in qs], on),
+        ("no_retrieval", "no retrieval", [chat(q.question) for q in qs], off),
+        ("pipeline", "pipeline: MiniLM top-1 in the prompt",
+         [chat(f"{p_.title}\n{p_.text}\n\nQuestion: {q.question}") for q, p_ in zip(qs, mpass, strict=True)], off),
+    ]
+    if not inp.args.no_reference_rows:
+        rows += [
+            ("minilm_slot", "ref: MiniLM top-1 in the [RQ] slot", [slot(q, p_) for q, p_ in zip(qs, mpass, strict=True)],
              off),
+            ("gold_slot", "ref: gold passage in the [RQ] slot", [slot(q, inp.by_id[q.positives[0]]) for q in qs], off),
         ]
-        if not args.no_reference_rows:
-            rows += [
-                ("minilm_slot", "ref: MiniLM top-1 in the [RQ] slot",
-                 [slot(q, p_) for q, p_ in zip(a_questions, mpass, strict=True)], off),
-                ("gold_slot", "ref: gold passage in the [RQ] slot",
-                 [slot(q, by_id[q.positives[0]]) for q in a_questions], off),
-            ]
-        details = [{"question": q.question, "kind": q.kind, "reference": q.answer, "positive": q.positives[0],
-                    "minilm_top1": p_.id} for q, p_ in zip(a_questions, mpass, strict=True)]
-        refs = [q.answer for q in a_questions]
-        for key_, name, reqs, rp in rows:
-            t0 = time.perf_counter()
-            results = run_batch(engine, reqs, sampling, rp, desc=name)
-            preds = [clean(r) for r in results]
-            row = {"name": name, **answer_summary(preds, refs)}
-            if key_ == "one_pass":
-                got = []
-                for r in results:
-                    hit = r.retrievals[0].hits[0] if r.retrievals and r.retrievals[0].hits else None
-                    got.append(pid_of_vector.get(hit.vector_id, hit.doc_id) if hit else None)
-                row["retrieved"] = sum(g is not None for g in got) / len(got)
-                row["retrieved_positive"] = sum(g in q.positives for g, q in zip(got, a_questions, strict=True)) / len(got)
-                for d, g in zip(details, got, strict=True):
-                    d["one_pass_retrieved"] = g
-            elif key_ == "pipeline":
-                row["retrieved"] = 1.0
-                row["retrieved_positive"] = sum(p_.id in q.positives for p_, q in
-                                                zip(mpass, a_questions, strict=True)) / len(a_questions)
-            elif key_ == "gold_slot":
-                row["retrieved"] = row["retrieved_positive"] = 1.0
-            elif key_ == "minilm_slot":
-                row["retrieved"] = 1.0
-                row["retrieved_positive"] = answers["pipeline"]["retrieved_positive"]
-            row["generated_tokens"] = sum(len(r.token_ids) for r in results)
-            row["finish_reasons"] = dict(Counter(r.finish_reason for r in results))
-            timings[f"answers: {name}"] = row["seconds"] = time.perf_counter() - t0
-            answers[key_] = row
-            for d, pred in zip(details, preds, strict=True):
-                d[key_] = pred
-                d[f"{key_}_f1"] = round(token_f1(pred, d["reference"]), 4)
-                d[f"{key_}_em"] = exact_match(pred, d["reference"])
-        del engine
-        gc.collect()
+    return rows
 
-        print(f"\n### Answers: {len(a_questions)} held-out questions "
-              f"{dict(sorted(Counter(q.kind for q in a_questions).items()))}, greedy, max {args.max_tokens} tokens\n")
-        print("| system | EM | F1 | retrieved | retrieved positive | seconds |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for r in answers.values():
-            print(f"| {r['name']} | {fmt(r['em'])} | {fmt(r['f1'])} | {fmt(r.get('retrieved'), True)} | "
-                  f"{fmt(r.get('retrieved_positive'), True)} | {r['seconds']:.0f} |")
-    del minilm, mdv
-    gc.collect()
 
-    # ---------------------------------------------------------------- 3. LM loss
-    lm: dict[str, Any] = {}
-    if args.lm_passages:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def retrieved_columns(key: str, got: list[str | None], qs: list[Question], mpass: list[Passage]) -> dict[str, float]:
+    """The row's ``retrieved`` / ``retrieved positive``: what one-pass retrieved (``got``), MiniLM's top 1 for
+    the pipeline and its slot row, the gold passage for its slot row; none for no retrieval."""
+    if key == "one_pass":
+        return {"retrieved": sum(g is not None for g in got) / len(got),
+                "retrieved_positive": sum(g in q.positives for g, q in zip(got, qs, strict=True)) / len(got)}
+    if key in ("pipeline", "minilm_slot"):
+        return {"retrieved": 1.0,
+                "retrieved_positive": sum(p_.id in q.positives for p_, q in zip(mpass, qs, strict=True)) / len(qs)}
+    if key == "gold_slot":
+        return {"retrieved": 1.0, "retrieved_positive": 1.0}
+    return {}
 
+
+def answers_table(inp: Inputs, minilm: MiniLMPool, timings: dict[str, float]
+                  ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Section 2: every row's answers to the answer questions, scored against the references, and printed;
+    the per-question details for the JSON."""
+    from onegen_core.params import SamplingParams
+
+    qs = inp.a_questions
+    t0 = time.perf_counter()
+    engine, pid_of_vector = answer_engine(inp)
+    timings["answers: engine load"] = time.perf_counter() - t0
+    sampling = SamplingParams(max_tokens=inp.args.max_tokens, temperature=0.0)
+    spec, markers = inp.ckpt.spec, list(inp.ckpt.token_ids.by_name)
+    mpass = [inp.by_id[r[0]] for r in minilm.rank(inp, qs, 1)]  # MiniLM top-1 from the cached pool vectors
+    details = [{"question": q.question, "kind": q.kind, "reference": q.answer, "positive": q.positives[0],
+                "minilm_top1": p_.id} for q, p_ in zip(qs, mpass, strict=True)]
+    answers: dict[str, dict[str, Any]] = {}
+    for key, name, reqs, rp in answer_rows(inp, engine, mpass):
         t0 = time.perf_counter()
-        texts = [q.text for q in passages if q.article in heldout][: args.lm_passages]
-        base_tok = AutoTokenizer.from_pretrained(args.base)
-        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
-        base_loss, base_n = lm_loss(model, base_tok, texts, desc="LM loss: base")
-        del model
-        gc.collect()
-        model = AutoModelForCausalLM.from_pretrained(ckpt.model_path, dtype=torch.float32).eval()
-        if ckpt.adapter_path is not None:  # merge the LoRA (and trained token rows) as the engine does
-            sd = ckpt.state_dict(torch.float32)
-            rows_ = sd["model.embed_tokens.weight"].shape[0] if "model.embed_tokens.weight" in sd else None
-            if rows_ and rows_ != model.get_input_embeddings().weight.shape[0]:
-                model.resize_token_embeddings(rows_, mean_resizing=False)
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-            model.tie_weights()
-            if unexpected or set(missing) - {"lm_head.weight"}:
-                raise SystemExit(f"error: merged weights do not fit the model: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-            del sd
-        trained_loss, trained_n = lm_loss(model, ckpt.tokenizer, texts, desc="LM loss: trained")
-        del model
-        gc.collect()
-        lm = {"passages": len(texts), "base_loss": base_loss, "base_tokens": base_n, "trained_loss": trained_loss,
-              "trained_tokens": trained_n, "relative_change_pct": relative_change(trained_loss, base_loss),
-              "same_tokenizer": len(base_tok) == len(ckpt.tokenizer)}
-        timings["LM loss"] = lm["seconds"] = time.perf_counter() - t0
-        print(f"\n### LM loss: plain text of {len(texts)} held-out passages\n")
-        print("| model | loss (nats/token) | tokens | change |")
-        print("| --- | ---: | ---: | ---: |")
-        print(f"| base ({args.base.name}) | {base_loss:.4f} | {base_n} | |")
-        print(f"| trained ({args.checkpoint.name}) | {trained_loss:.4f} | {trained_n} | "
-              f"{lm['relative_change_pct']:+.2f}% |")
+        results = run_batch(engine, reqs, sampling, rp, desc=name)
+        preds = [strip_generated(r.text, passage_open=spec.passage_open, passage_close=spec.passage_close,
+                                 markers=markers) for r in results]
+        got = [pid_of_vector.get(h.vector_id, h.doc_id) if (h := first_hit(r)) else None for r in results]
+        row = {"name": name, **answer_summary(preds, [q.answer for q in qs]), **retrieved_columns(key, got, qs, mpass)}
+        row["generated_tokens"] = sum(len(r.token_ids) for r in results)
+        row["finish_reasons"] = dict(Counter(r.finish_reason for r in results))
+        timings[f"answers: {name}"] = row["seconds"] = time.perf_counter() - t0
+        answers[key] = row
+        for d, g, pred in zip(details, got, preds, strict=True):
+            if key == "one_pass":
+                d["one_pass_retrieved"] = g
+            d[key] = pred
+            d[f"{key}_f1"] = round(token_f1(pred, d["reference"]), 4)
+            d[f"{key}_em"] = exact_match(pred, d["reference"])
+    del engine
+    gc.collect()
+    print_answers(inp, answers)
+    return answers, details
 
-    # ---------------------------------------------------------------- targets
+
+def first_hit(result: Any) -> Any:
+    """The first hit of a result's first retrieval, or None."""
+    return result.retrievals[0].hits[0] if result.retrievals and result.retrievals[0].hits else None
+
+
+def print_answers(inp: Inputs, answers: dict[str, dict[str, Any]]) -> None:
+    qs = inp.a_questions
+    print(f"\n### Answers: {len(qs)} held-out questions "
+          f"{dict(sorted(Counter(q.kind for q in qs).items()))}, greedy, max {inp.args.max_tokens} tokens\n")
+    print("| system | EM | F1 | retrieved | retrieved positive | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in answers.values():
+        print(f"| {r['name']} | {fmt(r['em'])} | {fmt(r['f1'])} | {fmt(r.get('retrieved'), True)} | "
+              f"{fmt(r.get('retrieved_positive'), True)} | {r['seconds']:.0f} |")
+
+
+# --------------------------------------------------------------------------- 3. LM loss
+def merged_model(ckpt: Any) -> Any:
+    """The trained checkpoint as a ``transformers`` model: the LoRA (and trained token rows) merged as the
+    engine does."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt.model_path, dtype=torch.float32).eval()
+    if ckpt.adapter_path is None:
+        return model
+    sd = ckpt.state_dict(torch.float32)
+    rows_ = sd["model.embed_tokens.weight"].shape[0] if "model.embed_tokens.weight" in sd else None
+    if rows_ and rows_ != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows_, mean_resizing=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise SystemExit(f"error: merged weights do not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model
+
+
+def lm_table(inp: Inputs, timings: dict[str, float]) -> dict[str, Any]:
+    """Section 3: LM loss of the base and the trained model on the held-out passages' plain text, printed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args, ckpt = inp.args, inp.ckpt
+    t0 = time.perf_counter()
+    texts = [q.text for q in inp.passages if q.article in inp.heldout][: args.lm_passages]
+    base_tok = AutoTokenizer.from_pretrained(args.base)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+    base_loss, base_n = lm_loss(model, base_tok, texts, desc="LM loss: base")
+    del model
+    gc.collect()
+    model = merged_model(ckpt)
+    trained_loss, trained_n = lm_loss(model, ckpt.tokenizer, texts, desc="LM loss: trained")
+    del model
+    gc.collect()
+    lm = {"passages": len(texts), "base_loss": base_loss, "base_tokens": base_n, "trained_loss": trained_loss,
+          "trained_tokens": trained_n, "relative_change_pct": relative_change(trained_loss, base_loss),
+          "same_tokenizer": len(base_tok) == len(ckpt.tokenizer)}
+    timings["LM loss"] = lm["seconds"] = time.perf_counter() - t0
+    print(f"\n### LM loss: plain text of {len(texts)} held-out passages\n")
+    print("| model | loss (nats/token) | tokens | change |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| base ({args.base.name}) | {base_loss:.4f} | {base_n} | |")
+    print(f"| trained ({args.checkpoint.name}) | {trained_loss:.4f} | {trained_n} | "
+          f"{lm['relative_change_pct']:+.2f}% |")
+    return lm
+
+
+# --------------------------------------------------------------------------- targets, time, the report
+def targets_table(retrieval: dict[str, dict[str, Any]], answers: dict[str, dict[str, Any]],
+                  lm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of the module docstring, each with pass / miss (n/a where a row was skipped), printed."""
     targets = []
 
     def target(name: str, value: float | None, threshold: float | None, desc: str, stretch: bool = False) -> None:
@@ -754,36 +831,85 @@ def main(argv: list[str] | None = None) -> int:
         res = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "miss")
         print(f"| {t['target']}{' (stretch)' if t['stretch'] else ''} | {fmt(t['value'])} | {fmt(t['threshold'])} | "
               f"{t['rule']} | {res} |")
+    return targets
 
-    timings["total"] = time.perf_counter() - t_start
+
+def print_timings(timings: dict[str, float]) -> None:
     print("\n### Time (seconds)\n")
     print("| step | seconds |")
     print("| --- | ---: |")
     for k, v in timings.items():
         print(f"| {k} | {v:.1f} |")
 
-    report = {**info, "retrieval": retrieval, "answers": answers, "lm": lm, "targets": targets,
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_ROOT / "checkpoint", help="trained OneGen checkpoint")
+    p.add_argument("--index", type=Path, default=DEFAULT_ROOT / "index", help="its index dir (over corpus.jsonl)")
+    p.add_argument("--base", type=Path, default=DEFAULT_ROOT / "smollm2-135m-instruct", help="untrained base model dir")
+    p.add_argument("--data", type=Path, default=DEFAULT_ROOT / "wiki", help="`python -m training prepare` output dir")
+    p.add_argument("--limit-retrieval", type=int, default=FULL["limit_retrieval"],
+                   help=f"held-out questions for retrieval (default {FULL['limit_retrieval']})")
+    p.add_argument("--limit-answers", type=int, default=FULL["limit_answers"],
+                   help=f"held-out questions for answers (0 skips; default {FULL['limit_answers']})")
+    p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per answer (default 64)")
+    p.add_argument("--pool", choices=["all", "heldout"], default="all",
+                   help="passages ranked: all of corpus.jsonl, or the held-out articles' only (default all)")
+    p.add_argument("--seed", type=int, default=0, help="question sample seed (default 0)")
+    p.add_argument("--skip-base", action="store_true", help="skip the untrained-base retrieval row (the slow encode)")
+    p.add_argument("--lm-passages", type=int, default=FULL["lm_passages"],
+                   help=f"held-out passages for the LM loss (0 skips; default {FULL['lm_passages']})")
+    p.add_argument("--no-reference-rows", action="store_true", help="skip the two [RQ]-slot reference answer rows")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT / "bench", help="cached base/MiniLM document vectors")
+    p.add_argument("--json", type=Path, default=None,
+                   help="JSON report path (default bench/results/quality.json; a reduced run -- fewer questions or "
+                   "passages than the defaults, or a row skipped -- writes bench/results/quick/quality.json, "
+                   "git-ignored, so it never overwrites the committed full results)")
+    args = p.parse_args(argv)
+    for name in ("limit_answers", "lm_passages"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.limit_retrieval < 1:
+        p.error("--limit-retrieval must be >= 1")
+    if args.max_tokens < 1:
+        p.error("--max-tokens must be >= 1")
+    if args.json is None:
+        args.json = (QUICK_RESULTS if is_reduced(args) else RESULTS) / "quality.json"
+    return args
+
+
+def is_reduced(args: argparse.Namespace) -> bool:
+    """A run that leaves part of the full report out: fewer questions or passages than the defaults, a row skipped."""
+    return any(getattr(args, k) < v for k, v in FULL.items()) or args.skip_base or args.no_reference_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    inp = load_inputs(args)
+    timings["load"] = time.perf_counter() - t_start
+    print_header(inp)
+
+    retrieval, misses, minilm = retrieval_table(inp, timings)
+    answers, details = answers_table(inp, minilm, timings) if inp.a_questions else ({}, [])
+    del minilm
+    gc.collect()
+    lm = lm_table(inp, timings) if args.lm_passages else {}
+    targets = targets_table(retrieval, answers, lm)
+    timings["total"] = time.perf_counter() - t_start
+    print_timings(timings)
+
+    kinds = [q.kind for q in inp.r_questions]
+    report = {**(inp.info or {}), "retrieval": retrieval, "answers": answers, "lm": lm, "targets": targets,
               "onegen_misses": misses, "answer_details": details, "timings_s": timings,
-              "questions": {"retrieval": len(r_questions), "retrieval_kinds": dict(Counter(kinds)),
-                            "answers": len(a_questions),
-                            "answer_kinds": dict(Counter(q.kind for q in a_questions))}}
+              "questions": {"retrieval": len(inp.r_questions), "retrieval_kinds": dict(Counter(kinds)),
+                            "answers": len(inp.a_questions),
+                            "answer_kinds": dict(Counter(q.kind for q in inp.a_questions))}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"\nJSON: {args.json}")
     return 0
-
-
-def docs_encoder(encode: Callable[[list[Any]], np.ndarray], items: list[Any]) -> Callable[[list[int]], np.ndarray]:
-    """``encode`` applied to the items at the given positions (for ``cached_encode``)."""
-    return lambda idx: encode([items[j] for j in idx])
-
-
-def encode_in_chunks(encode: Callable[[list[str]], np.ndarray], texts: list[str], desc: str,
-                     chunk: int = 64) -> np.ndarray:
-    """``encode`` over ``texts`` in chunks, with a progress bar; one [n, d] float32 array."""
-    parts = [np.asarray(encode(texts[i:i + chunk]), dtype=np.float32)
-             for i in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", leave=False)]
-    return np.concatenate(parts) if parts else np.zeros((0, 1), dtype=np.float32)
 
 
 if __name__ == "__main__":
