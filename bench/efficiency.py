@@ -1,6 +1,7 @@
 """Efficiency: one-pass retrieval vs the alternatives users would pick, measured side by side in one run.
 
-    python bench/efficiency.py --quick          # the target cells and a little of each sweep (< 5 min, 2-core CPU)
+    python bench/efficiency.py --quick          # the target cells and a little of each sweep (< 5 min, 2-core CPU),
+                                                # written under bench/results/quick/
     python bench/efficiency.py                  # the full sweep (~20-30 min on the 2-core dev CPU)
     python bench/efficiency.py --device cuda    # the same sweep on a GPU (scripts/gpu_efficiency.sh)
 
@@ -641,17 +642,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from onegen_core.encoder import Encoder, resolve_device
-    from onegen_core.engine import Engine, EngineConfig
-    from onegen_core.model import build_model
-
-    device = resolve_device(args.device)
-    load_start = loadavg()
+def choose_setup(args: argparse.Namespace, device: torch.device) -> tuple[str, Setup]:
+    """The trained default model when it is there (``--model auto``), else the tiny random one."""
     kind = args.model
     if kind == "auto":
         kind = "default" if (args.checkpoint / "onegen.json").is_file() and (args.index / "manifest.json").is_file() \
@@ -661,11 +653,17 @@ def main(argv: list[str] | None = None) -> int:
     setup = default_setup(args, device) if kind == "default" else tiny_setup(device)
     if args.dtype != "auto":
         setup.dtype = args.dtype
-    cells, sweeps = sweep_cells(args)
-    max_conc = max(c.conc for c in cells)
-    log(f"model: {kind} ({setup.checkpoint}), {setup.dtype} on {device}; {len(cells)} cells x {len(args.modes)} modes x "
-        f"{args.repeats} repeats")
-    t0 = time.perf_counter()
+    return kind, setup
+
+
+def load_context(args: argparse.Namespace, setup: Setup, device: torch.device, max_conc: int, notes: list[str]
+                 ) -> dict[str, Any]:
+    """The engine, the same-model encoder and the MiniLM retriever, with the cells' prompts: what every mode runs on
+    (``run_cell``'s context). MiniLM is an optional extra: without it its mode is dropped, with a note."""
+    from onegen_core.encoder import Encoder
+    from onegen_core.engine import Engine, EngineConfig
+    from onegen_core.model import build_model
+
     engine = Engine.from_checkpoint(setup.checkpoint, setup.index, EngineConfig(
         dtype=setup.dtype, device=str(device), max_num_seqs=max_conc, kv_cache_memory_gb=2.0,
         max_num_batched_tokens=args.max_num_batched_tokens))
@@ -674,7 +672,6 @@ def main(argv: list[str] | None = None) -> int:
     max_len = ckpt.config.max_position_embeddings
     encoder = Encoder(ckpt, build_model(ckpt, dtype, device, max_positions=max_len), device, max_len)
     minilm = None
-    notes: list[str] = []
     if "two_pass_minilm" in args.modes:
         try:
             menc = MiniLMEncoder(device)
@@ -684,9 +681,6 @@ def main(argv: list[str] | None = None) -> int:
             log(notes[-1])
         else:
             minilm = em.text_retrieve(menc.encode, minilm_retriever(setup, menc, device))
-    setup_s = time.perf_counter() - t0
-    log(f"loaded in {setup_s:.1f} s")
-
     tok = engine.tokenizer
     filler_ids = tok.encode("\n\n".join(setup.filler), add_special_tokens=False)
     prompts: dict[tuple[int, int], em.Request] = {}
@@ -708,15 +702,17 @@ def main(argv: list[str] | None = None) -> int:
             eos.add(src)
         elif isinstance(src, list | tuple):
             eos.update(int(x) for x in src)
-    ctx = {"engine": engine, "clock": em.Clock(device), "requests": requests, "hop_gap": args.hop_gap,
-           "max_tokens": args.max_tokens, "encoder": encoder, "same_model": em.same_model_retrieve(engine, encoder),
-           "minilm": minilm, "eos": eos}
+    return {"engine": engine, "clock": em.Clock(device), "requests": requests, "hop_gap": args.hop_gap,
+            "max_tokens": args.max_tokens, "encoder": encoder, "same_model": em.same_model_retrieve(engine, encoder),
+            "minilm": minilm, "eos": eos}
 
+
+def run_cells(args: argparse.Namespace, ctx: dict[str, Any], cells: list[Cell]) -> list[dict[str, Any]]:
+    """A warm-up, then every cell: its modes interleaved, repeated until confirmed (``run_cell``)."""
     # warm-up: every mode once on a small cell (first calls pay one-time kernel set-up)
     t0 = time.perf_counter()
     run_cell(ctx, Cell(64, 2, 1, 1), args.modes, 1)
     log(f"warm-up {time.perf_counter() - t0:.1f} s")
-
     results = []
     for i, cell in enumerate(cells, 1):
         reps = min(args.repeats, args.repeats_concurrent) if cell.conc >= 8 else args.repeats
@@ -729,11 +725,17 @@ def main(argv: list[str] | None = None) -> int:
                           for m, s in res["modes"].items() if m != "one_pass")
         log(f"[{i}/{len(cells)}] {cell.key}: one-pass {one['latency_s']:.2f}s; {brief}; {res['seconds']:.0f}s, "
             f"load {res['loadavg_after']}")
+    return results
 
-    by_key = {r["key"]: r for r in results}
-    base = args.base_prompt
-    t_two = Cell(1024, 1, 1, 1).key
-    t_ref = Cell(base, 3, 1, 1).key
+
+def target_cells(args: argparse.Namespace) -> tuple[str, str]:
+    """The keys of the two target cells: 1024-token prompts, 1 retrieval; the base prompt, 3 retrievals."""
+    return Cell(1024, 1, 1, 1).key, Cell(args.base_prompt, 3, 1, 1).key
+
+
+def targets_of(args: argparse.Namespace, by_key: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The targets of the module docstring, each with pass / miss (None where its cell or mode did not run)."""
+    t_two, t_ref = target_cells(args)
     targets = []
     for mode, key, thr, name in [("two_pass", t_two, TARGET_TWO_PASS, "one-pass vs two-pass (same model) at 1024 tokens"),
                                  ("two_pass_minilm", t_two, TARGET_TWO_PASS, "one-pass vs two-pass (MiniLM) at 1024 tokens"),
@@ -742,7 +744,13 @@ def main(argv: list[str] | None = None) -> int:
         v = s["ratio_latency"] if s else None
         targets.append({"target": name, "cell": key, "mode": mode, "value": v, "threshold": thr,
                         "pass": None if v is None else v >= thr})
+    return targets
 
+
+def difference_notes(results: list[dict[str, Any]]) -> list[str]:
+    """A note per compared mode and cell whose answers differ from one-pass's before EOS, and one if one-pass
+    retrieved where it was not forced to."""
+    notes = []
     bad = [(r["key"], m, s["equality"]) for r in results for m, s in r["modes"].items()
            if m in COMPARED and "equality" in s and s["equality"]["same_answers_to_eos"] < s["equality"]["n"]]
     for key, m, e in bad:
@@ -756,40 +764,76 @@ def main(argv: list[str] | None = None) -> int:
     if not all(r["modes"]["one_pass"].get("retrieved_at_hops_only", True) for r in results):
         notes.append("one-pass retrieved at positions other than the forced ones in some cells (the model emitted [RQ] "
                      "itself): see retrieved_at_hops_only in the JSON")
-    load_end = loadavg()
+    return notes
+
+
+def repo_relative(p: Path) -> str:
+    return str(p.relative_to(REPO) if p.is_relative_to(REPO) else p)
+
+
+def build_report(args: argparse.Namespace, kind: str, setup: Setup, ctx: dict[str, Any], device: torch.device,
+                 results: list[dict[str, Any]], sweeps: dict[str, list[Cell]], load_start: list[float] | None,
+                 notes: list[str]) -> dict[str, Any]:
+    """The JSON (and the markdown's source): machine, model, workload, load, targets, cells and notes."""
+    engine = ctx["engine"]
     cores = os.cpu_count() or 1
     peak = max([x for r in results for x in (r["loadavg_before"] or [0])[:1] + (r["loadavg_after"] or [0])[:1]]
                + [(load_start or [0])[0]])
-    cpu_shared = device.type == "cpu" and peak > cores + 0.5
     manifest = json.loads((setup.index / "manifest.json").read_text())
     desc = ("the trained default: SmolLM2-135M-Instruct + the OneGen LoRA adapter (server/default_model)"
             if kind == "default" else "tiny random Llama (fallback: the default checkpoint is missing)")
-    report = {
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "code": code_version(),
         "machine": machine_info(device),
         "model": {"kind": kind, "description": desc, "short": "SmolLM2-135M OneGen" if kind == "default" else "tiny model",
-                  "checkpoint": str(setup.checkpoint.relative_to(REPO) if setup.checkpoint.is_relative_to(REPO) else setup.checkpoint),
-                  "index": str(setup.index.relative_to(REPO) if setup.index.is_relative_to(REPO) else setup.index),
-                  "fingerprint": ckpt.fingerprint, "dtype": setup.dtype, "index_vectors": manifest.get("count"),
-                  "index_factory": manifest.get("factory"), "minilm_corpus_passages": len(setup.minilm_docs)},
+                  "checkpoint": repo_relative(setup.checkpoint), "index": repo_relative(setup.index),
+                  "fingerprint": engine.checkpoint.fingerprint, "dtype": setup.dtype,
+                  "index_vectors": manifest.get("count"), "index_factory": manifest.get("factory"),
+                  "minilm_corpus_passages": len(setup.minilm_docs)},
         "workload": {"quick": args.quick, "max_tokens": args.max_tokens, "hop_gap": args.hop_gap, "repeats": args.repeats,
                      "repeats_concurrent": min(args.repeats, args.repeats_concurrent), "max_repeats": args.max_repeats,
-                     "base_prompt": base, "modes": args.modes, "seed": args.seed,
+                     "base_prompt": args.base_prompt, "modes": args.modes, "seed": args.seed,
                      "step_budget": engine.config.max_num_batched_tokens,
                      "step_budget_given": args.max_num_batched_tokens},
-        "loadavg_start": load_start, "loadavg_end": load_end, "cpu_shared": cpu_shared,
+        "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "cpu_shared": device.type == "cpu" and peak > cores + 0.5,
         "sweeps": {k: [asdict(c) for c in v] for k, v in sweeps.items()},
-        "target_cells": [t_two, t_ref], "targets": targets, "cells": results, "notes": notes,
-        "setup_seconds": setup_s,
+        "target_cells": list(target_cells(args)), "targets": targets_of(args, {r["key"]: r for r in results}),
+        "cells": results, "notes": notes,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from onegen_core.encoder import resolve_device
+
+    device = resolve_device(args.device)
+    load_start = loadavg()
+    kind, setup = choose_setup(args, device)
+    cells, sweeps = sweep_cells(args)
+    log(f"model: {kind} ({setup.checkpoint}), {setup.dtype} on {device}; {len(cells)} cells x {len(args.modes)} modes x "
+        f"{args.repeats} repeats")
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    ctx = load_context(args, setup, device, max(c.conc for c in cells), notes)
+    setup_s = time.perf_counter() - t0
+    log(f"loaded in {setup_s:.1f} s")
+    results = run_cells(args, ctx, cells)
+    notes += difference_notes(results)
+    report = build_report(args, kind, setup, ctx, device, results, sweeps, load_start, notes)
+    report["setup_seconds"] = setup_s
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.profile:
         prof_path = args.out_dir / f"{args.name}_profile.txt"
-        keys = args.profile_cells or [t_two, t_ref]
+        by_key = {r["key"]: r for r in results}
+        keys = args.profile_cells or list(target_cells(args))
         profile_cells(ctx, [Cell(**by_key[k]["cell"]) for k in keys if k in by_key],
                       [m for m in MODES if m in args.modes and m != "no_retrieval"], prof_path)
-        report["profile"] = str(prof_path.relative_to(REPO) if prof_path.is_relative_to(REPO) else prof_path)
+        report["profile"] = repo_relative(prof_path)
     report["seconds"] = time.perf_counter() - t_start
     report["plots"] = plot(report, args.out_dir)
     md = render_markdown(report)
