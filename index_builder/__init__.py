@@ -2,14 +2,15 @@
 
 ``python -m index_builder build --checkpoint CKPT --corpus corpus.jsonl --out INDEX``
 reads the corpus (JSONL, OneGen db.jsonl, .txt/.md folders; gzip), optionally chunks
-it by tokens, encodes every document with the engine's own encoder (document template
-+ [RD], hidden state at [RD]) in length-sorted batches, and writes ``index.faiss``,
+it by tokens, encodes every document with the checkpoint's model (``onegen_core.encoder``:
+document template + [RD], hidden state at [RD]) in length buckets, and writes ``index.faiss``,
 ``docstore.sqlite`` and ``manifest.json``. Builds are sharded, resumable and atomic,
 and run on several ranks under ``torchrun``. ``info``, ``search`` and ``verify``
 inspect the result. The library entry point is ``build_index(BuildConfig(...))``.
 """
 
-from .builder import BuildConfig, BuildResult, build_index
+from .builder import BuildResult, build_index
+from .config import BuildConfig
 from .errors import BuildError, VerifyError
 
 __all__ = ["BuildConfig", "BuildError", "BuildResult", "VerifyError", "build_index"]

@@ -7,13 +7,16 @@ The phases, each in its own module, share a work directory beside the output
 2. encode (here) — every rank encodes its share of the pending shards into shard files;
 3. ``merge`` — rank 0 assembles the FAISS index, docstore and manifest, and publishes them.
 
-Encoding goes through ``onegen_core.encoder.Encoder`` (the engine's encoder). A document
-is rendered by ``Renderer.document`` and encoded at its document token; the units of a
-OneGen entry of several units are encoded in one sequence (``onegen_core.documents``),
-each at its own document token, as training encodes them. Within a shard sequences are
-sorted by length, packed into token-budget batches, and put back in order. A shard's
+Encoding goes through ``onegen_core.encoder.Encoder``, the standalone encoder: the engine's
+native forward, rendering and normalisation, run without the engine. A document is rendered
+by ``Renderer.document`` and encoded at its document token; the units of a OneGen entry of
+several units are encoded in one sequence (``onegen_core.documents``), each at its own
+document token, as training encodes them. Within a shard, ``Encoder.encode_sorted`` groups
+the sequences in length buckets (``onegen_core.bucketing``: at most ``batch_tokens`` tokens
+and ``batch_size`` sequences, little padding) and puts the vectors back in order. A shard's
 vectors do not depend on which rank or run encoded it, so an interrupted, resumed or
-distributed build gives the same index as an uninterrupted single-process one.
+distributed build gives the same index as an uninterrupted single-process one. The settings
+are ``BuildConfig`` (``index_builder.config``), the command line's flags derived from them.
 
 Under ``torchrun`` the ranks share the work directory (one node, or a filesystem every node
 sees) and run every phase together (``onegen_core.distributed.RankContext.synced``): rank 0
@@ -28,10 +31,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -44,60 +46,13 @@ from onegen_core.index_store import Manifest, sqlite_uri
 from onegen_core.rendering import Renderer
 from onegen_core.spec import SpecError
 
-from .chunking import ChunkConfig
+from .config import BuildConfig
 from .corpus import corpus_signature, expand_corpus
 from .errors import BuildError
 from .faiss_index import check_trainable, make_index, resolve_factory
 from .ingest import ingest
 from .merge import merge_and_publish, n_shards
 from .workdir import BUILDER_VERSION, WorkDir, save_npy_atomic
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass
-class BuildConfig:
-    """Everything ``python -m index_builder build`` takes; validates on construction."""
-
-    checkpoint: Path
-    corpus: list[Path]
-    out: Path
-    index: str = "flat"  # flat | hnsw | ivfpq | a FAISS factory string
-    batch_tokens: int | None = None  # token budget of one packed forward; None: 4096 on CPU, 16384 on GPU
-    batch_size: int = 512  # most documents in one forward
-    device: str = "auto"
-    dtype: str = "auto"  # as the engine's: float32 on the CPU, bfloat16 (or float16) on a GPU (resolve_dtype)
-    chunk_tokens: int | None = None
-    chunk_overlap: int = 0
-    max_doc_tokens: int | None = None
-    shard_size: int = 4096  # documents per shard file (the unit of resumption)
-    train_size: int = 100_000  # most vectors an IVF / PQ index trains on
-    nprobe: int | None = 16
-    ef_search: int | None = 64
-    on_invalid: Literal["error", "skip"] = "error"
-    overwrite: bool = False
-    restart: bool = False
-    progress: bool = True
-    seed: int = 0
-    faiss_threads: int | None = None  # OpenMP threads FAISS trains and adds with; None: FAISS's default (all cores)
-    log: Callable[[str], None] = field(default=lambda msg: None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.checkpoint = Path(self.checkpoint)
-        self.out = Path(self.out)
-        self.corpus = [Path(p) for p in self.corpus]
-        for name in ("batch_size", "shard_size", "train_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("batch_tokens", "nprobe", "ef_search", "faiss_threads"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.on_invalid not in ("error", "skip"):
-            raise ValueError(f"on_invalid must be 'error' or 'skip', got {self.on_invalid!r}")
-        self.chunking = ChunkConfig(self.chunk_tokens, self.chunk_overlap, self.max_doc_tokens)
 
 
 @dataclass
@@ -118,14 +73,15 @@ class BuildResult:
 
 # ---------------------------------------------------------------------- the build
 def build_index(cfg: BuildConfig, *, dist: RankContext | None = None) -> BuildResult:
-    """Build ``cfg.out`` (rank 0 publishes it); other ranks return after encoding their shards."""
+    """Build ``cfg.out``: every rank encodes its share of the shards, rank 0 merges and publishes, and every
+    rank returns once the index is published (rank 0's result counts all ranks, another's only its own share)."""
     dist = dist or RankContext()
     t0 = time.monotonic()
     work = WorkDir(cfg.out)
     ckpt = _load_checkpoint(cfg.checkpoint)
     dim = int(ckpt.config.hidden_size)
     max_length = int(ckpt.config.max_position_embeddings)
-    try:  # the engine's resolvers; their messages start with the option's name
+    try:  # the engine's resolvers (onegen_core.device); their messages start with the option's name
         dev = resolve_device(cfg.device, local_rank=dist.local_rank if dist.distributed else None)
         dtype = str(resolve_dtype(cfg.dtype, dev)).removeprefix("torch.")
     except ValueError as e:

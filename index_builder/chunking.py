@@ -21,28 +21,8 @@ from dataclasses import dataclass
 from onegen_core.index_store import Document
 from onegen_core.rendering import Renderer
 
+from .config import ChunkConfig
 from .corpus import SourceRecord
-
-
-@dataclass(frozen=True)
-class ChunkConfig:
-    chunk_tokens: int | None = None  # split into windows of this many text tokens; None: no chunking
-    chunk_overlap: int = 0  # tokens shared by neighbouring windows
-    max_doc_tokens: int | None = None  # without chunking: keep at most this many text tokens
-
-    def __post_init__(self) -> None:
-        if self.chunk_tokens is not None and self.chunk_tokens < 1:
-            raise ValueError(f"--chunk-tokens must be >= 1, got {self.chunk_tokens}")
-        if self.chunk_overlap < 0:
-            raise ValueError(f"--chunk-overlap must be >= 0, got {self.chunk_overlap}")
-        if self.chunk_overlap and self.chunk_tokens is None:
-            raise ValueError("--chunk-overlap needs --chunk-tokens")
-        if self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens:
-            raise ValueError(
-                f"--chunk-overlap ({self.chunk_overlap}) must be smaller than --chunk-tokens ({self.chunk_tokens})"
-            )
-        if self.max_doc_tokens is not None and self.max_doc_tokens < 1:
-            raise ValueError(f"--max-doc-tokens must be >= 1, got {self.max_doc_tokens}")
 
 
 @dataclass

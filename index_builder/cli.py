@@ -12,13 +12,18 @@ corpus and rank 0 merges (see ``index_builder.builder``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from .config import BuildConfig
 from .errors import BuildError, VerifyError
 
 
@@ -41,6 +46,38 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """A flag for every field of ``cls`` declared with a help text (``config.setting``), in field order: the
+    field's name (``--batch-size``) or its ``flag``, its default, and its bounds and choices checked as it parses."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        if "help" not in m:
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "help": m["help"]}
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+            switch = m["const"] is not None or isinstance(f.default, bool)
+            if f.default is not None and not switch and "(default" not in m["help"]:
+                kwargs["help"] += f" (default: {f.default})"
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse formats help with %
+        typ = hints[f.name]
+        if isinstance(typ, types.UnionType):  # int | None -> int
+            (typ,) = [t for t in typing.get_args(typ) if t is not type(None)]
+        if m["const"] is not None:
+            kwargs.update(action="store_const", const=m["const"])
+        elif typ is bool:
+            kwargs["action"] = "store_false" if f.default else "store_true"
+        else:
+            if typing.get_origin(typ) is list:  # list[Path] -> one or more Paths
+                (typ,) = typing.get_args(typ)
+            kwargs.update(nargs=m["nargs"], metavar=m["metavar"], choices=m["choices"])
+            kwargs["type"] = _int_at_least(m["ge"]) if typ is int and m["ge"] is not None else typ
+        parser.add_argument("--" + (m["flag"] or f.name.replace("_", "-")), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m index_builder",
@@ -52,52 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="encode a corpus into an index directory (resumable; torchrun for several ranks)",
                        description="Encode a corpus into an index directory. Interrupted builds resume when rerun "
                        "with the same arguments; the output appears only when complete.")
-    b.add_argument("--checkpoint", required=True, type=Path, help="OneGen checkpoint directory (onegen.json inside)")
-    b.add_argument("--corpus", required=True, nargs="+", type=Path, metavar="PATH",
-                   help="corpus JSONL ({id, text, title?, metadata?}), OneGen db.jsonl, .txt/.md files or folders "
-                   "of them; .gz accepted")
-    b.add_argument("--out", required=True, type=Path, help="index directory to create")
-    b.add_argument("--index", default="flat",
-                   help="index type: flat (exact inner product), hnsw (HNSW32), ivfpq (IVF-PQ sized to the corpus) "
-                   "or any FAISS factory string such as 'IVF1024,PQ32' (default: flat)")
-    b.add_argument("--batch-tokens", type=_positive_int, default=None,
-                   help="token budget of one forward pass; documents are packed without padding (default: 4096 on "
-                   "CPU, where bigger batches run slower, 16384 on GPU)")
-    b.add_argument("--batch-size", type=_positive_int, default=512,
-                   help="most documents in one forward pass (default: 512)")
-    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; under torchrun cuda means "
-                   "cuda:LOCAL_RANK (default: auto)")
-    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype for encoding; the engine must serve with the same for identical vectors. auto "
-                   "is the engine's default: float32 on the CPU, bfloat16 (float16 without bf16 support) on a GPU; "
-                   "the manifest records what it resolved to (default: auto)")
-    b.add_argument("--chunk-tokens", type=_positive_int, default=None,
-                   help="split documents longer than this many tokens into overlapping passages {id}#{k} "
-                   "(default: no chunking)")
-    b.add_argument("--chunk-overlap", type=_nonneg_int, default=0,
-                   help="tokens shared by neighbouring passages (default: 0)")
-    b.add_argument("--max-doc-tokens", type=_positive_int, default=None,
-                   help="without chunking, truncate documents to this many tokens (reported); documents are always "
-                   "cut to the model's context")
-    b.add_argument("--shard-size", type=_positive_int, default=4096,
-                   help="documents per shard file, the unit of resumption and of distribution (default: 4096)")
-    b.add_argument("--train-size", type=_positive_int, default=100_000,
-                   help="most vectors an IVF/PQ index trains on, a seeded sample (default: 100000)")
-    b.add_argument("--nprobe", type=_positive_int, default=16,
-                   help="IVF lists searched per query, stored in the index (default: 16)")
-    b.add_argument("--ef-search", type=_positive_int, default=64,
-                   help="HNSW search breadth, stored in the index (default: 64)")
-    b.add_argument("--skip-invalid", action="store_true",
-                   help="leave out invalid lines, empty texts and duplicate ids instead of failing; they are "
-                   "counted and listed in rejected.jsonl in the index")
-    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (swapped in when complete)")
-    b.add_argument("--restart", action="store_true",
-                   help="discard an interrupted build of --out instead of resuming it")
-    b.add_argument("--faiss-threads", type=_positive_int, default=None,
-                   help="OpenMP threads for FAISS training and adding (default: all cores; use fewer on a busy "
-                   "machine, where FAISS's spinning threads slow down sharply)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the IVF/PQ training sample (default: 0)")
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(b, BuildConfig)
     b.add_argument("--dist-timeout", type=_positive_int, default=24 * 3600,
                    help="seconds a rank waits for the others under torchrun (default: 86400)")
 
@@ -181,7 +173,7 @@ def _load_checkpoint(path: Path):
 def _build(args: argparse.Namespace) -> int:
     from onegen_core.distributed import PeerFailed, RankContext
 
-    from .builder import BuildConfig, build_index
+    from .builder import build_index
 
     # gloo whatever the encode device: the group carries only barriers and failure flags
     dist = RankContext.from_env(backend="gloo", timeout_s=args.dist_timeout)
@@ -192,15 +184,9 @@ def _build(args: argparse.Namespace) -> int:
 
     try:
         try:
-            cfg = BuildConfig(
-                checkpoint=args.checkpoint, corpus=args.corpus, out=args.out, index=args.index,
-                batch_tokens=args.batch_tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap, max_doc_tokens=args.max_doc_tokens,
-                shard_size=args.shard_size, train_size=args.train_size, nprobe=args.nprobe, ef_search=args.ef_search,
-                on_invalid="skip" if args.skip_invalid else "error", overwrite=args.overwrite, restart=args.restart,
-                progress=not args.quiet and dist.is_main, seed=args.seed, faiss_threads=args.faiss_threads,
-                log=log,
-            )
+            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig) if hasattr(args, f.name)}
+            given["progress"] = given["progress"] and dist.is_main
+            cfg = BuildConfig(**given, log=log)
         except ValueError as e:
             raise BuildError(str(e)) from None
         try:

@@ -32,7 +32,7 @@ from .errors import BuildError
 from .workdir import WorkDir, write_json_atomic
 
 if TYPE_CHECKING:
-    from .builder import BuildConfig
+    from .config import BuildConfig
 
 REJECTED_FILE = "rejected.jsonl"
 MAX_REPORTED_ERRORS = 20

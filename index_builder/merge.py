@@ -33,7 +33,7 @@ from .ingest import REJECTED_FILE
 from .workdir import BUILDER_VERSION, WorkDir, write_text_atomic
 
 if TYPE_CHECKING:
-    from .builder import BuildConfig
+    from .config import BuildConfig
 
 
 def n_shards(count: int, shard_size: int) -> int:
