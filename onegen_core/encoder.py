@@ -1,11 +1,17 @@
-"""The one encoder: documents and queries to L2-normalised vectors with the generation model.
+"""The standalone encoder: documents and queries to L2-normalised vectors, outside the engine.
 
 A document is rendered as ``document template + [RD]`` and a query as
-``query template + [RQ]`` (``rendering.Renderer``); the vector is the final-layer
-hidden state (after the last norm) at that RET token, L2-normalised. The index
-builder, ``/retrieve`` and the tests call this and nothing else, so index vectors
-and query vectors come from the same code as the engine's in-flight queries
-(``normalize`` is shared with the engine).
+``query template + [RQ]`` (``rendering.Renderer``); its vector is the final-layer
+hidden state (after the last norm) at that RET token, L2-normalised (``normalize``).
+The index builder encodes corpora with it (``Encoder.encode_sorted``: length buckets
+from ``bucketing``, packed without padding), and so do ``python -m index_builder
+search`` / ``verify``, the demo index (``server.demo``) and the tests' references.
+
+The engine does not encode through it: in-flight queries and ``/retrieve`` queries are
+encoded in the engine's own steps, by its model runner. Both run the same native forward
+(``onegen_core.model``), the same rendering and ``normalize``, which is what makes an
+index built here match the engine's queries; ``tests/core/test_scheduled_encodes.py``
+holds the two equal. ``InputTooLong`` is the engine's error too.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class InputTooLong(ValueError):
 
 
 class Encoder:
+    """A checkpoint's model on one device, encoding token sequences at chosen positions."""
+
     def __init__(self, checkpoint: Checkpoint, model: Any, device: torch.device, max_length: int):
         self.checkpoint = checkpoint
         self.model = model
