@@ -13,7 +13,7 @@ force=${1:-}
 if [ ! -f "$ckpt/onegen.json" ] || [ -f "$ckpt/default_model.sha256" ]; then
     echo "onegen-build-index: no checkpoint in $ckpt; preparing the default model and its index"
     python -m server.prepare_default --root /opt/onegen-default --checkpoint-dir "$ckpt" --index-dir "$out" \
-        --device "${ONEGEN_DEVICE:-auto}" --dtype "${ONEGEN_DTYPE:-float32}" ${force:+--force} >/dev/null
+        --device "${ONEGEN_DEVICE:-auto}" --dtype "${ONEGEN_DTYPE:-auto}" ${force:+--force}
     exit 0
 fi
 if [ -z "$force" ] && [ -f "$out/manifest.json" ] \

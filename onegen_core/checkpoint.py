@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -112,7 +113,11 @@ def _merged_adapter_state_dict(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str
     base = AutoModelForCausalLM.from_pretrained(ckpt.model_path, dtype=torch.float32)
     if base.get_input_embeddings().weight.shape[0] < len(ckpt.tokenizer):  # the adapter added tokens
         base.resize_token_embeddings(len(ckpt.tokenizer), mean_resizing=False)
-    model = PeftModel.from_pretrained(base, str(ckpt.adapter_path)).merge_and_unload()
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (FutureWarning on every load); nothing
+        # of ours to fix, and a user loading a checkpoint should not have to read it
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        model = PeftModel.from_pretrained(base, str(ckpt.adapter_path)).merge_and_unload()
     sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)

@@ -7,6 +7,8 @@ request ends with its documented error (JSON 503; an SSE ``error`` event, then
 ``[DONE]``), and the engine is stopped. The abort takes effect at the end of the engine
 step under way, however long it takes; uvicorn cancels only the responses that could not
 be sent ``state.DRAIN_FINISH_S`` after that (``ServerState.shutdown_overdue``).
+Without ``--checkpoint`` the embedded default model is served, prepared on first start
+(``server.prepare_default``: base import, adapter, prebuilt or built index) before the port is bound.
 A checkpoint or index path that does not exist ends the process with status 2 and one
 line naming it, before the port is bound; a model or index that fails to load ends it
 with status 1 and the reason.
@@ -87,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"onegen server: {problem}", file=sys.stderr)
         return 2
+    if settings.checkpoint is None:  # the embedded default model, prepared here (once) before the port is bound
+        from .prepare_default import serve_default
+
+        try:
+            settings = serve_default(settings)
+        except (ValueError, RuntimeError, OSError) as e:
+            print(f"onegen server: could not prepare the default model: {e}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level, settings.log_format)
     fatal: list[BaseException] = []
     server: _DrainingServer | None = None

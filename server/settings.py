@@ -46,7 +46,11 @@ class ServerSettings(EngineSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
     # ---------------------------------------------------------------- model and index
-    checkpoint: Path = Field(description="OneGen checkpoint directory (Hugging Face model dir + onegen.json)")
+    checkpoint: Path | None = Field(
+        None, description="OneGen checkpoint directory (Hugging Face model dir + onegen.json); omit to serve the "
+        "embedded default model (SmolLM2-135M + the OneGen adapter over a Wikipedia sample), prepared on first start "
+        "under $ONEGEN_DEFAULT_ROOT (default: .cache/onegen-default)"
+    )
     index: Path | None = Field(None, description="index directory built with this checkpoint (omit: no retrieval)")
     served_model_name: str | None = Field(
         None, description="model name reported by /info and the OpenAI routes (default: checkpoint dir name)"
@@ -110,7 +114,11 @@ class ServerSettings(EngineSettings):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.checkpoint.resolve().name
+        if self.served_model_name:
+            return self.served_model_name
+        if self.checkpoint is None:
+            raise ValueError("no checkpoint: the default model's settings come from server.prepare_default.serve_default")
+        return self.checkpoint.resolve().name
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None

@@ -9,14 +9,17 @@ adapter a fresh LoRA over it, the dump a tiny MediaWiki file; every step is the 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
-from server_harness import ServerProcess
+from server_harness import REPO, ServerProcess
 from wiki_dump_fixture import ARTICLES, write_dump
 
 from onegen_core.checkpoint import load_checkpoint
 from onegen_core.spec import OneGenSpec
-from server.prepare_default import DIGEST_FILE, prepare_default
+from server.prepare_default import DIGEST_FILE, SHIPPED_INDEX, prepare_default
 
 SPEC = {"preset": "default", "document_template": "{title}\n{text}", "passage_template": "{title}\n{text}",
         "query_format": "chat", "retrieval": {"k": 1, "max_retrievals": 1}}
@@ -77,6 +80,69 @@ def test_prepare_default_builds_a_servable_checkpoint_and_index_once(tmp_path, t
                 assert r["hits"] and all(h["title"].split(":")[0] in ARTICLES for h in r["hits"])
     finally:
         srv.stop()
+
+
+def test_a_prebuilt_index_shipped_with_the_adapter_is_used_instead_of_a_build(tmp_path, tiny_default):
+    """The README's first start copies the committed index instead of encoding the corpus (issue #17: 13 minutes)."""
+    base, packaged, dump = tiny_default
+    _, built = prepare_default(tmp_path / "first", base_dir=base, packaged=packaged, dump=dump, min_article_words=40)
+    shipping = tmp_path / "packaged"
+    shutil.copytree(packaged, shipping)
+    shutil.copytree(built, shipping / SHIPPED_INDEX)
+    root = tmp_path / "fresh"
+    ckpt, index = prepare_default(root, base_dir=base, packaged=shipping, dump=dump, min_article_words=40)
+    assert not (root / "passages.jsonl").exists()  # nothing was cut or encoded: the shipped index was copied
+    assert (index / "index.faiss").read_bytes() == (built / "index.faiss").read_bytes()
+    assert json.loads((index / "manifest.json").read_text())["checkpoint_fingerprint"] == load_checkpoint(ckpt).fingerprint
+
+    # Served in another dtype than it was encoded in, the shipped index does not match: the index is built.
+    other = tmp_path / "other-dtype"
+    _, index_bf16 = prepare_default(other, base_dir=base, packaged=shipping, dump=dump, min_article_words=40,
+                                 dtype="bfloat16")
+    assert (other / "passages.jsonl").is_file()
+    assert json.loads((index_bf16 / "manifest.json").read_text())["encode_dtype"] == "bfloat16"
+
+
+def _repo_copy(dst):
+    """The files a fresh clone has (tracked, plus untracked ones git does not ignore): no .cache."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, check=True).stdout
+    for name in filter(None, out.decode().split("\0")):
+        src = REPO / name
+        if src.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def test_the_readme_serve_command_serves_the_default_from_an_empty_cache(tmp_path, tiny_default):
+    """Regression (issue #17): ``bash scripts/serve.sh`` on a fresh clone died after the index build with
+    ``eval: syntax error near unexpected token `('``: the script eval'ed the output of a process whose child, the
+    index builder, printed its summary line there. Here the README's command itself runs in a copy of the
+    repository with no ``.cache`` (install skipped, a tiny stand-in for SmolLM2, its adapter and gensim's dump,
+    no prebuilt index: the build path), and must serve ``/generate``, quietly."""
+    base, packaged, dump = tiny_default
+    repo = _repo_copy(tmp_path / "clone")
+    assert not (repo / ".cache").exists()
+    env = {"ONEGEN_SKIP_INSTALL": "1", "ONEGEN_BASE_DIR": str(base), "ONEGEN_DEFAULT_ADAPTER": str(packaged),
+           "ONEGEN_WIKI_DUMP": str(dump), "ONEGEN_DEFAULT_MIN_ARTICLE_WORDS": "40", "ONEGEN_LOG_FORMAT": "text"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ONEGEN_")}, **env}
+    srv = ServerProcess([], tmp_path / "serve.log", env=env, launcher=["bash", "scripts/serve.sh"], cwd=repo)
+    try:
+        srv.wait_ready(timeout=300)
+        with srv.client() as c:
+            out = c.post("/generate", json={"messages": [{"role": "user", "content": "Who was Zorblat?"}],
+                                            "max_tokens": 8, "temperature": 0})
+            assert out.status_code == 200, out.text
+            assert out.json()["finish_reason"] in ("length", "stop")
+            info = c.get("/info").json()
+    finally:
+        srv.stop()
+    log = srv.log_text()
+    assert (repo / ".cache/onegen-default/index/manifest.json").is_file()  # prepared in the clone, from nothing
+    assert "building the index" in log and "Traceback" not in log
+    assert "Warning" not in log, log[-3000:]  # a quiet first start: no library warnings for a new user to read
+    assert info["model"] == "onegen-smollm2-wiki" and info["dtype"] == "bfloat16"
 
 
 def test_a_foreign_checkpoint_directory_is_not_overwritten(tmp_path, tiny_default):
