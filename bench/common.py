@@ -1,4 +1,5 @@
-"""Helpers the bench scripts share: the machine a result was measured on, and where a run writes.
+"""Helpers the bench scripts share: the machine a result was measured on, where the default model is, where a
+run writes.
 
 Scripts run as ``python bench/NAME.py``, so this module is importable as ``common``. It imports no torch
 at module level (``hostile.py`` drives a server in another process and does not need it).
@@ -11,7 +12,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = REPO / ".cache" / "onegen-default"  # the trained default model, its index and data (server.prepare_default)
+RESULTS = REPO / "bench" / "results"
 QUICK_RESULTS = RESULTS / "quick"  # git-ignored: quick runs never overwrite the committed full results
 
 

@@ -53,8 +53,9 @@ two-pass rows), and >= 2x lower than the reference loop at 3 retrievals per requ
 
 Outputs: ``bench/results/efficiency.md`` / ``.json`` and the PNG plots ``efficiency_prompt_length.png``,
 ``efficiency_hops.png``, ``efficiency_concurrency.png`` (``--out-dir``; a ``--quick`` run writes them under
-``bench/results/quick/`` instead, git-ignored, so it never overwrites the committed full results). ``--profile`` adds a torch.profiler
-table of the target cells (top operators per mode) to ``efficiency_profile.txt``.
+``bench/results/quick/`` instead, git-ignored, so it never overwrites the committed full results).
+``--profile`` adds a torch.profiler table of the target cells (top operators per mode) to
+``efficiency_profile.txt``.
 
 Model: the trained default (``.cache/onegen-default/checkpoint`` + ``index``, served in the index's dtype,
 bfloat16) when it exists, else a tiny random model with a synthetic index built under
@@ -87,9 +88,8 @@ for p in (str(REPO), str(HERE)):
 import efficiency_modes as em  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import QUICK_RESULTS, RESULTS, machine_info  # noqa: E402
+from common import DEFAULT_ROOT, QUICK_RESULTS, RESULTS, machine_info  # noqa: E402
 
-DEFAULT_ROOT = REPO / ".cache" / "onegen-default"
 TINY_ROOT = REPO / ".cache" / "efficiency-tiny"
 MODES = ("one_pass", "two_pass", "two_pass_minilm", "ref_loop", "no_retrieval")
 MODE_NAMES = {"one_pass": "one-pass (engine)", "two_pass": "two-pass, same model", "two_pass_minilm": "two-pass, MiniLM",

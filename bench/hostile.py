@@ -109,7 +109,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # ServerProcess: the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, RESULTS, cpu_name  # noqa: E402
+from common import DEFAULT_ROOT, QUICK_RESULTS, RESULTS, cpu_name  # noqa: E402
 from hostile_outcomes import (  # noqa: E402
     Expect,
     Outcome,
@@ -127,7 +127,6 @@ from hostile_outcomes import (  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
 
 API_KEY = "hostile-bench-key-7f3a"
-DEFAULT_ROOT = REPO / ".cache" / "onegen-default"
 QUESTIONS = [
     "Where was Aldous Huxley born?",
     "What is the capital of France?",

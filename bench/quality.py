@@ -83,7 +83,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import QUICK_RESULTS, RESULTS, machine_info  # noqa: E402
+from common import DEFAULT_ROOT, QUICK_RESULTS, RESULTS, machine_info  # noqa: E402
 from quality_metrics import (  # noqa: E402
     answer_summary,
     exact_match,
@@ -97,8 +97,6 @@ from quality_metrics import (  # noqa: E402
 )
 from tqdm import tqdm  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_ROOT = REPO / ".cache" / "onegen-default"
 TOP_K = 10  # rankings are kept to this depth (MRR@10)
 N_MISSES = 20
 
