@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoint import Checkpoint
+from .engine_config import EngineConfig
 from .kv_cache import allocate_kv_cache, kv_bytes_per_block
 from .model import build_model
 from .model.attention import build_host_attention_metadata
-from .transfers import TransferCounter, download, upload
+from .transfers import TransferCounter, download
 
 if TYPE_CHECKING:
-    from .engine import EngineConfig
     from .scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,6 @@ class ModelRunner:
                 block_size=config.block_size, scratch_block=num_blocks - 1,
             )
 
-    @property
-    def vocab_size(self) -> int:
-        return self.model.vocab_size
-
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], extra: list[torch.Tensor] = ()
             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -135,9 +131,6 @@ class ModelRunner:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden)
-
-    def upload(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return upload(tensors, self.device, self.transfers)
 
     def download(self, t: torch.Tensor) -> torch.Tensor:
         return download(t, self.transfers)
