@@ -16,6 +16,11 @@ appended as CTX. The next step prefills only those tokens on the existing cache
 record the hit and insert nothing (optionally forcing a follow-up token). Once a
 request's retrieval budget is spent, query tokens are masked out of sampling.
 
+The engine owns the step and the sequences' lifetimes; its helpers return what they did
+and never reach back into it: ``inputs.py`` renders and checks input, ``searches.py``
+keeps the ``/retrieve`` jobs, ``insertion.py`` searches and inserts or annotates,
+``blocking.py`` adds the blocking calls for scripts and tests.
+
 Not thread-safe: one thread owns an engine (the server's worker thread).
 """
 
@@ -28,45 +33,35 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from .blocking import BlockingCalls
 from .checkpoint import Checkpoint, load_checkpoint
 from .detokenizer import IncrementalDetokenizer
 from .device import resolve_device, resolve_dtype
-from .encoder import InputTooLong, normalize
+from .encoder import normalize
 from .engine_config import EngineConfig, step_token_budget
 from .index_store import IndexStore
+from .inputs import ContextLengthExceeded, InputChecker, RequestInput
+from .insertion import PassageInserter
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner
-from .outputs import (
-    EngineEvent,
-    Finished,
-    GenerationResult,
-    RetrievalEvent,
-    RetrievalHit,
-    RetrievalRecord,
-    SearchDone,
-    TokenDelta,
-)
+from .outputs import EngineEvent, Finished, TokenDelta
 from .params import RetrievalParams, SamplingParams
-from .rendering import Rendered, Renderer, max_token_chars
+from .rendering import Rendered, Renderer
 from .retriever import Retriever, make_retriever
 from .roles import Role
 from .sampler import Sampler, SamplingRow
 from .scheduler import Scheduler
-from .sequence import SearchRequest, Sequence
+from .searches import SearchJobs
+from .sequence import Sequence
+
+__all__ = ["ContextLengthExceeded", "Engine", "EngineConfig", "RequestInput"]
 
 log = logging.getLogger(__name__)
 
 
-class ContextLengthExceeded(ValueError):
-    """The prompt does not fit the model's context (``max_model_len``)."""
-
-    code = "context_length_exceeded"
-
-
-class Engine:
+class Engine(BlockingCalls):
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, retriever: Retriever | None = None,
                  index: IndexStore | None = None):
         config = config or EngineConfig()
@@ -90,16 +85,16 @@ class Engine:
         banned += list(self.token_ids.follow_up.values())  # only ever forced
         self.sampler = Sampler(self.model.vocab_size, banned, self.token_ids.query_ids, self.device, seed=config.seed,
                                counter=self.transfers)
+        self.inputs = InputChecker(self.renderer, self.model.vocab_size, self.max_model_len)
+        self.searches = SearchJobs(config.max_num_batched_tokens, self.model.hidden_size)
+        self.inserter = PassageInserter(self.renderer, self.token_ids, self.max_model_len)
         self.eos_ids = self._eos_ids()
         self.sequences: dict[str, Sequence] = {}
-        self.searches: dict[str, SearchRequest] = {}
         self._aborted: list[Sequence] = []
-        self._done_searches: list[SearchDone] = []
         self.default_k = checkpoint.spec.retrieval.k
         self.default_max_retrievals = checkpoint.spec.retrieval.max_retrievals
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens in the last step's forward (at most max_num_batched_tokens)
-        self._max_text_chars = self.max_model_len * max_token_chars(self.tokenizer)
         self._check_index_dtype()
         log.info("engine ready: %s %s on %s, %d KV blocks x %d, max_model_len %d, attention %s, linear %s",
                  checkpoint.model_type, self.dtype, self.device, self.runner.num_blocks, config.block_size,
@@ -138,84 +133,31 @@ class Engine:
         return ids
 
     # ------------------------------------------------------------------ input (any thread)
-    def _check_text_length(self, text: str, what: str) -> None:
-        """Refuse text that cannot fit before tokenising it: no token covers more than a known number of characters."""
-        if len(text) > self._max_text_chars:
-            raise ContextLengthExceeded(
-                f"{what} has {len(text)} characters, which is more than {self.max_model_len} tokens for this "
-                f"model's tokenizer whatever the text; this model's context is {self.max_model_len} tokens")
-
-    def prepare_request(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict[str, str]] | None = None,
-        prompt_token_ids: list[int] | None = None,
-        sampling: SamplingParams | None = None,
-    ) -> Rendered:
-        """Render and check a request's input. Pure: safe to call from any thread (the server calls it off the
+    def prepare_request(self, prompt: str | RequestInput | None = None, *, sampling: SamplingParams | None = None,
+                        **given: Any) -> Rendered:
+        """Render and check a request's input: ``prompt`` (text or a ``RequestInput``), or ``RequestInput``'s
+        ``messages=`` / ``prompt_token_ids=``. Pure: safe to call from any thread (the server calls it off the
         engine thread, so tokenising a long prompt never delays a step). Raises ``ValueError`` /
         ``ContextLengthExceeded`` with a message that names the problem."""
-        given = sum(x is not None for x in (prompt, messages, prompt_token_ids))
-        if given != 1:
-            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
-        vocab = self.model.vocab_size
-        if prompt is not None:
-            self._check_text_length(prompt, "the prompt")
-            rendered = self.renderer.prompt(prompt)
-        elif messages is not None:
-            self._check_text_length("".join(str(m.get("content") or "") for m in messages), "the messages")
-            rendered = self.renderer.chat(messages)
-        else:
-            ids = list(prompt_token_ids or [])
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt_token_ids has ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
-            rendered = self.renderer.prompt_ids(ids)
-        bad_forced = [t for t in (sampling.forced_tokens.values() if sampling else ()) if t >= vocab]
-        if bad_forced:
-            raise ValueError(f"forced_tokens has ids outside the vocabulary (0..{vocab - 1}): {bad_forced[:5]}")
-        if len(rendered) == 0:
-            raise ValueError("the prompt is empty")
-        if len(rendered) >= self.max_model_len:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(rendered)} tokens; this model's context is {self.max_model_len} tokens "
-                "(prompt plus at least one generated token)"
-            )
-        return rendered
+        return self.inputs.request(RequestInput.of(prompt, **given), sampling)
 
     def prepare_queries(self, queries: list[str]) -> list[list[int]]:
         """Queries -> token ids (query template + query RET token), checked against the context. Any thread.
 
         ``InputTooLong`` names the query's position in ``queries``."""
-        out = []
-        for i, q in enumerate(queries):
-            ids = self.renderer.query(q)
-            if len(ids) > self.max_model_len:
-                raise InputTooLong("query", i, len(ids), self.max_model_len)
-            out.append(ids)
-        return out
+        return self.inputs.queries(queries)
 
     # ------------------------------------------------------------------ requests (the engine's thread)
-    def add_request(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict[str, str]] | None = None,
-        prompt_token_ids: list[int] | None = None,
-        rendered: Rendered | None = None,
-        sampling: SamplingParams | None = None,
-        retrieval: RetrievalParams | None = None,
-        request_id: str | None = None,
-    ) -> str:
-        """Queue a generation. Give its input, or ``rendered`` from ``prepare_request`` (then the input is not
-        tokenised again)."""
+    def add_request(self, prompt: str | RequestInput | None = None, *, rendered: Rendered | None = None,
+                    sampling: SamplingParams | None = None, retrieval: RetrievalParams | None = None,
+                    request_id: str | None = None, **given: Any) -> str:
+        """Queue a generation. Its input as ``prepare_request`` takes it, or ``rendered`` from ``prepare_request``
+        (then the input is not tokenised again)."""
         sampling = sampling or SamplingParams()
         retrieval = retrieval or RetrievalParams()
         if rendered is None:
-            rendered = self.prepare_request(prompt, messages=messages, prompt_token_ids=prompt_token_ids,
-                                            sampling=sampling)
-        elif any(x is not None for x in (prompt, messages, prompt_token_ids)):
+            rendered = self.prepare_request(prompt, sampling=sampling, **given)
+        elif prompt is not None or any(v is not None for v in given.values()):
             raise ValueError("give either a prepared input or prompt / messages / prompt_token_ids, not both")
         request_id = self._new_request_id(request_id)
         resolved = RetrievalParams(
@@ -250,9 +192,10 @@ class Engine:
         return_text: bool = False,
         request_id: str | None = None,
     ) -> str:
-        """Queue queries to encode and search. Each query is scheduled like a prompt (chunked under the step's
-        token budget, interleaved with decoding); its vector is the hidden state at its query RET token. Ends
-        with one ``SearchDone``. ``k=0`` returns the vectors only. ``query_token_ids`` from ``prepare_queries``."""
+        """Queue queries to encode and search (``searches.py``). Each query is scheduled like a prompt (chunked
+        under the step's token budget, interleaved with decoding); its vector is the hidden state at its query RET
+        token. Ends with one ``SearchDone``. ``k=0`` returns the vectors only. ``query_token_ids`` from
+        ``prepare_queries``."""
         if (queries is None) == (query_token_ids is None):
             raise ValueError("give queries or query_token_ids")
         if query_token_ids is None:
@@ -262,31 +205,9 @@ class Engine:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         request_id = self._new_request_id(request_id)
-        job = SearchRequest(request_id, k, return_text, [None] * len(query_token_ids))
-        self.searches[request_id] = job
-        if not query_token_ids:
-            self._done_searches.append(self._search_done(job))
-            return request_id
-        no_sampling, no_retrieval = SamplingParams(max_tokens=1), RetrievalParams(enabled=False)
-        for i, ids in enumerate(query_token_ids):
-            seq = Sequence(request_id=f"{request_id}/q{i}", token_ids=list(ids), roles=[Role.CTX] * len(ids),
-                           sampling=no_sampling, retrieval=no_retrieval, detok=None, search=job, search_slot=i)
-            job.sequences.append(seq)
-        self._feed_search(job)
-        return request_id
-
-    def _feed_search(self, job: SearchRequest) -> None:
-        """Queue the next queries of a search: about one step's token budget of them at a time, so a big search
-        keeps the engine busy when it is alone yet takes its turn with the requests that arrive after it (they
-        are queued between its queries), instead of holding the waiting queue for all of its queries."""
-        budget = self.config.max_num_batched_tokens
-        while job.next_query < len(job.sequences):
-            seq = job.sequences[job.next_query]
-            if job.queued_tokens and job.queued_tokens + seq.num_tokens > budget:
-                return
-            job.next_query += 1
-            job.queued_tokens += seq.num_tokens
+        for seq in self.searches.start(request_id, query_token_ids, k, return_text):
             self.scheduler.add(seq)
+        return request_id
 
     def _new_request_id(self, request_id: str | None) -> str:
         request_id = request_id or uuid.uuid4().hex
@@ -297,12 +218,9 @@ class Engine:
     def abort(self, request_id: str, error: str | None = None) -> bool:
         """Stop a request and free its KV cache now; its ``Finished(abort)`` (``SearchDone`` with an error, for
         a search) comes with the next step."""
-        job = self.searches.get(request_id)
-        if job is not None:
-            for seq in job.sequences:
-                if not seq.is_finished:
-                    self.scheduler.finish(seq)
-            self._done_searches.append(self._search_done(job, error=error or "aborted"))
+        if request_id in self.searches:
+            for seq in self.searches.abort(request_id, error or "aborted"):
+                self.scheduler.finish(seq)
             return True
         seq = self.sequences.get(request_id)
         if seq is None or seq.is_finished:
@@ -316,7 +234,7 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted) or bool(self._done_searches)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or bool(self.searches.ended)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -332,8 +250,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[EngineEvent]:
-        events: list[EngineEvent] = [self._finished_event(s) for s in self._aborted] + self._done_searches
-        self._aborted, self._done_searches = [], []
+        events: list[EngineEvent] = [self._finished_event(s) for s in self._aborted] + self.searches.take_ended()
+        self._aborted = []
         chunks = self.scheduler.schedule()
         if not chunks:
             if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: admission checks sizes
@@ -367,113 +285,23 @@ class Engine:
                 events.append(self._finished_event(c.seq))
         return events
 
-    # ------------------------------------------------------------------ query encodes (/retrieve)
+    # ------------------------------------------------------------------ query vectors
     def _store_vectors(self, seqs: list[Sequence], vectors: torch.Tensor) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
-        for seq, vec in zip(seqs, vectors, strict=True):
+        """Encoded ``/retrieve`` queries: free them, hand their vectors to their jobs, queue the jobs' next queries."""
+        for seq in seqs:
             self.scheduler.finish(seq)
-            job = seq.search
-            if job is None or job.request_id not in self.searches:  # aborted meanwhile
-                continue
-            job.vectors[seq.search_slot] = vec
-            job.queued_tokens -= seq.num_tokens
-            if job.complete:
-                events.append(self._search_done(job))
-            else:
-                self._feed_search(job)
-        return events
+        done, to_schedule = self.searches.store(seqs, vectors, self.retriever)
+        for seq in to_schedule:
+            self.scheduler.add(seq)
+        return done
 
-    def _search_done(self, job: SearchRequest, error: str | None = None) -> SearchDone:
-        self.searches.pop(job.request_id, None)
-        encode_ms = (time.monotonic() - job.arrival_time) * 1000.0
-        if error is not None:
-            return SearchDone(job.request_id, error=error, encode_ms=encode_ms)
-        d = self.model.hidden_size
-        vectors = torch.stack(job.vectors).numpy() if job.vectors else np.zeros((0, d), dtype=np.float32)
-        if job.k == 0 or not job.vectors:
-            return SearchDone(job.request_id, hits=[] if job.k else None, vectors=vectors, encode_ms=encode_ms)
-        t0 = time.perf_counter()
-        try:
-            hits = self.retriever.search(vectors, job.k)
-        except Exception as e:  # noqa: BLE001 - a failed search fails its request, never the engine
-            log.error("search failed for request %s: %s: %s", job.request_id, type(e).__name__, e, exc_info=e)
-            return SearchDone(job.request_id, error=f"retrieval failed: {type(e).__name__}: {e}", encode_ms=encode_ms)
-        if not job.return_text:
-            for row in hits:
-                for h in row:
-                    h.text = None
-        return SearchDone(job.request_id, hits=hits, vectors=vectors, encode_ms=encode_ms,
-                          search_ms=(time.perf_counter() - t0) * 1000.0)
-
-    # ------------------------------------------------------------------ retrieval
     def _retrieve(self, seqs: list[Sequence], queries: torch.Tensor) -> list[EngineEvent]:
-        """Search with each sequence's query vector ([n, d], normalised final-layer hidden state at its RET token),
-        batched, and insert (or annotate) what was found."""
-        if not seqs:
-            return []
-        assert self.retriever is not None
-        k = max(s.retrieval.k for s in seqs)
-        t0 = time.perf_counter()
-        try:
-            all_hits = self.retriever.search(queries, k)
-            if len(all_hits) != len(seqs):
-                raise RuntimeError(f"the retriever returned {len(all_hits)} hit lists for {len(seqs)} queries")
-        except Exception as e:  # noqa: BLE001 - a failed search (FAISS, a corrupt docstore row) fails its batch only
-            return self._fail_search(seqs, e)
-        search_ms = (time.perf_counter() - t0) * 1000.0
-        events: list[EngineEvent] = []
-        for seq, hits in zip(seqs, all_hits, strict=True):
-            hits = hits[: seq.retrieval.k]
-            qid = seq.pending_query
-            qdef = self.token_ids.query[qid]
-            seq.pending_query = None
-            record = RetrievalRecord(
-                query_token=qdef.token, action=qdef.action, output_token_index=len(seq.output_ids) - 1,
-                output_text_offset=len(seq.detok.text), search_ms=search_ms,
-            )
-            if qdef.action == "insert":
-                inserted: list[int] = []
-                kept: list[RetrievalHit] = []
-                room = self.max_model_len - seq.num_tokens - 1  # leave room to generate at least one token
-                for h in hits:
-                    ids = self.renderer.passage(h.text or "", h.title)
-                    if len(inserted) + len(ids) > room:
-                        break
-                    inserted.extend(ids)
-                    kept.append(h)
-                if hits and not kept:
-                    seq.finish_reason = "length"  # no passage fits the remaining context
-                seq.append(inserted, Role.CTX)
-                seq.num_retrieved_tokens += len(inserted)
-                record.inserted_tokens = len(inserted)
-                hits = kept
-            elif qid in self.token_ids.follow_up:
-                seq.forced_next = self.token_ids.follow_up[qid]
-            record.hits = [
-                RetrievalHit(h.doc_id, h.score, h.vector_id, h.title,
-                             h.text if seq.retrieval.return_passages else None, h.metadata)
-                for h in hits
-            ]
-            seq.trace.append(record)
-            events.append(RetrievalEvent(seq.request_id, record))
+        """Sequences at a query token: search and insert or annotate (``insertion.py``); finish those it ended."""
+        events: list[EngineEvent] = self.inserter.retrieve(seqs, queries, self.retriever)
+        for seq in seqs:
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)
         return events
-
-    def _fail_search(self, seqs: list[Sequence], error: Exception) -> list[EngineEvent]:
-        """Finish every sequence of a failed search with ``finish_reason="error"``; the engine keeps serving.
-
-        Their ``Finished`` events come from ``step`` (each chunk's sequence is finished), and
-        ``GenerationResult.error`` says what failed, for the server to report.
-        """
-        ids = [s.request_id for s in seqs]
-        log.error("retrieval failed for %d request(s) %s: %s: %s", len(seqs), ids, type(error).__name__, error,
-                  exc_info=error)
-        for seq in seqs:
-            seq.pending_query = None
-            seq.error = f"retrieval failed: {type(error).__name__}: {error}"
-            self._finish(seq, "error")
-        return []
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor, which: set[Sequence]) -> list[EngineEvent]:
@@ -545,47 +373,3 @@ class Engine:
     def _finished_event(self, seq: Sequence) -> Finished:
         self.sequences.pop(seq.request_id, None)
         return Finished(seq.request_id, seq.finish_reason or "abort", seq.result())
-
-    # ------------------------------------------------------------------ conveniences
-    def generate(
-        self,
-        prompts: str | list[str] | None = None,
-        sampling: SamplingParams | list[SamplingParams] | None = None,
-        retrieval: RetrievalParams | None = None,
-        *,
-        messages: list[list[dict[str, str]]] | None = None,
-    ) -> list[GenerationResult]:
-        """Blocking batch generation for scripts and tests: results in input order."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        inputs: list[dict[str, Any]] = [{"prompt": p} for p in prompts or []] + [{"messages": m} for m in messages or []]
-        params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(inputs)
-        ids = [self.add_request(**inp, sampling=sp, retrieval=retrieval) for inp, sp in zip(inputs, params, strict=True)]
-        results: dict[str, GenerationResult] = {}
-        while len(results) < len(ids):
-            for ev in self.step():
-                if isinstance(ev, Finished):
-                    results[ev.request_id] = ev.result
-        return [results[i] for i in ids]
-
-    def _run_search(self, queries: list[str], k: int, return_text: bool) -> SearchDone:
-        """Blocking: queue a search and step until it is done (other requests in the engine advance meanwhile)."""
-        rid = self.add_search(queries, k=k, return_text=return_text)
-        while True:
-            for ev in self.step():
-                if isinstance(ev, SearchDone) and ev.request_id == rid:
-                    if ev.error is not None:
-                        raise RuntimeError(ev.error)
-                    return ev
-
-    def encode_queries(self, queries: list[str]) -> np.ndarray:
-        """Queries -> [n, d] float32 unit vectors, encoded by the scheduler exactly as ``/retrieve`` does."""
-        return self._run_search(list(queries), 0, False).vectors
-
-    def search(self, queries: list[str], k: int, return_text: bool = False) -> list[list[RetrievalHit]]:
-        """Encode queries with the model (query template + query RET token) and search the index. Blocking."""
-        if self.retriever is None:
-            raise ValueError("no index is loaded: start the engine with an index directory")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        return self._run_search(list(queries), k, return_text).hits

@@ -97,7 +97,7 @@ def test_input_is_checked_before_the_engine_sees_it(engine):
         engine.prepare_queries(["fine", "word " * (engine.max_model_len + 10)])
     assert e.value.index == 1 and e.value.kind == "query"
     # a prompt too long by its characters alone is refused without tokenising it
-    huge = "x" * (engine._max_text_chars + 1)
+    huge = "x" * (engine.inputs.max_text_chars + 1)
     with pytest.raises(ContextLengthExceeded, match="characters"):
         engine.prepare_request(huge)
     with pytest.raises(ContextLengthExceeded, match="characters"):
