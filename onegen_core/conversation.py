@@ -235,17 +235,3 @@ def _append_tail(renderer: Renderer, out: LabelledConversation, tail: str) -> No
             break
     out._extend(ids[:cut], Role.GEN, True)
     out._extend(ids[cut:], Role.CTX, False)
-
-
-def count_query_tokens(renderer: Renderer, text: str) -> int:
-    """Query RET tokens outside passage spans in an assistant message's text (what training labels RET)."""
-    tid = renderer.token_ids
-    n, in_passage = 0, False
-    for t in renderer.markup(text):
-        if t == tid.passage_open:
-            in_passage = True
-        elif t == tid.passage_close:
-            in_passage = False
-        elif t in tid.query and not in_passage:
-            n += 1
-    return n
