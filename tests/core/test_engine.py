@@ -8,6 +8,7 @@ from core_test_data import PROMPTS
 from naive_reference import naive_generate
 from transformers import AutoModelForCausalLM
 
+from onegen_core.encoder import Encoder
 from onegen_core.engine import ContextLengthExceeded, Engine, EngineConfig
 from onegen_core.outputs import Finished, RetrievalEvent, TokenDelta
 from onegen_core.params import RetrievalParams, SamplingParams
@@ -188,14 +189,20 @@ def test_bad_sampling_params():
         RetrievalParams(k=0)
 
 
-def test_search_matches_encoder_and_brute_force(engine):
+def test_search_matches_encoder_and_brute_force(engine, retrieving_checkpoint):
+    """The engine encodes a query through its scheduler and model runner (paged KV cache, packed forward); the
+    standalone ``Encoder`` (the index builder's) through a plain forward. Same vector, and the engine's hits are
+    the brute-force top 3 over the index for the encoder's vector, with its scores."""
     import numpy as np
 
-    hits = engine.search(["Paris is the capital of France."], k=3)
-    q = engine.encode_queries(["Paris is the capital of France."])
-    vecs = engine.retriever.index.reconstruct_n(0, engine.retriever.index.ntotal)
-    order = np.argsort(-(vecs @ q[0]))[:3]
+    query = "Paris is the capital of France."
+    hits = engine.search([query], k=3)
+    ref = Encoder.from_checkpoint(retrieving_checkpoint).encode_queries([query])[0]
+    np.testing.assert_allclose(engine.encode_queries([query])[0], ref, atol=2e-5)
+    scores = engine.retriever.index.reconstruct_n(0, engine.retriever.index.ntotal) @ ref
+    order = np.argsort(-scores)[:3]
     assert [h.vector_id for h in hits[0]] == order.tolist()
+    np.testing.assert_allclose([h.score for h in hits[0]], scores[order], atol=1e-4)
 
 
 def test_forced_tokens_place_retrievals_at_fixed_positions(engine):
