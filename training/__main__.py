@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
-    from .prepare import PrepareConfig
+    from .mix import add_mix_flags
+    from .prepare import RECIPES, PrepareConfig
 
     d = PrepareConfig()
     sp = sub.add_parser(
@@ -60,6 +61,10 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
                     help=f"questions per passage at most (default: {d.max_questions_per_passage})")
     sp.add_argument("--negatives-per-question", type=int, default=d.negatives_per_question,
                     help=f"hard negatives per question (default: {d.negatives_per_question})")
+    sp.add_argument("--recipe", default=d.recipe, choices=list(RECIPES),
+                    help="mixed: retrieval QA + refusals + no-retrieval chat + passage reading, the chat answers "
+                    "distilled from --base (docs/training.md); retrieval: retrieval QA only (default: mixed)")
+    add_mix_flags(sp)
     sp.add_argument("--passage-template", default=d.passage_template,
                     help="how the inserted passage reads after the query token; must equal the checkpoint spec's "
                     f"passage_template (default: {d.passage_template!r})")
@@ -68,10 +73,15 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     from onegen_core.wikipedia import find_gensim_enwiki, wikipedia_passages, write_corpus
 
+    from .mix import mix_config
     from .prepare import PrepareConfig, prepare
 
     cfg = PrepareConfig(heldout=args.heldout, seed=args.seed, max_questions_per_passage=args.max_questions_per_passage,
-                        negatives_per_question=args.negatives_per_question, passage_template=args.passage_template)
+                        negatives_per_question=args.negatives_per_question, passage_template=args.passage_template,
+                        recipe=args.recipe)
+    mix = mix_config(args)
+    if cfg.recipe == "mixed":
+        mix.check_base()  # before minutes of corpus work
     corpus = args.corpus
     if args.wikipedia is not None:
         if args.max_words < 20:
@@ -84,7 +94,7 @@ def _prepare(args: argparse.Namespace) -> int:
         passages = wikipedia_passages(dump, max_words=args.max_words, min_article_words=args.min_article_words)
         n = write_corpus(passages, corpus)
         print(f"{dump}: {n} passages -> {corpus}", file=sys.stderr)
-    summary = prepare(corpus, args.out, cfg)
+    summary = prepare(corpus, args.out, cfg, mix)
     print(json.dumps({k: v for k, v in summary.items() if k != "heldout_articles"}, indent=2))
     return 0
 

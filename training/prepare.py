@@ -52,8 +52,10 @@ from typing import Any
 from onegen_core.wikipedia import split_sentences, write_jsonl
 
 from .data import _read_jsonl
+from .mix import MixConfig, build_mix, retrieval_rows
 
 QUESTION_KINDS = ("definition", "fact", "section", "cloze")
+RECIPES = ("mixed", "retrieval")
 PRONOUNS = {"it", "this", "he", "she", "they", "there", "these", "those", "that", "his", "her", "its", "their",
             "some", "many", "most", "other", "others", "such", "one", "both", "all", "each", "another", "however"}
 PAST = {"founded": "found", "wrote": "write", "invented": "invent", "discovered": "discover",
@@ -160,13 +162,13 @@ def cloze_question(sentence: str, article: str, rng: random.Random) -> str | Non
     words = sentence.split()
     if not 8 <= len(words) <= 45:
         return None
-    terms = [m for m in _CLOZE_TERM.finditer(sentence) if m.start() > 0 and m.group(1) not in article]
+    terms = [m for m in _CLOZE_TERM.finditer(sentence) if m.start() > 0 and (not article or m.group(1) not in article)]
     if not terms:
         return None
     m = rng.choice(terms)
     wh = "what year" if m.group(1).isdigit() else "what"
     q = (sentence[: m.start()] + wh + sentence[m.end():]).rstrip(" .;:") + "?"
-    if not any(w.lower() in sentence.lower() for w in article.split() if len(w) > 3):
+    if article and not any(w.lower() in sentence.lower() for w in article.split() if len(w) > 3):
         q = f"About {article}: {q}"
     return q
 
@@ -178,16 +180,32 @@ SECTION_TEMPLATES = (
 )
 
 
+def names_its_subject(article: str, lead_sentence: str) -> bool:
+    """Whether ``article`` is a name the text is about: short, and the lead sentence opens with it ("Alaska is ...").
+
+    Wikipedia titles are; a news headline, a support article's title or a paper's title usually are not, and
+    "What is <headline>?" is no question a person asks (``prepare --corpus`` on news once made 93 of 101 such).
+    """
+    words = article.split()
+    if not 1 <= len(words) <= 6 or any(ch.isdigit() for ch in article):
+        return False
+    head = re.sub(r"^(The|A|An) ", "", lead_sentence.strip())
+    name = re.sub(r"^(The|A|An) ", "", article.strip())
+    return head.lower().startswith(name.lower()) and bool(
+        re.match(r"\s*(\([^)]*\)\s*)?,?\s*(is|was|are|were|has|had)\b", head[len(name):]))
+
+
 def questions_for_article(recs: list[Record], rng: random.Random, *, max_per_passage: int) -> list[Question]:
     """Questions whose answer is in one passage of an article, at most ``max_per_passage`` per passage."""
     out: list[Question] = []
     lead = recs[0]
     first = split_sentences(lead.text)[0] if lead.text else ""
+    named = names_its_subject(lead.article, first)
     seen_sections: set[str] = set()
     for r in recs:
         mine: list[Question] = []
         sentences = split_sentences(r.text)
-        if r is lead and first:
+        if r is lead and first and named:
             wh = "Who was" if _is_person(r.article, first) else "What is"
             mine.append(Question("definition", f"{wh} {r.article}?", first, r.id))
         if r.section and r.section not in seen_sections and sentences:
@@ -206,7 +224,7 @@ def questions_for_article(recs: list[Record], rng: random.Random, *, max_per_pas
             candidates = sentences[:]
             rng.shuffle(candidates)
             for s in candidates:
-                q = cloze_question(s, r.article, rng)
+                q = cloze_question(s, r.article if named else "", rng)
                 if q:
                     mine.append(Question("cloze", q, s, r.id))
                     break
@@ -239,13 +257,13 @@ class BM25Index:
 
 
 def hard_negatives(questions: list[Question], recs: list[Record], pool: list[int], *, per_question: int,
-                   rng: random.Random) -> list[list[str]]:
+                   rng: random.Random, bm25: BM25Index | None = None) -> list[list[str]]:
     """Per question: up to half other passages of the same article, the rest BM25 neighbours (within ``pool``)."""
     by_article: dict[str, list[str]] = defaultdict(list)
     for i in pool:
         by_article[recs[i].article].append(recs[i].id)
     article_of = {r.id: r.article for r in recs}
-    bm25 = BM25Index([f"{recs[i].title}. {recs[i].text}" for i in pool])
+    bm25 = bm25 or pool_bm25(recs, pool)
     hits = bm25.search([q.question for q in questions], per_question + 2)
     out = []
     for q, row in zip(questions, hits, strict=True):
@@ -261,22 +279,12 @@ def hard_negatives(questions: list[Question], recs: list[Record], pool: list[int
     return out
 
 
+def pool_bm25(recs: list[Record], pool: list[int]) -> BM25Index:
+    """BM25 over the passages ``pool`` indexes (title and text, as the index builder renders them)."""
+    return BM25Index([f"{recs[i].title}. {recs[i].text}" for i in pool])
+
+
 # --------------------------------------------------------------------------- writing
-def conversation(q: Question, rec: Record, negatives: list[str], *, query_token: str, passage_open: str,
-                 passage_close: str, passage_template: str) -> dict[str, Any]:
-    body = passage_template.format(text=rec.text, title=rec.title)
-    return {
-        "messages": [
-            {"role": "user", "content": q.question},
-            {"role": "assistant", "content": f"{query_token}{passage_open}{body}{passage_close}{q.answer}",
-             "positive": [[q.passage]], "negative": [negatives]},
-        ],
-        "kind": q.kind,
-        "answer": q.answer,
-        "article": rec.article,
-    }
-
-
 @dataclass(frozen=True)
 class PrepareConfig:
     heldout: float = 0.2
@@ -288,8 +296,11 @@ class PrepareConfig:
     passage_open: str = "<paragraph>"
     passage_close: str = "</paragraph>"
     passage_template: str = "{title}\n{text}"
+    recipe: str = "mixed"  # "mixed" (training.mix: retrieval + refusal + chat + reading) or "retrieval" only
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
         if not 0.0 < self.heldout < 1.0:
             raise ValueError(f"--heldout must be in (0, 1), got {self.heldout}")
         if self.max_questions_per_passage < 1:
@@ -308,8 +319,15 @@ def split_articles(articles: list[str], heldout: float, seed: int) -> tuple[set[
     return set(order[n_held:]), set(order[:n_held])
 
 
-def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig = PrepareConfig()) -> dict:
-    """Write corpus.jsonl, db.jsonl, train.jsonl, eval.jsonl and split.json into ``out``; returns the summary."""
+def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig = PrepareConfig(),
+            mix: MixConfig | None = None) -> dict:
+    """Write corpus.jsonl, db.jsonl, train.jsonl, eval.jsonl and split.json into ``out``; returns the summary.
+
+    With ``cfg.recipe == "mixed"`` (the default) ``train.jsonl`` is the mix of ``training.mix`` and ``mix``
+    must name the base checkpoint; its answers are cached in ``out/distilled.jsonl`` (resumable)."""
+    mix = mix or MixConfig()
+    if cfg.recipe == "mixed":
+        mix.check_base()
     recs = read_passages(corpus)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +336,6 @@ def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfi
     for r in recs:
         by_article[r.article].append(r)
     train_articles, held_articles = split_articles(list(by_article), cfg.heldout, cfg.seed)
-    index_of = {r.id: i for i, r in enumerate(recs)}
     summary: dict[str, Any] = {"corpus": str(corpus), "passages": len(recs), "articles": len(by_article),
                                "heldout_articles": sorted(held_articles), "settings": cfg.__dict__}
     for split, articles in (("train", train_articles), ("eval", held_articles)):
@@ -330,14 +347,18 @@ def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfi
             questions = questions[: cfg.max_eval_questions]
         # Negatives come from this split's articles only: training never touches a held-out passage.
         pool = [i for i, r in enumerate(recs) if r.article in articles]
-        negs = hard_negatives(questions, recs, pool, per_question=cfg.negatives_per_question, rng=rng) \
+        bm25 = pool_bm25(recs, pool)
+        negs = hard_negatives(questions, recs, pool, per_question=cfg.negatives_per_question, rng=rng, bm25=bm25) \
             if cfg.negatives_per_question else [[] for _ in questions]
-        rows = [conversation(q, recs[index_of[q.passage]], n, query_token=cfg.query_token,
-                             passage_open=cfg.passage_open, passage_close=cfg.passage_close,
-                             passage_template=cfg.passage_template) for q, n in zip(questions, negs, strict=True)]
+        rows = retrieval_rows(questions, negs, recs, cfg)
+        if split == "train" and cfg.recipe == "mixed":
+            rows = build_mix(rows, questions, negs, recs, pool, cfg, mix, out, rng, bm25.search)
+            summary["train_tasks"] = dict(Counter(r["task"] for r in rows))
         write_jsonl(rows, out / f"{split}.jsonl")
-        summary[f"{split}_questions"] = len(rows)
+        summary[f"{split}_questions"] = len(questions)
         summary[f"{split}_kinds"] = dict(Counter(q.kind for q in questions))
+    if cfg.recipe == "mixed":
+        summary["mix"] = mix.__dict__
     write_jsonl((_corpus_row(r) for r in recs), out / "corpus.jsonl")
     write_jsonl((_corpus_row(r) for r in recs if r.article in train_articles), out / "db.jsonl")
     (out / "split.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

@@ -74,7 +74,7 @@ def test_prepare_writes_valid_data_with_no_heldout_article_in_training(tmp_path,
     corpus = tmp_path / "passages.jsonl"
     write_corpus(wikipedia_passages(dump, max_words=40, min_article_words=40), corpus)
     out = tmp_path / "data"
-    summary = prepare(corpus, out, PrepareConfig(heldout=0.34, seed=1, negatives_per_question=3))
+    summary = prepare(corpus, out, PrepareConfig(heldout=0.34, seed=1, negatives_per_question=3, recipe="retrieval"))
     held = set(summary["heldout_articles"])
     assert len(held) == 2
     passages = {r["id"]: r for r in _rows(out / "corpus.jsonl")}
@@ -109,7 +109,7 @@ def test_prepared_data_loads_in_training(tmp_path, dump, tiny_checkpoint):
 
     corpus = tmp_path / "passages.jsonl"
     write_corpus(wikipedia_passages(dump, max_words=40, min_article_words=40), corpus)
-    prepare(corpus, tmp_path / "data", PrepareConfig(heldout=0.34, seed=1))
+    prepare(corpus, tmp_path / "data", PrepareConfig(heldout=0.34, seed=1, recipe="retrieval"))
     ckpt = load_checkpoint(tiny_checkpoint)
     data = load_training_data(Renderer.for_checkpoint(ckpt), train_file=tmp_path / "data/train.jsonl",
                               db_file=tmp_path / "data/db.jsonl", max_length=512, progress=False)
@@ -119,14 +119,15 @@ def test_prepared_data_loads_in_training(tmp_path, dump, tiny_checkpoint):
 def test_cli_prepares_a_dump_and_reports_bad_input(tmp_path, dump):
     out = tmp_path / "cli"
     res = subprocess.run([sys.executable, "-m", "training", "prepare", "--wikipedia", str(dump), "--out", str(out),
-                          "--heldout", "0.3", "--max-words", "40", "--min-article-words", "40"], capture_output=True, text=True, timeout=120)
+                          "--heldout", "0.3", "--max-words", "40", "--min-article-words", "40", "--recipe", "retrieval"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["articles"] == len(ARTICLES)
     assert {p.name for p in out.iterdir()} >= {"passages.jsonl", "corpus.jsonl", "db.jsonl", "train.jsonl",
                                                "eval.jsonl", "split.json"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
-    res = subprocess.run([sys.executable, "-m", "training", "prepare", "--corpus", str(bad), "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "training", "prepare", "--corpus", str(bad), "--out", str(out),
+                          "--recipe", "retrieval"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and f"{bad}:2: duplicate id 'a'" in res.stderr and "Traceback" not in res.stderr
 
@@ -135,3 +136,9 @@ def test_article_passages_of_a_stub_is_empty():
     from onegen_core.wikipedia import Page
 
     assert article_passages(Page("1", "Stub", "'''Stub''' is short.")) == []
+
+
+def test_the_cli_asks_for_the_base_of_the_mixed_recipe_before_reading_the_corpus(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "training", "prepare", "--corpus", str(tmp_path / "none.jsonl"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--base CHECKPOINT" in res.stderr and "Traceback" not in res.stderr

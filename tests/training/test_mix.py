@@ -1,0 +1,192 @@
+"""The mixed training recipe (``training.mix``): every task written, the query token where it belongs, the
+base model's own answers distilled with the engine (resumable), questions that read like questions on a
+corpus that is not Wikipedia, and no held-out article in the training data."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+from wiki_dump_fixture import ARTICLES, write_dump
+
+from onegen_core.wikipedia import wikipedia_passages, write_corpus
+from training.chat_prompts import CHAT_KINDS, chat_prompts, general_questions
+from training.distill import distill
+from training.mix import GENERAL_KNOWLEDGE, REFUSAL, MixConfig
+from training.prepare import PrepareConfig, prepare, read_passages
+
+RQ, OPEN, CLOSE = "[RQ]", "<paragraph>", "</paragraph>"
+
+
+def make_eos_likely(ckpt_dir) -> None:
+    """A random tiny model ends its answers: the end-of-turn token gets the LM-head row of the token greedy
+    decoding emits most, scaled by 1.05, so it wins wherever that token would (answers finish, not run to max)."""
+    from collections import Counter as C
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt_dir)
+    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
+    counts: C[int] = C()
+    for p in ("Hello there", "What is 3 plus 4", "Write a poem"):
+        ids = torch.tensor([tok.encode(p, add_special_tokens=False)])
+        with torch.no_grad():
+            counts.update(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist())
+    donor = counts.most_common(1)[0][0]
+    sd = load_file(str(ckpt_dir / "model.safetensors"))
+    key = "lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight"
+    for eos in {tok.eos_token_id, *tok.convert_tokens_to_ids(["<|im_end|>"])} - {None, tok.unk_token_id}:
+        sd[key][eos] = sd[key][donor] * 1.05
+    save_file(sd, str(ckpt_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from onegen_core.testing import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path_factory.mktemp("mix-base") / "base", arch="llama",
+                                 extra_text="\n".join(ARTICLES.values()), max_positions=1024)
+    make_eos_likely(ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix-wiki")
+    path = root / "passages.jsonl"
+    write_corpus(wikipedia_passages(write_dump(root / "wiki.xml.bz2"), max_words=40, min_article_words=40), path)
+    return path
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+MIX = dict(chat_prompts=21, general_questions=6, refusal_fraction=0.5, reading_fraction=0.3, distill_max_tokens=24,
+           distill_batch_size=8, distill_dtype="float32")
+
+
+def test_the_mix_writes_every_task_with_the_query_token_where_it_belongs(tmp_path, base, corpus):
+    out = tmp_path / "data"
+    summary = prepare(corpus, out, PrepareConfig(heldout=0.34, seed=1), MixConfig(base=str(base), **MIX))
+    rows = _rows(out / "train.jsonl")
+    tasks = Counter(r["task"] for r in rows)
+    assert set(tasks) == {"retrieve", "refusal", "general", "chat", "reading"}, tasks
+    assert summary["train_tasks"] == dict(tasks)
+    passages = {r.id: r for r in read_passages(corpus)}
+    for r in rows:
+        *context, answer = r["messages"]
+        assert answer["role"] == "assistant" and all(m["role"] in ("user", "assistant") for m in context)
+        assert all(RQ not in m["content"] for m in context)  # the user never types the query token
+        content = answer["content"]
+        if r["task"] in ("retrieve", "refusal", "general"):
+            assert content.startswith(RQ + OPEN) and content.count(RQ) == 1 and CLOSE in content
+            slot, reply = content[len(RQ + OPEN):].split(CLOSE)
+            assert len(answer["positive"]) == len(answer["negative"]) == 1
+            if r["task"] == "retrieve":
+                assert answer["positive"] == [[slot_id := answer["positive"][0][0]]]
+                assert slot.endswith(passages[slot_id].text) and reply == r["answer"] and reply in slot
+            elif r["task"] == "refusal":  # a hard negative fills the slot; the query still learns the right passage
+                [[pos]] = answer["positive"]
+                assert not slot.endswith(passages[pos].text) and reply.startswith(REFUSAL)
+            else:
+                assert answer["positive"] == [[]] and reply.startswith(REFUSAL + " " + GENERAL_KNOWLEDGE)
+        else:
+            assert RQ not in content and OPEN not in content and "positive" not in answer
+    reading = [r for r in rows if r["task"] == "reading"]
+    assert all(r["messages"][1]["content"] in r["messages"][0]["content"] for r in reading)  # answer is in the prompt
+    assert {r["kind"] for r in rows if r["task"] == "chat"} <= set(CHAT_KINDS)
+
+    # The data passes the trainer's own loader: unit ids resolve, every conversation renders, the query token of
+    # the retrieving tasks is a RET position with (or, for general questions, without) a positive.
+    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.rendering import Renderer
+    from training.data import load_training_data
+
+    data = load_training_data(Renderer.for_checkpoint(load_checkpoint(base)), train_file=out / "train.jsonl",
+                              db_file=out / "db.jsonl", max_length=1024, progress=False)
+    assert len(data.train) == len(rows)
+    with_query = Counter(bool(e.query_positions) for e in data.train)
+    assert with_query[True] == tasks["retrieve"] + tasks["refusal"] + tasks["general"]
+    assert sum(1 for e in data.train if e.query_positions and not e.positives[0]) == tasks["general"]
+
+
+def test_distillation_is_the_engines_greedy_answer_and_resumes(tmp_path, base):
+    convs = [[{"role": "user", "content": f"Hello number {i}"}] for i in range(5)]
+    cache = tmp_path / "distilled.jsonl"
+    first = distill(base, convs[:3], cache, max_tokens=24, batch_size=2, dtype="float32", progress=False)
+    assert len(_rows(cache)) == 3
+    both = distill(base, convs, cache, max_tokens=24, batch_size=2, dtype="float32", progress=False)
+    assert both[:3] == first and len(_rows(cache)) == 5  # only the two new conversations were generated
+    assert any(a is not None for a in both)
+
+    from onegen_core.engine import Engine, EngineConfig
+    from onegen_core.params import RetrievalParams, SamplingParams
+
+    eng = Engine.from_checkpoint(base, None, EngineConfig(dtype="float32"))
+    [ref] = eng.generate(messages=[convs[4]], sampling=SamplingParams(max_tokens=24),
+                         retrieval=RetrievalParams(enabled=False))
+    assert both[4] == (ref.text.strip() if ref.finish_reason == "stop" else None)
+
+
+def test_the_mixed_recipe_asks_for_its_base():
+    with pytest.raises(ValueError, match="--base"):
+        prepare("unused.jsonl", "unused", PrepareConfig(), MixConfig())
+
+
+def test_no_heldout_article_reaches_the_training_data(tmp_path, base, corpus):
+    out = tmp_path / "data"
+    summary = prepare(corpus, out, PrepareConfig(heldout=0.34, seed=1), MixConfig(base=str(base), **MIX))
+    held = set(summary["heldout_articles"])
+    passages = read_passages(corpus)
+    held_ids = {p.id for p in passages if p.article in held}
+    held_texts = [p.text for p in passages if p.article in held]
+    blob = (out / "train.jsonl").read_text() + (out / "db.jsonl").read_text()
+    assert not any(pid in re.findall(r'"([^"]+)"', blob) for pid in held_ids)
+    assert not any(t in blob for t in held_texts)
+
+
+NEWS = [
+    ("Storm closes schools across the northern valley", "Heavy snow closed 40 schools across the northern valley on "
+     "Monday. The regional weather office said the storm dropped 35 centimetres of snow overnight. Officials expect "
+     "the schools to reopen on Wednesday once the roads are cleared."),
+    ("An earthquake measuring 4.1 on the Richter scale shakes the coast", "An earthquake measuring 4.1 shook the "
+     "coast near Port Alden early on Tuesday. The Coastal Seismic Center reported no damage. Residents of Port Alden "
+     "said the shaking lasted about ten seconds."),
+    ("City council approves new bicycle lanes", "The city council approved twelve kilometres of new bicycle lanes "
+     "on Thursday. Mayor Ines Calder said the lanes will connect the university with the central station. "
+     "Construction will begin in April and cost 3 million euros."),
+    ("How to reset your router", "To reset the Lumen X2 router, hold the reset button for ten seconds until the "
+     "light blinks orange. The router then restarts with its factory settings. Your Wi-Fi password is printed on "
+     "the label under the router."),
+    ("Local bakery wins national award", "Harvest Oven, a bakery in Millbrook, won the National Bread Award in "
+     "2024. The bakery was founded by Rosa Lind in 1998. Its rye loaf was named the best bread in the country."),
+    ("Quarterly results beat expectations", "Norvik Systems reported revenue of 210 million dollars for the third "
+     "quarter. The company said demand for its sensors grew in Asia. Norvik Systems was founded in Oslo in 2005."),
+]
+
+
+def test_questions_on_a_corpus_that_is_not_wikipedia_read_like_questions(tmp_path):
+    """Regression (issue #18): ``prepare --corpus`` on news made 93 of 101 questions "What is <headline>?"
+    ("What is An earthquake measuring 4.1 on the?")."""
+    corpus = tmp_path / "news.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"n{i}", "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(NEWS)))
+    prepare(corpus, tmp_path / "data", PrepareConfig(heldout=0.34, seed=0, recipe="retrieval"))
+    questions = [r["messages"][0]["content"] for f in ("train.jsonl", "eval.jsonl") for r in _rows(tmp_path / "data" / f)]
+    assert len(questions) >= len(NEWS)
+    for q in questions:
+        assert q.endswith("?"), q
+        assert not any(t in q for t, _ in NEWS), q  # no headline pasted into a question
+        assert not re.match(r"^(What is|Who was) [A-Z]\w+( \w+){4,}\?$", q), q
+
+
+def test_chat_prompts_cover_the_kinds_and_are_distinct():
+    prompts = chat_prompts(140, seed=3)
+    assert len(prompts) == 140 and len({p.messages for p in prompts}) == 140
+    assert Counter(p.kind for p in prompts) == {k: 20 for k in CHAT_KINDS}
+    assert all(p.messages[-1][0] == "user" for p in prompts)
+    assert chat_prompts(140, seed=3) == prompts and len(general_questions(50)) == 50

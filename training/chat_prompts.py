@@ -1,0 +1,164 @@
+"""Prompts that need no corpus, and general-knowledge questions the corpus does not cover, for the training mix.
+
+The mixed recipe (``training.mix``) teaches the model when *not* to retrieve: these prompts are
+answered without the query token, with the base model's own answers (self-distillation,
+``training.distill``), so the fine-tuned model keeps what the base could do. General-knowledge
+questions are the other side: they are retrieved for like every factual question (a model cannot
+know which facts a user's index holds, least of all for documents added after training), and the
+answer says that the passage does not answer it, then gives the base model's own answer, marked as
+general knowledge.
+
+Prompts are made from templates and fillers with a seeded generator, so a corpus of any size gets
+the same reproducible set. The kinds (``CHAT_KINDS``): greetings and small talk, arithmetic,
+instructions (how-to), rewriting and translation, creative writing, advice, and questions about the
+conversation itself (a two-turn conversation whose second question refers to the first turn).
+
+These templates are training data. The evaluation prompts of ``bench/quality.py`` are written
+separately, in other words, and a test checks that none of them appears here.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+CHAT_KINDS = ("greeting", "arithmetic", "instruction", "rewrite", "creative", "advice", "conversation")
+
+_GREETINGS = ("Hello!", "Hey, how are you doing today?", "Good morning!", "Hi, nice to meet you.",
+              "Hey there, what's up?", "Good evening! How has your day been?", "Hiya!", "Thanks for your help earlier!",
+              "Hello, can you hear me?", "Greetings, assistant.", "Howdy!", "Hi! Are you a robot?",
+              "Good afternoon, how are things?", "Thank you so much!", "See you later, goodbye!",
+              "What can you help me with?", "Who are you?", "Are you having a good day?", "I'm bored. Talk to me.",
+              "Yo!", "Hi again.", "Nice to talk to you.", "Can we chat for a bit?", "I just wanted to say hi.")
+_NAMES = ("Maya", "Tom", "Priya", "Lukas", "Amara", "Chen", "Sofia", "Omar", "Elena", "Kofi", "Hana", "Diego")
+_HOBBIES = ("painting", "running", "chess", "gardening", "baking", "photography", "cycling", "knitting",
+            "playing the guitar", "birdwatching", "swimming", "hiking")
+_TASKS = ("boil an egg", "make a cup of tea", "tie a tie", "write a cover letter", "change a flat bicycle tire",
+          "start a vegetable garden", "learn a new language", "clean a laptop keyboard", "plan a birthday party",
+          "make pancakes", "set up a budget", "prepare for a job interview", "organize a closet",
+          "water houseplants properly", "write a thank-you note", "pack for a weekend trip", "make a paper airplane",
+          "study for an exam", "take a good photo with a phone", "back up the files on a computer")
+_SENTENCES = ("the meeting got moved to thursday because alot of people was busy",
+              "I has been waiting for the bus since two hours.",
+              "Our team finished the project early and the client was very happy with the result.",
+              "The weather today is cold and rainy, so we stayed inside and played board games.",
+              "She don't like coffee but she drink tea every morning.",
+              "The new library opens next month and will have a large section for children.",
+              "Please send me the report by Friday so I can review it before the meeting.",
+              "We went to the beach, swam in the sea and ate ice cream on the way home.",
+              "The store is closed on Sundays and opens at nine on weekdays.",
+              "My brother fixed the old bicycle and now he rides it to school every day.",
+              "I am very sorry for the delay, the package will arrive tomorrow.",
+              "The cat sat on the windowsill and watched the birds in the garden.")
+_WORDS = ("thank you", "good night", "where is the station", "I love music", "how much does it cost", "happy birthday",
+          "the book is on the table", "good morning", "see you tomorrow", "I am hungry", "water", "friend")
+_LANGUAGES = ("French", "Spanish", "German", "Italian", "Portuguese")
+_TOPICS = ("the ocean", "autumn leaves", "a rainy day", "a lost cat", "the moon", "a cup of coffee", "friendship",
+           "a city at night", "the first snow", "a garden in spring", "a long train ride", "a lighthouse",
+           "a birthday cake", "an old tree", "the mountains", "a quiet library")
+_FORMS = ("a haiku about {t}", "a short poem about {t}", "a two-sentence story about {t}", "a limerick about {t}",
+          "a short story for children about {t}", "a slogan for a cafe named after {t}", "a riddle about {t}",
+          "four lines of rhyming verse about {t}")
+_WORRIES = ("I can't fall asleep at night", "I procrastinate a lot", "I feel nervous before presentations",
+            "I want to drink more water", "I keep forgetting my friends' birthdays", "I want to read more books",
+            "my desk is always messy", "I spend too much time on my phone", "I want to save money for a trip",
+            "I have trouble focusing when I study", "I want to get better at cooking", "I feel tired every afternoon",
+            "I want to make new friends in a new city", "I get stressed at work")
+
+_GENERAL = (  # (question, kind) about common knowledge, phrased as a user would; none is about a corpus document
+    "What is the capital of {country}?", "Which continent is {country} in?", "What language do people speak in {country}?",
+)
+_COUNTRIES = ("France", "Japan", "Canada", "Italy", "Spain", "Germany", "Brazil", "Egypt", "Kenya", "Mexico", "Peru",
+              "Norway", "Sweden", "India", "China", "Portugal", "Greece", "Chile", "Thailand", "Ireland", "Poland",
+              "Turkey", "Vietnam", "Nigeria")
+_GENERAL_FIXED = ("What is the boiling point of water in Celsius?", "How many days are there in a leap year?",
+                  "What is the largest ocean on Earth?", "Which planet is closest to the Sun?",
+                  "What do bees make?", "How many legs does a spider have?", "What is the freezing point of water?",
+                  "What gas do plants take in from the air?", "How many continents are there?",
+                  "What is the tallest animal in the world?", "What is the main ingredient of guacamole?",
+                  "Who wrote Romeo and Juliet?", "What is the chemical symbol for gold?",
+                  "How many hours are there in a day?", "What color do you get by mixing blue and yellow?",
+                  "What is the largest mammal?", "Which organ pumps blood through the body?",
+                  "How many minutes are in an hour?", "What is the opposite of hot?", "What is the square root of 81?",
+                  "Which is the longest river in South America?", "What do caterpillars turn into?",
+                  "What instrument has 88 keys?", "Who painted the Mona Lisa?", "What is the hardest natural substance?",
+                  "How many players are on a soccer team on the field?", "What is H2O commonly called?",
+                  "Which planet is known as the Red Planet?", "What is the fastest land animal?",
+                  "How many strings does a standard guitar have?")
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation whose last user turn needs no corpus; ``kind`` is one of ``CHAT_KINDS``."""
+
+    kind: str
+    messages: tuple[tuple[str, str], ...]  # (role, content), ending with a user turn
+
+    def as_messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+def _user(kind: str, text: str) -> ChatPrompt:
+    return ChatPrompt(kind, (("user", text),))
+
+
+def _arithmetic(rng: random.Random) -> str:
+    a, b = rng.randint(2, 99), rng.randint(2, 40)
+    return rng.choice((f"What is {a} plus {b}?", f"Calculate {a} minus {b}.", f"What is {a % 13 + 2} times {b % 12 + 2}?",
+                       f"How much is {a * b} divided by {b}?", f"If I have {a} apples and give away {min(a, b)}, how many "
+                       "are left?", f"What is {a}% of 200?", f"Add {a}, {b} and {a + b}.",
+                       f"Is {a} an even or an odd number?", f"Which is larger, {a} or {b * 3}?"))
+
+
+def _conversation(rng: random.Random) -> ChatPrompt:
+    name, hobby = rng.choice(_NAMES), rng.choice(_HOBBIES)
+    first = rng.choice((f"Hi, my name is {name} and I enjoy {hobby}.", f"I'm {name}. In my free time I like {hobby}.",
+                        f"Hello! {name} here. My favourite hobby is {hobby}."))
+    reply = f"Nice to meet you, {name}! {hobby[0].upper() + hobby[1:]} sounds like a lot of fun."
+    second = rng.choice(("What is my name?", "What hobby did I mention?", "Can you remind me what I told you about myself?",
+                         "Suggest a gift for someone who likes what I like.", "What did I say my name was?",
+                         "Summarize what I just told you in one sentence."))
+    return ChatPrompt("conversation", (("user", first), ("assistant", reply), ("user", second)))
+
+
+def chat_prompts(n: int, seed: int = 0) -> list[ChatPrompt]:
+    """``n`` distinct no-corpus prompts, the kinds in turn (seeded); fewer only if the templates run out."""
+    rng = random.Random(seed)
+    makers = {
+        "greeting": lambda: _user("greeting", rng.choice(_GREETINGS)),
+        "arithmetic": lambda: _user("arithmetic", _arithmetic(rng)),
+        "instruction": lambda: _user("instruction", rng.choice(("How do I {t}?", "Explain how to {t}.",
+                                                                 "Give me steps to {t}.", "What's the best way to {t}?"))
+                                     .format(t=rng.choice(_TASKS))),
+        "rewrite": lambda: _user("rewrite", rng.choice((
+            f"Fix the grammar in this sentence: {rng.choice(_SENTENCES)}",
+            f"Rewrite this sentence in a more formal tone: {rng.choice(_SENTENCES)}",
+            f"Shorten this sentence: {rng.choice(_SENTENCES)}",
+            f"Translate \"{rng.choice(_WORDS)}\" into {rng.choice(_LANGUAGES)}.",
+            f"How do you say \"{rng.choice(_WORDS)}\" in {rng.choice(_LANGUAGES)}?",
+            f"Paraphrase: {rng.choice(_SENTENCES)}"))),
+        "creative": lambda: _user("creative", "Write " + rng.choice(_FORMS).format(t=rng.choice(_TOPICS)) + "."),
+        "advice": lambda: _user("advice", rng.choice(("{w}. Any advice?", "{w}. What should I do?",
+                                                      "Can you give me some tips? {w}.")).format(
+            w=(lambda s: s[0].upper() + s[1:])(rng.choice(_WORRIES)))),
+        "conversation": lambda: _conversation(rng),
+    }
+    out: list[ChatPrompt] = []
+    seen: set[tuple] = set()
+    misses = 0
+    while len(out) < n and misses < 50 * n + 1000:
+        p = makers[CHAT_KINDS[len(out) % len(CHAT_KINDS)]]()
+        if p.messages in seen:
+            misses += 1
+            continue
+        seen.add(p.messages)
+        out.append(p)
+    return out
+
+
+def general_questions(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct general-knowledge questions (common facts no corpus document is about), seeded."""
+    rng = random.Random(seed)
+    pool = [t.format(country=c) for t in _GENERAL for c in _COUNTRIES] + list(_GENERAL_FIXED)
+    rng.shuffle(pool)
+    return pool[:n]

@@ -1,0 +1,178 @@
+"""The mixed training recipe: one model that chats, decides when to retrieve, and answers the question.
+
+``python -m training prepare`` writes, by default, a mix of five tasks (the ``task`` field of each
+``train.jsonl`` row), so that fine-tuning for retrieval does not cost the model its generator:
+
+* ``retrieve`` — a question about the corpus; the assistant emits the query token, the passage that
+  answers it follows in the passage delimiters (what the engine inserts), then a short answer from
+  it: the sentence that states the fact (``training.prepare`` makes the questions). ``positive`` /
+  ``negative`` feed the contrastive loss.
+* ``refusal`` — the same question with a hard negative in the slot (a passage that does not contain
+  the answer): the answer says so (``REFUSAL``) and then gives the base model's own answer, marked as
+  general knowledge (``GENERAL_KNOWLEDGE``). The query token still learns the right passage
+  (``positive`` is the one that answers).
+* ``general`` — a general-knowledge question no corpus document is about (``chat_prompts``). It is
+  retrieved for like every factual question: a model cannot know which facts an index holds, least
+  of all for documents added after training. The passage the training index returns does not answer
+  it, so the target is again ``REFUSAL`` + the base model's own answer as general knowledge. No
+  contrastive loss (there is no right passage).
+* ``chat`` — a prompt that needs no corpus (greetings, arithmetic, instructions, rewriting and
+  translation, creative writing, advice, questions about the conversation), answered WITHOUT the
+  query token with the base model's own answer (``training.distill``): the model keeps what the
+  base could do and learns when not to retrieve.
+* ``reading`` — a passage pasted into the prompt and a question about it, answered without the
+  query token: the pipeline style (retrieve elsewhere, paste, ask) keeps working.
+
+Answers from the base model are greedy, with retrieval off, generated offline with the engine
+(cached and resumable); conversations whose answer was cut off at ``distill_max_tokens`` are left out.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .chat_prompts import chat_prompts, general_questions
+from .distill import distill
+
+if TYPE_CHECKING:
+    from .prepare import PrepareConfig, Question, Record
+
+TASKS = ("retrieve", "refusal", "general", "chat", "reading")
+REFUSAL = "The retrieved passage does not answer this."
+GENERAL_KNOWLEDGE = "From general knowledge: "
+READING_TEMPLATES = (
+    "{passage}\n\nBased on the text above, {question}",
+    "Here is a passage:\n{passage}\n\nQuestion: {question}",
+    "Read the following and answer the question.\n\n{passage}\n\n{question}",
+    "{question}\nUse this text to answer:\n{passage}",
+)
+
+
+def _knob(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """The mix's knobs (``python -m training prepare`` flags of the same names)."""
+
+    base: str | None = _knob(None, "the checkpoint to fine-tune, whose own answers the chat, general and refusal "
+                             "examples distil (required by the mixed recipe)")
+    chat_prompts: int = _knob(1200, "no-corpus prompts answered without retrieval (7 kinds in turn)")
+    general_questions: int = _knob(100, "general-knowledge questions outside the corpus (at most 102)")
+    refusal_fraction: float = _knob(0.15, "fraction of the corpus questions also asked with a hard negative in the slot")
+    reading_fraction: float = _knob(0.15, "fraction of the corpus questions also asked with the passage in the prompt")
+    distill_max_tokens: int = _knob(160, "longest distilled answer; longer ones are left out (cut off)")
+    distill_batch_size: int = _knob(32, "conversations the engine generates at once while distilling")
+    distill_dtype: str = _knob("auto", "dtype of the engine that distils (auto: float32 on the CPU, bf16 on a GPU)")
+
+    def __post_init__(self) -> None:
+        for name in ("refusal_fraction", "reading_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("chat_prompts", "general_questions"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.distill_max_tokens < 8 or self.distill_batch_size < 1:
+            raise ValueError("--distill-max-tokens must be >= 8 and --distill-batch-size >= 1")
+
+    def check_base(self) -> None:
+        if self.base is None:
+            raise ValueError("the mixed recipe distils the base model's answers: pass --base CHECKPOINT (the model you "
+                             "will fine-tune), or --recipe retrieval for the retrieval-only recipe")
+
+
+def retrieval_rows(questions: list[Question], negatives: list[list[str]], recs: list[Record],
+                   cfg: PrepareConfig) -> list[dict[str, Any]]:
+    """The ``retrieve`` rows: OneGen conversations (Contract 3) that retrieve the passage answering each question."""
+    by_id = {r.id: r for r in recs}
+    return [_row("retrieve", [{"role": "user", "content": q.question},
+                              {"role": "assistant", "content": _assistant_retrieval(cfg, by_id[q.passage], q.answer),
+                               "positive": [[q.passage]], "negative": [n]}],
+                 kind=q.kind, answer=q.answer, article=by_id[q.passage].article)
+            for q, n in zip(questions, negatives, strict=True)]
+
+
+def _assistant_retrieval(cfg: PrepareConfig, rec: Record, answer: str) -> str:
+    body = cfg.passage_template.format(text=rec.text, title=rec.title)
+    return f"{cfg.query_token}{cfg.passage_open}{body}{cfg.passage_close}{answer}"
+
+
+def _general_answer(base_answer: str | None) -> str:
+    return REFUSAL if not base_answer else f"{REFUSAL} {GENERAL_KNOWLEDGE}{base_answer}"
+
+
+def _row(task: str, messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"messages": messages, "task": task, **extra}
+
+
+def refusal_slot(q: Question, negatives: list[str], by_id: dict[str, Record]) -> Record | None:
+    """A hard negative that does not contain the answer sentence (else None: no refusal example for ``q``)."""
+    for pid in negatives:
+        rec = by_id[pid]
+        if q.answer not in rec.text:
+            return rec
+    return None
+
+
+def build_mix(retrieve: list[dict[str, Any]], questions: list[Question], negatives: list[list[str]],
+              recs: list[Record], pool: list[int], cfg: PrepareConfig, mix: MixConfig, work: Path, rng: random.Random,
+              search: Any) -> list[dict[str, Any]]:
+    """The ``retrieve`` rows plus every other task of the mix, shuffled. ``search(texts, k)`` -> indices into ``pool``."""
+    mix.check_base()
+    by_id = {r.id: r for r in recs}
+    rows = list(retrieve)
+    order = list(range(len(questions)))
+    rng.shuffle(order)
+    n_ref = round(mix.refusal_fraction * len(questions))
+    refusals = [(questions[i], negatives[i], slot) for i in order[:n_ref]
+                if (slot := refusal_slot(questions[i], negatives[i], by_id)) is not None]
+    reading = [questions[i] for i in order[n_ref: n_ref + round(mix.reading_fraction * len(questions))]]
+    chats = chat_prompts(mix.chat_prompts, seed=cfg.seed)
+    generals = general_questions(mix.general_questions, seed=cfg.seed)
+
+    convs = [[{"role": "user", "content": q.question}] for q, _, _ in refusals]
+    convs += [[{"role": "user", "content": g}] for g in generals] + [c.as_messages() for c in chats]
+    answers = distill(mix.base, convs, work / "distilled.jsonl", max_tokens=mix.distill_max_tokens,
+                      batch_size=mix.distill_batch_size, dtype=mix.distill_dtype)
+    ref_answers, answers = answers[: len(refusals)], answers[len(refusals):]
+    gen_answers, chat_answers = answers[: len(generals)], answers[len(generals):]
+
+    for (q, n, slot), base in zip(refusals, ref_answers, strict=True):
+        rows.append(_row("refusal", [{"role": "user", "content": q.question},
+                                     {"role": "assistant", "content": _assistant_retrieval(cfg, slot, _general_answer(base)),
+                                      "positive": [[q.passage]], "negative": [n]}], kind=q.kind,
+                         article=by_id[q.passage].article))
+    slots = search(generals, 1) if generals else []
+    for g, hit, base in zip(generals, slots, gen_answers, strict=True):
+        if base is None:
+            continue
+        slot = recs[pool[hit[0]]]
+        rows.append(_row("general", [{"role": "user", "content": g},
+                                     {"role": "assistant", "content": _assistant_retrieval(cfg, slot, _general_answer(base)),
+                                      "positive": [[]], "negative": [[]]}]))
+    for c, base in zip(chats, chat_answers, strict=True):
+        if base is not None:
+            rows.append(_row("chat", [*c.as_messages(), {"role": "assistant", "content": base}], kind=c.kind))
+    for q in reading:
+        rec = by_id[q.passage]
+        prompt = rng.choice(READING_TEMPLATES).format(passage=f"{rec.title}\n{rec.text}", question=q.question)
+        rows.append(_row("reading", [{"role": "user", "content": prompt}, {"role": "assistant", "content": q.answer}],
+                         kind=q.kind, article=rec.article))
+    rng.shuffle(rows)
+    return rows
+
+
+def add_mix_flags(parser: Any) -> None:
+    """``MixConfig``'s fields as ``--flag``s (declared once, on the fields)."""
+    for f in fields(MixConfig):
+        kind = type(f.default) if f.default is not None else str
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def mix_config(args: Any) -> MixConfig:
+    return MixConfig(**{f.name: getattr(args, f.name) for f in fields(MixConfig)})
