@@ -171,3 +171,22 @@ def test_the_committed_default_adapter_is_complete():
     assert any("token_adapter" in k or "trainable_tokens" in k for k in keys)  # the special tokens' trained rows
     spec = OneGenSpec.load(PACKAGED_MODEL)
     assert spec.query_format == "chat" and spec.passage_template == "{title}\n{text}"
+
+
+def test_the_committed_default_index_is_a_plain_faiss_index_of_the_passages():
+    """The prebuilt index committed next to the adapter (what the first start copies): bfloat16 vectors of the
+    adapter's 576-dim model, readable by plain faiss.read_index, one docstore row per vector."""
+    import sqlite3
+
+    import faiss
+
+    from server.prepare_default import PACKAGED_MODEL
+
+    shipped = PACKAGED_MODEL / SHIPPED_INDEX
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert manifest["encode_dtype"] == "bfloat16" and manifest["dim"] == 576 and manifest["factory"] == "Flat"
+    index = faiss.read_index(str(shipped / "index.faiss"))
+    assert index.ntotal == manifest["count"] and index.d == 576
+    with sqlite3.connect(f"file:{shipped / 'docstore.sqlite'}?mode=ro", uri=True) as con:
+        assert con.execute("SELECT COUNT(*) FROM documents").fetchone()[0] == manifest["count"]
+    assert manifest["special_token_ids"] == {"[RQ]": 49152, "[RD]": 49153, "<paragraph>": 49154, "</paragraph>": 49155}
