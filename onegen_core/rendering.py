@@ -213,11 +213,15 @@ class Renderer:
 
     # ---------------------------------------------------------------- prompts
     def prompt(self, prompt: str) -> Rendered:
-        """A raw prompt (plain text), formatted with the spec's prompt template if it has one. All CTX."""
+        """A raw prompt (plain text), formatted with the spec's prompt template if it has one; with
+        ``prompt_format: chat`` that text is the user message of the chat template. All CTX."""
         if self.spec.prompt_template:
             segments = template_segments(self.spec.prompt_template, prompt=prompt)
         else:
             segments = [(prompt, False)]
+        if self.spec.prompt_format == "chat":
+            message = {"role": "user", "content": "".join(t for t, _ in segments)}
+            return Rendered().extend(self.encode_segments(self.chat_segments([message], contents=[segments])), Role.CTX)
         return Rendered().extend(self._bos + self.encode_segments(segments), Role.CTX)
 
     def prompt_ids(self, ids: list[int]) -> Rendered:

@@ -67,6 +67,11 @@ class OneGenSpec:
     # None: chat messages use the tokenizer's chat template and a raw prompt is used as is.
     # A string with {prompt}: raw prompts are formatted with it.
     prompt_template: str | None = None
+    # How a raw prompt (/generate "prompt", /v1/completions) becomes tokens: "template" (prompt_template, or the text
+    # as is); "chat": the (templated) prompt is the user message of the tokenizer's chat template, ready for the
+    # assistant's turn — for a model trained on chat conversations only, which otherwise sees a raw prompt as text
+    # to continue (the default SmolLM2 model answered "" to "What is anarchism?").
+    prompt_format: str = "template"
     add_bos: bool = False  # prepend the tokenizer's BOS to raw prompts / documents / queries
     retrieval: RetrievalDefaults = field(default_factory=RetrievalDefaults)
     preset: str | None = None
@@ -95,6 +100,8 @@ class OneGenSpec:
             _check_template(name, tpl, fields)
         if self.prompt_template is not None:
             _check_template("prompt_template", self.prompt_template, {"prompt"})
+        if self.prompt_format not in QUERY_FORMATS:
+            raise SpecError(f"onegen.json: prompt_format {self.prompt_format!r} is not one of {list(QUERY_FORMATS)}")
         if self.query_format not in QUERY_FORMATS:
             raise SpecError(f"onegen.json: query_format {self.query_format!r} is not one of {list(QUERY_FORMATS)}")
         if self.retrieval.k < 1 or self.retrieval.max_retrievals < 0:
