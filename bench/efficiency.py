@@ -809,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from onegen_core.encoder import resolve_device
+    from onegen_core.device import resolve_device
 
     device = resolve_device(args.device)
     load_start = loadavg()
