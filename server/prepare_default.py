@@ -239,9 +239,9 @@ def default_dtype(dtype: str) -> str:
         return dtype
     import torch
 
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return "float16"
-    return "bfloat16"
+    from onegen_core.device import auto_dtype, resolve_device
+
+    return "float16" if auto_dtype(resolve_device("auto")) == torch.float16 else "bfloat16"
 
 
 def serve_default(settings: Any) -> Any:

