@@ -122,7 +122,8 @@ def _conversation(rng: random.Random) -> ChatPrompt:
 
 
 def chat_prompts(n: int, seed: int = 0) -> list[ChatPrompt]:
-    """``n`` distinct no-corpus prompts, the kinds in turn (seeded); fewer only if the templates run out."""
+    """``n`` distinct no-corpus prompts, the kinds in turn (seeded); a kind whose templates run out (greetings
+    first, at 24) leaves its turns to the others, up to twice a kind's share; fewer than ``n`` when all are spent."""
     rng = random.Random(seed)
     makers = {
         "greeting": lambda: _user("greeting", rng.choice(_GREETINGS)),
@@ -145,14 +146,24 @@ def chat_prompts(n: int, seed: int = 0) -> list[ChatPrompt]:
     }
     out: list[ChatPrompt] = []
     seen: set[tuple] = set()
-    misses = 0
-    while len(out) < n and misses < 50 * n + 1000:
-        p = makers[CHAT_KINDS[len(out) % len(CHAT_KINDS)]]()
-        if p.messages in seen:
-            misses += 1
-            continue
-        seen.add(p.messages)
-        out.append(p)
+    live = list(CHAT_KINDS)  # kinds that still make new prompts; one that misses 200 times in a row has run out
+    cap = -(-2 * n // len(CHAT_KINDS))  # no kind takes more than twice its share of the turns others leave
+    made = dict.fromkeys(CHAT_KINDS, 0)
+    turn = 0
+    while len(out) < n and live:
+        kind = live[turn % len(live)]
+        for _ in range(200):
+            p = makers[kind]()
+            if p.messages not in seen:
+                seen.add(p.messages)
+                out.append(p)
+                made[kind] += 1
+                turn += 1
+                break
+        else:
+            made[kind] = cap
+        if made[kind] >= cap:
+            live.remove(kind)
     return out
 
 

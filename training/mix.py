@@ -61,7 +61,7 @@ class MixConfig:
 
     base: str | None = _knob(None, "the checkpoint to fine-tune, whose own answers the chat, general and refusal "
                              "examples distil (required by the mixed recipe)")
-    chat_prompts: int = _knob(1200, "no-corpus prompts answered without retrieval (7 kinds in turn)")
+    chat_prompts: int = _knob(900, "no-corpus prompts answered without retrieval (7 kinds in turn)")
     general_questions: int = _knob(100, "general-knowledge questions outside the corpus (at most 102)")
     refusal_fraction: float = _knob(0.15, "fraction of the corpus questions also asked with a hard negative in the slot")
     reading_fraction: float = _knob(0.15, "fraction of the corpus questions also asked with the passage in the prompt")
