@@ -1,11 +1,15 @@
-"""From an HTTP request to engine requests and back: parameters, event streams, SSE, disconnects.
+"""One generating HTTP request, from admission to its last byte: ``Generation``.
 
-``Generation`` is one HTTP request's engine requests (one per prompt) sharing one
-event queue. Leaving it unfinished — the client went away, the stream was closed,
-the server is draining — aborts what is still running, which frees its KV cache.
-Non-streaming routes watch the connection while they wait (``until_disconnected``);
-streaming routes return an ``EventStream``, which always closes its generator and
-releases the request's admission ticket, however the response ends.
+A route's request takes one straight line: ``ServerState.admit`` hands out a ``Generation``
+(or answers 503 / 429), ``begin`` adds its engine requests (one per prompt, their events
+merged on one queue), and ``respond`` answers: a JSON body once every result is in, or
+server-sent events as they come; a client that leaves before its body is ready gets 499.
+The route says only what its answer looks like (``schemas.ResponseShapes``); the
+translation of engine events (token, retrieval, finished) into those shapes is here, once.
+
+The Generation holds its admission for exactly its own lifetime: ``close`` — when the
+body is ready, the stream ends or its client goes, the submission fails — aborts what is
+still running in the engine (which frees its KV cache) and gives the place back.
 """
 
 from __future__ import annotations
@@ -14,135 +18,154 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from onegen_core.outputs import EngineEvent, Finished, GenerationResult
+from onegen_core.outputs import EngineEvent, Finished, GenerationResult, RetrievalEvent, TokenDelta
 from onegen_core.params import RetrievalParams, SamplingParams
 
-from .errors import APIError
-from .schemas import RetrievalOptions
-from .state import ServerState, Ticket, new_request_id
-from .worker import EngineUnavailable
+from .errors import APIError, error_payload
+from .schemas import ResponseShapes, Retrieval
+from .settings import ServerSettings
+from .worker import EngineUnavailable, EngineWorker
 
 log = logging.getLogger("onegen.server")
 T = TypeVar("T")
-
-
-def sampling_params(
-    state: ServerState,
-    *,
-    max_tokens: int | None,
-    temperature: float,
-    top_p: float,
-    top_k: int = 0,
-    stop: str | list[str] | None = None,
-    seed: int | None = None,
-    logprobs: bool = False,
-    ignore_eos: bool = False,
-    default_max_tokens: int | None = None,
-) -> SamplingParams:
-    s = state.settings
-    if max_tokens is None:
-        max_tokens = default_max_tokens or s.default_max_tokens
-    if max_tokens > s.max_tokens_limit:
-        raise APIError(422, f"max_tokens: {max_tokens} is more than this server's limit of {s.max_tokens_limit}",
-                       param="max_tokens")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    try:
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stops,
-                              seed=seed, logprobs=logprobs, ignore_eos=ignore_eos)
-    except ValueError as e:
-        raise APIError(422, str(e), param=str(e).split(" ", 1)[0]) from None
-
-
-def retrieval_params(state: ServerState, options: RetrievalOptions | None, param: str = "retrieval") -> RetrievalParams:
-    o = options or RetrievalOptions()
-    if o.k is not None and o.k > state.settings.max_retrieve_k:
-        raise APIError(422, f"{param}.k: {o.k} is more than this server's limit of {state.settings.max_retrieve_k}",
-                       param=f"{param}.k")
-    return RetrievalParams(enabled=o.enabled, k=o.k, max_retrievals=o.max_retrievals,
-                           return_passages=o.return_passages)
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 class Generation:
-    """The engine requests of one HTTP request, their events merged on one queue in arrival order."""
+    """The engine requests of one admitted HTTP request, their events merged on one queue in arrival order."""
 
-    def __init__(self, state: ServerState, request_id: str, http_request: Request | None = None):
-        self.state = state
-        self.request_id = request_id
-        # the X-Request-Id of the HTTP request, for the logs
-        self.http_request_id = getattr(http_request.state, "request_id", None) if http_request else None
-        self.queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self.ids: list[str] = []
+    def __init__(self, worker: EngineWorker, settings: ServerSettings, http_request: Request, id_prefix: str,
+                 release: Callable[[], None]):
+        self.worker = worker
+        self.settings = settings
+        self.http_request = http_request
+        self.request_id = f"{id_prefix}-{uuid.uuid4().hex[:24]}"
+        self.http_request_id: str | None = getattr(http_request.state, "request_id", None)  # X-Request-Id, for logs
+        self._queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._ids: list[str] = []
+        self._results: dict[str, GenerationResult] = {}
         self._unfinished: set[str] = set()
-        self.results: dict[str, GenerationResult] = {}
+        self._release: Callable[[], None] | None = release  # gives the admission back; None once it has
 
-    async def add(self, *, param: str, **kwargs: Any) -> str:
-        """Add one engine request; engine input errors become 422 naming ``param``."""
-        rid = f"{self.request_id}-{len(self.ids)}"
+    # ------------------------------------------------------------------ admit -> begin
+    async def begin(self, inputs: list[dict[str, Any]], sampling: SamplingParams, retrieval: RetrievalParams) -> None:
+        """Add each input (``prompt=`` / ``messages=`` / ``prompt_token_ids=`` plus ``param=``, the field that
+        a 422 names) as an engine request; on any failure close this generation and raise."""
         try:
-            await self.state.worker.submit(rid, self.queue, **kwargs)
+            for kw in inputs:
+                await self._add_engine_request(**kw, sampling=sampling, retrieval=retrieval)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _add_engine_request(self, *, param: str, **kwargs: Any) -> None:
+        rid = f"{self.request_id}-{len(self._ids)}"
+        try:
+            await self.worker.submit(rid, self._queue, **kwargs)
         except EngineUnavailable as e:
             raise APIError(503, str(e), type="service_unavailable",
-                           headers={"Retry-After": str(self.state.settings.retry_after_s)}) from None
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except ValueError as e:
-            kind = getattr(e, "code", None) or "invalid_request_error"
-            raise APIError(422, str(e), type=kind, param=param) from None
-        self.ids.append(rid)
+            raise APIError(422, str(e), type=getattr(e, "code", None) or "invalid_request_error", param=param) from None
+        self._ids.append(rid)
         self._unfinished.add(rid)
-        if self.state.settings.log_prompts:  # off by default: prompts stay out of the logs
+        if self.settings.log_prompts:  # off by default: prompts stay out of the logs
             shown = {k: v for k, v in kwargs.items() if k in ("prompt", "messages", "prompt_token_ids")}
             log.info("request received", extra={"request_id": self.http_request_id, "engine_request_id": rid, **shown})
-        return rid
 
-    @property
-    def finished(self) -> bool:
-        return not self._unfinished
+    # ------------------------------------------------------------------ stream or wait -> respond
+    async def respond(self, shapes: ResponseShapes, *, stream: bool) -> Any:
+        """The answer: SSE in ``shapes`` as events come, or the body once all results are in (500 / 503 if one
+        failed or was aborted by the server); 499 when the client disconnected first. Closes this generation."""
+        if stream:
+            return EventStream(self._sse(shapes), on_close=self.close)
+        try:
+            results = await until_disconnected(self.http_request, self._wait())
+        except ClientDisconnected:
+            return Response(status_code=499)
+        finally:
+            self.close()
+        for r in results:
+            if (err := finish_error(r)) is not None:
+                status, message, kind = err
+                raise APIError(status, message, type=kind)
+        return shapes.body(results)
 
-    async def events(self) -> AsyncIterator[EngineEvent]:
+    async def _sse(self, shapes: ResponseShapes) -> AsyncIterator[bytes]:
+        async for item in self._items(shapes):
+            yield b"data: " + json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        yield SSE_DONE
+
+    async def _items(self, shapes: ResponseShapes) -> AsyncIterator[dict[str, Any]]:
+        """The one translation of engine events (token, retrieval, finished) into a route's SSE items."""
+        for item in shapes.opening():
+            yield item
+        index = {rid: i for i, rid in enumerate(self._ids)}
+        async for ev in self._events():
+            i = index[ev.request_id]
+            out: dict[str, Any] | None = None
+            if isinstance(ev, TokenDelta):
+                out = shapes.token(i, ev)
+            elif isinstance(ev, RetrievalEvent):
+                out = shapes.retrieval(i, Retrieval.of(ev.record).model_dump())
+            elif isinstance(ev, Finished):
+                err = finish_error(ev.result)
+                out = shapes.error(error_payload(*err)) if err else shapes.finished(i, ev.result)
+            if out is not None:
+                yield out
+        for item in shapes.closing([self._results[rid] for rid in self._ids]):
+            yield item
+
+    async def _events(self) -> AsyncIterator[EngineEvent]:
         while self._unfinished:
-            ev = await self.queue.get()
+            ev = await self._queue.get()
             if isinstance(ev, Finished):
                 self._unfinished.discard(ev.request_id)
-                self.results[ev.request_id] = ev.result
-                log_result(self.state, ev.result, self.http_request_id)
+                self._results[ev.request_id] = ev.result
+                self._log_result(ev.result)
             yield ev
 
-    async def wait(self) -> list[GenerationResult]:
+    async def _wait(self) -> list[GenerationResult]:
         """All results, in the order the requests were added."""
-        async for _ in self.events():
+        async for _ in self._events():
             pass
-        return [self.results[i] for i in self.ids]
+        return [self._results[i] for i in self._ids]
 
     def close(self) -> None:
-        """Abort whatever has not finished (idempotent)."""
+        """Abort whatever has not finished and give the admission back (idempotent)."""
         for rid in self._unfinished:
-            self.state.worker.abort(rid)
+            self.worker.abort(rid)
         if self._unfinished:
             log.info("aborted %d unfinished engine request(s)", len(self._unfinished),
                      extra={"request_id": self.http_request_id, "engine_request_id": self.request_id})
         self._unfinished.clear()
+        if self._release is not None:
+            self._release, release = None, self._release
+            release()
 
-
-def log_result(state: ServerState, r: GenerationResult, http_request_id: str | None = None) -> None:
-    t0 = r.arrival_time
-    extra: dict[str, Any] = {
-        "request_id": http_request_id, "engine_request_id": r.request_id, "finish_reason": r.finish_reason, "prompt_tokens": r.usage.prompt_tokens,
-        "completion_tokens": r.usage.completion_tokens, "retrieved_tokens": r.usage.retrieved_tokens,
-        "retrievals": len(r.retrievals),
-        "ttft_s": round(r.first_token_time - t0, 4) if r.first_token_time is not None else None,
-        "e2e_s": round(r.finish_time - t0, 4) if r.finish_time is not None else None,
-    }
-    if r.error:
-        extra["error"] = r.error
-    if state.settings.log_prompts:
-        extra["output"] = r.text
-    log.info("request finished", extra=extra)
+    def _log_result(self, r: GenerationResult) -> None:
+        t0 = r.arrival_time
+        extra: dict[str, Any] = {
+            "request_id": self.http_request_id, "engine_request_id": r.request_id, "finish_reason": r.finish_reason,
+            "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+            "retrieved_tokens": r.usage.retrieved_tokens, "retrievals": len(r.retrievals),
+            "ttft_s": round(r.first_token_time - t0, 4) if r.first_token_time is not None else None,
+            "e2e_s": round(r.finish_time - t0, 4) if r.finish_time is not None else None,
+        }
+        if r.error:
+            extra["error"] = r.error
+        if self.settings.log_prompts:
+            extra["output"] = r.text
+        log.info("request finished", extra=extra)
 
 
 def finish_error(r: GenerationResult) -> tuple[int, str, str] | None:
@@ -157,14 +180,6 @@ def finish_error(r: GenerationResult) -> tuple[int, str, str] | None:
     if r.finish_reason == "abort":
         return 503, r.error or "the request was aborted: the server is shutting down", "service_unavailable"
     return None
-
-
-def check_finished_ok(results: list[GenerationResult]) -> None:
-    for r in results:
-        err = finish_error(r)
-        if err is not None:
-            status, message, kind = err
-            raise APIError(status, message, type=kind)
 
 
 class ClientDisconnected(Exception):
@@ -197,25 +212,16 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected
 
 
-def sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
 class EventStream(StreamingResponse):
     """A ``text/event-stream`` response that always closes its generator and runs ``on_close``.
 
     Starlette stops iterating when the client disconnects (or sending fails); closing
-    the generator then runs its ``finally`` blocks, which abort the engine requests.
+    the generator then runs its ``finally`` blocks, and ``on_close`` aborts the engine requests.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str] | None = None):
-        super().__init__(
-            content, media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
-        )
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -225,44 +231,3 @@ class EventStream(StreamingResponse):
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             self._on_close()
-
-
-async def admit_generation(
-    state: ServerState, request: Request, id_prefix: str, inputs: list[dict[str, Any]],
-    sampling: SamplingParams, retrieval: RetrievalParams,
-) -> tuple[Generation, Ticket]:
-    """Admit one HTTP request (429 when full) and add each input (``prompt=`` / ``messages=`` /
-    ``prompt_token_ids=`` plus ``param=``) as an engine request; on any failure undo both."""
-    ticket = state.admit()
-    gen = Generation(state, new_request_id(id_prefix), request)
-    try:
-        for kw in inputs:
-            await gen.add(**kw, sampling=sampling, retrieval=retrieval)
-    except BaseException:
-        gen.close()
-        ticket.release()
-        raise
-    return gen, ticket
-
-
-def stream_generation(gen: Generation, ticket: Ticket, chunks: AsyncIterator[bytes]) -> EventStream:
-    """SSE response over ``chunks``; when it ends or the client goes, unfinished requests are aborted."""
-
-    def on_close() -> None:
-        gen.close()
-        ticket.release()
-
-    return EventStream(chunks, on_close)
-
-
-async def wait_generation(request: Request, gen: Generation, ticket: Ticket) -> list[GenerationResult] | None:
-    """All results in order, or None when the client disconnected first (its requests are aborted)."""
-    try:
-        results = await until_disconnected(request, gen.wait())
-    except ClientDisconnected:
-        return None
-    finally:
-        gen.close()
-        ticket.release()
-    check_finished_ok(results)
-    return results

@@ -12,30 +12,19 @@ refused with 422 naming the field rather than silently ignored.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from onegen_core.outputs import Finished, GenerationResult, RetrievalEvent, TokenDelta
+from onegen_core.outputs import GenerationResult, TokenDelta
+from onegen_core.params import RetrievalParams, SamplingParams
 
 from .auth import require_api_key
-from .errors import ERROR_RESPONSES, APIError, ErrorResponse, error_payload
-from .generation import (
-    SSE_DONE,
-    Generation,
-    admit_generation,
-    finish_error,
-    retrieval_params,
-    sampling_params,
-    sse,
-    stream_generation,
-    wait_generation,
-)
+from .errors import ERROR_RESPONSES, APIError, ErrorResponse
 from .routes import SSE_RESPONSE
-from .schemas import MAX_SEED, Retrieval, RetrievalOptions, Stop
+from .schemas import MAX_SEED, ResponseShapes, Retrieval, RetrievalOptions, Stop
 from .state import ServerState, get_state
 
 router = APIRouter(
@@ -74,12 +63,30 @@ class _Common(_Lenient):
     ignore_eos: bool = Field(False, description="OneGen extra")
     retrieval: RetrievalOptions | None = Field(None, description="OneGen extra: retrieval options")
 
-    def check_unsupported(self) -> None:
+    def check(self, state: ServerState) -> None:
+        """404 for a model this server does not serve; 422 naming an option it cannot honour."""
+        if self.model is not None and self.model != state.model_name:
+            raise APIError(404, f"the model '{self.model}' does not exist; this server serves '{state.model_name}'",
+                           type="model_not_found", param="model")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise APIError(422, f"{name} is not supported by this server (must be 0 or absent)", param=name)
         if self.logit_bias:
             raise APIError(422, "logit_bias is not supported by this server", param="logit_bias")
+
+    def engine_params(self, state: ServerState, *, max_tokens: int | None, logprobs: bool
+                      ) -> tuple[SamplingParams, RetrievalParams]:
+        """The engine's parameters, OpenAI's defaults filled in (temperature 1, top_p 1)."""
+        sampling = state.sampling_params(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=self.top_p or 1.0, top_k=max(self.top_k, 0), stop=self.stop, seed=self.seed, logprobs=logprobs,
+            ignore_eos=self.ignore_eos,
+        )
+        return sampling, state.retrieval_params(self.retrieval)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(_Common):
@@ -94,6 +101,13 @@ class CompletionRequest(_Common):
     echo: bool = Field(False, description="not supported: must be false")
     best_of: int | None = Field(None, ge=1, le=1)
     suffix: str | None = Field(None, description="not supported: must be absent")
+
+    def check(self, state: ServerState) -> None:
+        super().check(state)
+        if self.echo:
+            raise APIError(422, "echo is not supported by this server", param="echo")
+        if self.suffix:
+            raise APIError(422, "suffix is not supported by this server", param="suffix")
 
 
 class ContentPart(_Lenient):
@@ -122,6 +136,11 @@ class ChatRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=0, description="top alternatives are not computed: 0 only")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty or absent")
 
+    def check(self, state: ServerState) -> None:
+        super().check(state)
+        if self.tools:
+            raise APIError(422, "tools are not supported by this server", param="tools")
+
 
 class UsageOAI(BaseModel):
     prompt_tokens: int
@@ -137,21 +156,34 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """One prompt's answer in OpenAI's shape (each route adds its content and narrows ``logprobs``)."""
+
     index: int
-    text: str
     finish_reason: str | None
-    logprobs: CompletionLogprobs | None = None
+    logprobs: BaseModel | None = None
     retrievals: list[Retrieval] = Field(default_factory=list, description="OneGen: the retrieval trace")
 
 
-class CompletionResponse(BaseModel):
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class _Response(BaseModel):
+    """OpenAI's envelope of a completion: each route narrows ``object`` and ``choices``."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[Any]
     usage: UsageOAI
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -170,21 +202,14 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
-    finish_reason: str | None
     logprobs: ChatLogprobs | None = None
-    retrievals: list[Retrieval] = Field(default_factory=list, description="OneGen: the retrieval trace")
 
 
-class ChatResponse(BaseModel):
-    id: str
+class ChatResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: UsageOAI
 
 
 class ModelCard(BaseModel):
@@ -201,12 +226,6 @@ class ModelList(BaseModel):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
-                       type="model_not_found", param="model")
-
-
 def _usage(results: list[GenerationResult]) -> UsageOAI:
     p = sum(r.usage.prompt_tokens for r in results)
     c = sum(r.usage.completion_tokens for r in results)
@@ -253,10 +272,6 @@ def _check_token_ids(state: ServerState, prompts: list[dict[str, Any]], *, neste
                                param=where)
 
 
-def _temperature(t: float | None) -> float:
-    return 1.0 if t is None else t
-
-
 # ---------------------------------------------------------------------------- routes
 @router.get("/models", response_model=ModelList)
 async def models(state: ServerState = Depends(get_state)) -> Any:
@@ -266,12 +281,7 @@ async def models(state: ServerState = Depends(get_state)) -> Any:
 
 @router.post("/completions", response_model=CompletionResponse, responses={200: SSE_RESPONSE})
 async def completions(body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)) -> Any:
-    _check_model(state, body.model)
-    body.check_unsupported()
-    if body.echo:
-        raise APIError(422, "echo is not supported by this server", param="echo")
-    if body.suffix:
-        raise APIError(422, "suffix is not supported by this server", param="suffix")
+    body.check(state)
     p = body.prompt
     # Text is rendered as plain text (special-token strings in it stay characters); a token-id array is
     # used as given: the way for a caller who means special tokens to send them (behind the same key).
@@ -285,112 +295,95 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
         raise APIError(422, f"prompt: {len(prompts)} prompts is more than this server's limit of "
                        f"{state.settings.max_prompts_per_request} per request", param="prompt")
     _check_token_ids(state, prompts, nested=not (p and isinstance(p[0], int)))
-    sampling = sampling_params(
-        state, max_tokens=body.max_tokens, temperature=_temperature(body.temperature), top_p=body.top_p or 1.0,
-        top_k=max(body.top_k, 0), stop=body.stop, seed=body.seed, logprobs=body.logprobs is not None,
-        ignore_eos=body.ignore_eos,
-    )
-    retrieval = retrieval_params(state, body.retrieval)
-    inputs = [{**kw, "param": "prompt"} for kw in prompts]
-    gen, ticket = await admit_generation(state, request, "cmpl", inputs, sampling, retrieval)
-    created = int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return stream_generation(gen, ticket, _completion_chunks(state, gen, created, include_usage))
-    results = await wait_generation(request, gen, ticket)
-    if results is None:
-        return Response(status_code=499)
-    return CompletionResponse(
-        id=gen.request_id, created=created, model=state.model_name, usage=_usage(results),
-        choices=[
-            CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,
-                             logprobs=_completion_logprobs(state, r),
-                             retrievals=[Retrieval.of(x) for x in r.retrievals])
-            for i, r in enumerate(results)
-        ],
-    )
-
-
-async def _completion_chunks(state: ServerState, gen: Generation, created: int, include_usage: bool
-                             ) -> AsyncIterator[bytes]:
-    base = {"id": gen.request_id, "object": "text_completion", "created": created, "model": state.model_name}
-    index = {rid: i for i, rid in enumerate(gen.ids)}
-    async for ev in gen.events():
-        i = index[ev.request_id]
-        if isinstance(ev, TokenDelta):
-            lp = None
-            if ev.logprobs is not None:
-                lp = {"tokens": _token_strings(state, ev.token_ids), "token_logprobs": ev.logprobs,
-                      "top_logprobs": None, "text_offset": []}
-            if ev.text or lp:
-                yield sse({**base, "choices": [{"index": i, "text": ev.text, "finish_reason": None, "logprobs": lp}]})
-        elif isinstance(ev, RetrievalEvent):
-            yield sse({**base, "choices": [{"index": i, "text": "", "finish_reason": None, "logprobs": None,
-                                            "retrieval": Retrieval.of(ev.record).model_dump()}]})
-        elif isinstance(ev, Finished):
-            err = finish_error(ev.result)
-            if err is not None:
-                yield sse(error_payload(*err))
-                continue
-            yield sse({**base, "choices": [{"index": i, "text": "", "finish_reason": ev.result.finish_reason,
-                                            "logprobs": None}]})
-    if include_usage:
-        yield sse({**base, "choices": [], "usage": _usage([gen.results[r] for r in gen.ids]).model_dump()})
-    yield SSE_DONE
+    sampling, retrieval = body.engine_params(state, max_tokens=body.max_tokens, logprobs=body.logprobs is not None)
+    gen = state.admit(request, "cmpl")
+    await gen.begin([{**kw, "param": "prompt"} for kw in prompts], sampling, retrieval)
+    return await gen.respond(CompletionShapes(state, gen.request_id, body.include_usage), stream=body.stream)
 
 
 @router.post("/chat/completions", response_model=ChatResponse, responses={200: SSE_RESPONSE})
 async def chat_completions(body: ChatRequest, request: Request, state: ServerState = Depends(get_state)) -> Any:
-    _check_model(state, body.model)
-    body.check_unsupported()
-    if body.tools:
-        raise APIError(422, "tools are not supported by this server", param="tools")
+    body.check(state)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    sampling = sampling_params(
-        state, max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=_temperature(body.temperature), top_p=body.top_p or 1.0, top_k=max(body.top_k, 0),
-        stop=body.stop, seed=body.seed, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
-    )
-    retrieval = retrieval_params(state, body.retrieval)
-    inputs = [{"messages": messages, "param": "messages"}]
-    gen, ticket = await admit_generation(state, request, "chatcmpl", inputs, sampling, retrieval)
-    created = int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return stream_generation(gen, ticket, _chat_chunks(state, gen, created, include_usage))
-    results = await wait_generation(request, gen, ticket)
-    if results is None:
-        return Response(status_code=499)
-    [r] = results
-    return ChatResponse(
-        id=gen.request_id, created=created, model=state.model_name, usage=_usage([r]),
-        choices=[ChatChoice(index=0, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                            logprobs=_chat_logprobs(state, r.token_ids, r.logprobs),
-                            retrievals=[Retrieval.of(x) for x in r.retrievals])],
-    )
+    sampling, retrieval = body.engine_params(state, max_tokens=body.max_completion_tokens or body.max_tokens,
+                                             logprobs=body.logprobs)
+    gen = state.admit(request, "chatcmpl")
+    await gen.begin([{"messages": messages, "param": "messages"}], sampling, retrieval)
+    return await gen.respond(ChatShapes(state, gen.request_id, body.include_usage), stream=body.stream)
 
 
-async def _chat_chunks(state: ServerState, gen: Generation, created: int, include_usage: bool
-                       ) -> AsyncIterator[bytes]:
-    base = {"id": gen.request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
-    yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None, "logprobs": None}]})
-    async for ev in gen.events():
-        if isinstance(ev, TokenDelta):
-            lp = _chat_logprobs(state, ev.token_ids, ev.logprobs)
-            if ev.text or lp:
-                yield sse({**base, "choices": [{"index": 0, "delta": {"content": ev.text}, "finish_reason": None,
-                                                "logprobs": lp.model_dump() if lp else None}]})
-        elif isinstance(ev, RetrievalEvent):
-            yield sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": None, "logprobs": None,
-                                            "retrieval": Retrieval.of(ev.record).model_dump()}]})
-        elif isinstance(ev, Finished):
-            err = finish_error(ev.result)
-            if err is not None:
-                yield sse(error_payload(*err))
-                continue
-            yield sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.result.finish_reason,
-                                            "logprobs": None}]})
-    if include_usage:
-        yield sse({**base, "choices": [], "usage": _usage([gen.results[r] for r in gen.ids]).model_dump()})
-    yield SSE_DONE
+# ---------------------------------------------------------------------------- answers
+@dataclass
+class _OpenAIShapes(ResponseShapes):
+    """What the two OpenAI routes' streams share: chunks with one choice each, a ``retrieval`` on the choice
+    of a search (OneGen extra), a bare error shape, and a last chunk with the usage when asked for."""
+
+    state: ServerState
+    request_id: str
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    object: ClassVar[str]
+    nothing: ClassVar[dict[str, Any]]  # the content of a choice that carries no text
+
+    def chunk(self, index: int, content: dict[str, Any], finish_reason: str | None = None,
+              logprobs: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        choice = {"index": index, **content, "finish_reason": finish_reason, "logprobs": logprobs, **extra}
+        return {**self.head(), "choices": [choice]}
+
+    def head(self) -> dict[str, Any]:
+        return {"id": self.request_id, "object": self.object, "created": self.created, "model": self.state.model_name}
+
+    def retrieval(self, index: int, retrieval: dict[str, Any]) -> dict[str, Any]:
+        return self.chunk(index, self.nothing, retrieval=retrieval)
+
+    def finished(self, index: int, result: GenerationResult) -> dict[str, Any]:
+        return self.chunk(index, self.nothing, result.finish_reason)
+
+    def closing(self, results: list[GenerationResult]) -> list[dict[str, Any]]:
+        return [{**self.head(), "choices": [], "usage": _usage(results).model_dump()}] if self.include_usage else []
+
+
+class CompletionShapes(_OpenAIShapes):
+    object = "text_completion"
+    nothing = {"text": ""}
+
+    def token(self, index: int, ev: TokenDelta) -> dict[str, Any] | None:
+        lp = None
+        if ev.logprobs is not None:
+            lp = {"tokens": _token_strings(self.state, ev.token_ids), "token_logprobs": ev.logprobs,
+                  "top_logprobs": None, "text_offset": []}
+        return self.chunk(index, {"text": ev.text}, logprobs=lp) if ev.text or lp else None
+
+    def body(self, results: list[GenerationResult]) -> CompletionResponse:
+        return CompletionResponse(
+            id=self.request_id, created=self.created, model=self.state.model_name, usage=_usage(results),
+            choices=[
+                CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,
+                                 logprobs=_completion_logprobs(self.state, r),
+                                 retrievals=[Retrieval.of(x) for x in r.retrievals])
+                for i, r in enumerate(results)
+            ],
+        )
+
+
+class ChatShapes(_OpenAIShapes):
+    object = "chat.completion.chunk"
+    nothing = {"delta": {}}
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self.chunk(0, {"delta": {"role": "assistant", "content": ""}})]
+
+    def token(self, index: int, ev: TokenDelta) -> dict[str, Any] | None:
+        lp = _chat_logprobs(self.state, ev.token_ids, ev.logprobs)
+        if not (ev.text or lp):
+            return None
+        return self.chunk(index, {"delta": {"content": ev.text}}, logprobs=lp.model_dump() if lp else None)
+
+    def body(self, results: list[GenerationResult]) -> ChatResponse:
+        [r] = results
+        return ChatResponse(
+            id=self.request_id, created=self.created, model=self.state.model_name, usage=_usage([r]),
+            choices=[ChatChoice(index=0, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                                logprobs=_chat_logprobs(self.state, r.token_ids, r.logprobs),
+                                retrievals=[Retrieval.of(x) for x in r.retrievals])],
+        )

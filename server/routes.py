@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -18,37 +17,23 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import onegen_core
-from onegen_core.outputs import Finished, RetrievalEvent, TokenDelta
 
 from . import __version__
 from .auth import require_api_key, require_api_key_for_metrics
-from .errors import ERROR_RESPONSES, APIError, error_payload, error_response
-from .generation import (
-    SSE_DONE,
-    ClientDisconnected,
-    Generation,
-    admit_generation,
-    finish_error,
-    retrieval_params,
-    sampling_params,
-    sse,
-    stream_generation,
-    until_disconnected,
-    wait_generation,
-)
+from .errors import ERROR_RESPONSES, APIError, error_response
+from .generation import ClientDisconnected, until_disconnected
 from .schemas import (
     GenerateRequest,
     GenerateResponse,
+    GenerateShapes,
     Hit,
     IndexInfo,
     InfoResponse,
     LiveResponse,
     QueryResult,
     ReadyResponse,
-    Retrieval,
     RetrieveRequest,
     RetrieveResponse,
-    generate_response,
 )
 from .state import ServerState, get_state
 from .worker import EngineUnavailable, SearchFailed
@@ -143,46 +128,18 @@ async def generate(body: GenerateRequest, request: Request, state: ServerState =
     """Generate from a prompt or chat messages; the model retrieves in the same pass when it emits [RQ]."""
     if (body.prompt is None) == (body.messages is None):
         raise APIError(422, "give exactly one of 'prompt' and 'messages'", param="prompt")
-    sampling = sampling_params(
-        state, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+    sampling = state.sampling_params(
+        max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         stop=body.stop, seed=body.seed, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
     )
-    retrieval = retrieval_params(state, body.retrieval)
+    retrieval = state.retrieval_params(body.retrieval)
     if body.prompt is not None:
         inputs = [{"prompt": body.prompt, "param": "prompt"}]
     else:
         inputs = [{"messages": [m.model_dump() for m in body.messages or []], "param": "messages"}]
-    gen, ticket = await admit_generation(state, request, "gen", inputs, sampling, retrieval)
-    if body.stream:
-        return stream_generation(gen, ticket, _generate_events(gen, state))
-    results = await wait_generation(request, gen, ticket)
-    if results is None:
-        return Response(status_code=499)
-    [result] = results
-    out = generate_response(result, state.model_name)
-    out.id = gen.request_id
-    return out
-
-
-async def _generate_events(gen: Generation, state: ServerState) -> AsyncIterator[bytes]:
-    async for ev in gen.events():
-        if isinstance(ev, TokenDelta):
-            item: dict[str, Any] = {"type": "token", "text": ev.text, "token_ids": ev.token_ids}
-            if ev.logprobs is not None:
-                item["logprobs"] = ev.logprobs
-            yield sse(item)
-        elif isinstance(ev, RetrievalEvent):
-            yield sse({"type": "retrieval", **Retrieval.of(ev.record).model_dump()})
-        elif isinstance(ev, Finished):
-            r = ev.result
-            err = finish_error(r)
-            if err is not None:
-                yield sse({"type": "error", **error_payload(*err)})
-            else:
-                out = generate_response(r, state.model_name)
-                out.id = gen.request_id
-                yield sse({"type": "final", **out.model_dump()})
-    yield SSE_DONE
+    gen = state.admit(request, "gen")
+    await gen.begin(inputs, sampling, retrieval)
+    return await gen.respond(GenerateShapes(state.model_name, gen.request_id), stream=body.stream)
 
 
 # ---------------------------------------------------------------------------- /retrieve
@@ -199,29 +156,32 @@ async def retrieve(body: RetrieveRequest, request: Request, state: ServerState =
     if state.engine is not None and state.engine.index is None:
         raise APIError(422, "this server has no index loaded (start it with --index)", type="no_index",
                        param="queries")
-    ticket = state.admit()
-    try:
-        t0 = time.perf_counter()
-        hits = await until_disconnected(request, state.worker.search(queries, body.k, body.return_text))
-        search_ms = (time.perf_counter() - t0) * 1000
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except EngineUnavailable as e:
-        raise APIError(503, str(e), type="service_unavailable") from None
-    except SearchFailed as e:
-        raise APIError(500, str(e), type="engine_error") from None
-    except ValueError as e:
-        from onegen_core.encoder import InputTooLong  # here, not at import: it loads torch (the engine has)
-
-        if isinstance(e, InputTooLong):  # e.index is the query's position in the request
-            param = "queries" if isinstance(body.queries, str) else f"queries[{e.index}]"
-            raise APIError(422, f"{param}: the query has {e.n_tokens} tokens once rendered (query template and "
-                           f"query token included), more than the model's maximum of {e.max_length}; shorten it",
-                           type="context_length_exceeded", param=param) from None
-        raise APIError(422, str(e), param="queries") from None
-    finally:
-        ticket.release()
+    with state.admitted():
+        try:
+            t0 = time.perf_counter()
+            hits = await until_disconnected(request, state.worker.search(queries, body.k, body.return_text))
+            search_ms = (time.perf_counter() - t0) * 1000
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except EngineUnavailable as e:
+            raise APIError(503, str(e), type="service_unavailable") from None
+        except SearchFailed as e:
+            raise APIError(500, str(e), type="engine_error") from None
+        except ValueError as e:
+            raise _query_error(e, body) from None
     return RetrieveResponse(
         model=state.model_name, search_ms=round(search_ms, 3),
         results=[QueryResult(query=q, hits=[Hit.of(h) for h in row]) for q, row in zip(queries, hits, strict=True)],
     )
+
+
+def _query_error(e: ValueError, body: RetrieveRequest) -> APIError:
+    """422 for a query the engine refused; one too long to encode is named by its position."""
+    from onegen_core.encoder import InputTooLong  # here, not at import: it loads torch (the engine has)
+
+    if not isinstance(e, InputTooLong):
+        return APIError(422, str(e), param="queries")
+    param = "queries" if isinstance(body.queries, str) else f"queries[{e.index}]"  # e.index: the query's position
+    return APIError(422, f"{param}: the query has {e.n_tokens} tokens once rendered (query template and "
+                    f"query token included), more than the model's maximum of {e.max_length}; shorten it",
+                    type="context_length_exceeded", param=param)

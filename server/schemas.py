@@ -1,5 +1,9 @@
 """Request and response bodies of the native routes (/generate, /retrieve, /info), with bounds.
 
+``ResponseShapes`` is what a generating route says about its answer — the body it waits
+for, or the server-sent events it streams — and ``GenerateShapes`` is /generate's;
+``generation.Generation`` translates the engine's events into them.
+
 Static bounds here are the hard limits of the API; the server's own (configurable)
 limits — max_tokens, /retrieve batch size and k — are checked by the routes against
 ``ServerSettings`` and answered with 422 naming the field. Unknown fields are
@@ -8,11 +12,13 @@ rejected (a misspelt option should not be silently ignored).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from onegen_core.outputs import GenerationResult, RetrievalHit, RetrievalRecord
+from onegen_core.outputs import GenerationResult, RetrievalHit, RetrievalRecord, TokenDelta
 
 MAX_SEED = 2**63 - 1
 StopString = Annotated[str, Field(min_length=1, max_length=512)]
@@ -138,12 +144,66 @@ def timings_of(result: GenerationResult) -> Timings:
     )
 
 
-def generate_response(result: GenerationResult, model: str) -> GenerateResponse:
-    return GenerateResponse(
-        id=result.request_id, model=model, text=result.text, finish_reason=result.finish_reason,
-        usage=usage_of(result), retrievals=[Retrieval.of(r) for r in result.retrievals],
-        logprobs=result.logprobs, timings=timings_of(result),
-    )
+class ResponseShapes(ABC):
+    """How a generating route answers: one body once every result is in, or SSE items as events come.
+
+    ``index`` is the position of the event's prompt in the request. A retrieval arrives already
+    as ``Retrieval``'s JSON; an item that is None is not sent; ``[DONE]`` follows the last one.
+    """
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Items sent before the first event."""
+        return []
+
+    @abstractmethod
+    def token(self, index: int, ev: TokenDelta) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def retrieval(self, index: int, retrieval: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def finished(self, index: int, result: GenerationResult) -> dict[str, Any]: ...
+
+    def error(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A prompt that failed or that the server aborted: ``payload`` is the error shape of Contract 4."""
+        return payload
+
+    def closing(self, results: list[GenerationResult]) -> list[dict[str, Any]]:
+        """Items sent after every prompt finished (``results`` in prompt order)."""
+        return []
+
+    @abstractmethod
+    def body(self, results: list[GenerationResult]) -> BaseModel: ...
+
+
+@dataclass
+class GenerateShapes(ResponseShapes):
+    """/generate: a ``GenerateResponse``, or the events ``token``, ``retrieval``, ``final`` (that body) and ``error``."""
+
+    model: str
+    request_id: str
+
+    def token(self, index: int, ev: TokenDelta) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "token", "text": ev.text, "token_ids": ev.token_ids}
+        if ev.logprobs is not None:
+            item["logprobs"] = ev.logprobs
+        return item
+
+    def retrieval(self, index: int, retrieval: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "retrieval", **retrieval}
+
+    def finished(self, index: int, result: GenerationResult) -> dict[str, Any]:
+        return {"type": "final", **self.body([result]).model_dump()}
+
+    def error(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "error", **payload}
+
+    def body(self, results: list[GenerationResult]) -> GenerateResponse:
+        [r] = results
+        return GenerateResponse(
+            id=self.request_id, model=self.model, text=r.text, finish_reason=r.finish_reason, usage=usage_of(r),
+            retrievals=[Retrieval.of(x) for x in r.retrievals], logprobs=r.logprobs, timings=timings_of(r),
+        )
 
 
 class RetrieveRequest(_Strict):

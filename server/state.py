@@ -1,10 +1,13 @@
 """What the routes share: settings, the engine worker, metrics, admission control and draining.
 
 ``ServerState`` is built by the app factory and reached by routes through the
-``get_state`` dependency. Admission control is a counter on the event loop: a request
-holds a ``Ticket`` from admission until its response is fully sent (streams included),
-and beyond ``max_pending_requests`` new requests get 429 with Retry-After instead of
-joining an unbounded queue.
+``get_state`` dependency. It checks a request's options against this server's limits
+(``sampling_params``, ``retrieval_params``) and admits it: admission control is a
+counter on the event loop. A generating request is admitted as a ``Generation``, which
+holds its place until it is closed, when its response is fully sent (streams included);
+``/retrieve`` holds one for its ``with state.admitted()`` block. Beyond
+``max_pending_requests`` new requests get 429 with Retry-After instead of joining an
+unbounded queue.
 
 Draining (SIGTERM): ``begin_drain`` turns ``/health/ready`` and admission to 503 at once
 and, when the drain timeout expires with requests still in flight, aborts them all, so
@@ -17,16 +20,21 @@ only ``DRAIN_FINISH_S`` after the engine ran the abort, however long its step wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
+from onegen_core.params import RetrievalParams, SamplingParams
+
 from .errors import APIError
+from .generation import Generation
 from .metrics import Metrics
+from .schemas import RetrievalOptions
 from .settings import ServerSettings
 from .worker import EngineWorker
 
@@ -101,8 +109,49 @@ class ServerState:
             self._drain_timer.cancel()
             self._drain_timer = None
 
-    def admit(self) -> Ticket:
-        """Admit one request or raise 503 (loading / draining / stalled) or 429 (overloaded)."""
+    # ------------------------------------------------------------------ a request's options and admission
+    def sampling_params(
+        self, *, max_tokens: int | None, temperature: float, top_p: float, top_k: int = 0,
+        stop: str | list[str] | None = None, seed: int | None = None, logprobs: bool = False, ignore_eos: bool = False,
+    ) -> SamplingParams:
+        """The engine's sampling parameters, or 422 naming the field (``max_tokens`` over this server's limit)."""
+        s = self.settings
+        if max_tokens is None:
+            max_tokens = s.default_max_tokens
+        if max_tokens > s.max_tokens_limit:
+            raise APIError(422, f"max_tokens: {max_tokens} is more than this server's limit of {s.max_tokens_limit}",
+                           param="max_tokens")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  stop=stops, seed=seed, logprobs=logprobs, ignore_eos=ignore_eos)
+        except ValueError as e:
+            raise APIError(422, str(e), param=str(e).split(" ", 1)[0]) from None
+
+    def retrieval_params(self, options: RetrievalOptions | None, param: str = "retrieval") -> RetrievalParams:
+        o = options or RetrievalOptions()
+        if o.k is not None and o.k > self.settings.max_retrieve_k:
+            raise APIError(422, f"{param}.k: {o.k} is more than this server's limit of {self.settings.max_retrieve_k}",
+                           param=f"{param}.k")
+        return RetrievalParams(enabled=o.enabled, k=o.k, max_retrievals=o.max_retrievals,
+                               return_passages=o.return_passages)
+
+    def admit(self, http_request: Request, id_prefix: str) -> Generation:
+        """Admit one generating request, or raise 503 (loading / draining / stalled) or 429 (overloaded).
+        It holds its place until ``Generation.close``."""
+        self._take_place()
+        return Generation(self.worker, self.settings, http_request, id_prefix, release=self._give_place_back)
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold an admission for the block (a request answered before its route returns: /retrieve)."""
+        self._take_place()
+        try:
+            yield
+        finally:
+            self._give_place_back()
+
+    def _take_place(self) -> None:
         reason = self.unavailable_reason()
         if reason is not None:
             self.metrics.on_rejected("unavailable")
@@ -118,25 +167,10 @@ class ServerState:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
         self.in_flight += 1
-        return Ticket(self)
 
-
-class Ticket:
-    """One admitted request; ``release`` is idempotent."""
-
-    def __init__(self, state: ServerState):
-        self._state = state
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._state.in_flight -= 1
+    def _give_place_back(self) -> None:
+        self.in_flight -= 1
 
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.onegen
-
-
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
