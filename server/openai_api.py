@@ -7,6 +7,9 @@ carries ``retrievals`` (the retrieval trace), a streamed chunk carries ``retriev
 when a search happened, and ``usage`` has ``retrieved_tokens``. Options OneGen cannot
 honour (n > 1, echo, penalties, logit_bias, top alternatives in logprobs, tools) are
 refused with 422 naming the field rather than silently ignored.
+
+A route checks its body, admits and begins a ``Generation`` and lets it respond in its
+shapes (``CompletionShapes``, ``ChatShapes``), as /generate does.
 """
 
 from __future__ import annotations
@@ -344,6 +347,8 @@ class _OpenAIShapes(ResponseShapes):
 
 
 class CompletionShapes(_OpenAIShapes):
+    """/v1/completions: a ``CompletionResponse`` (one choice per prompt), or ``text_completion`` chunks."""
+
     object = "text_completion"
     nothing = {"text": ""}
 
@@ -367,6 +372,8 @@ class CompletionShapes(_OpenAIShapes):
 
 
 class ChatShapes(_OpenAIShapes):
+    """/v1/chat/completions: a ``ChatResponse``, or ``chat.completion.chunk`` deltas after the assistant's role."""
+
     object = "chat.completion.chunk"
     nothing = {"delta": {}}
 
