@@ -454,10 +454,13 @@
         el("span", "sub", here === "–" ? "server" : `server; ${here} in this browser`));
     }
     if (t.inter_token_s) $("n-rate").textContent = (1 / t.inter_token_s).toFixed(1);
-    if (!current.retrievals.length) $("n-retrievals").replaceChildren(el("li", "none", "none"));
+    // No [RQ]: the model answered from itself (retrieval on or off); the list and the status say so plainly.
+    if (!current.retrievals.length) {
+      $("n-retrievals").replaceChildren(el("li", "none", "none: the model answered without retrieving"));
+    }
     const n = current.retrievals.length;
-    $("generate-status").textContent =
-      `Done (${final.finish_reason}): ${fmtInt(u.completion_tokens)} tokens, ${n} ${n === 1 ? "retrieval" : "retrievals"}.`;
+    $("generate-status").textContent = `Done (${final.finish_reason}): ${fmtInt(u.completion_tokens)} tokens, ` +
+      (n ? `${n} ${n === 1 ? "retrieval" : "retrievals"}.` : "answered without retrieval.");
     queueRender(current);
   }
 

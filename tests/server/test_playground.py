@@ -181,7 +181,9 @@ def test_playground_in_a_browser(live_server, client, browser):
     text, marker_offsets = chrome.execute_script(ANSWER_JS)
     assert text == off["text"] and text.strip() and marker_offsets == []
     assert chrome.find_elements(By.CSS_SELECTOR, "#output .marker") == []
-    assert _text(chrome, "n-inserted") == "0" and _text(chrome, "n-retrievals") == "none"
+    assert _text(chrome, "n-inserted") == "0"
+    assert _text(chrome, "n-retrievals") == "none: the model answered without retrieving"
+    assert _text(chrome, "generate-status").endswith("tokens, answered without retrieval.")
 
     # a 422 is shown in words, naming the field, which is marked and focused
     _set(chrome, "stop", "\n".join(f"s{i}" for i in range(17)))
