@@ -24,6 +24,10 @@ SPEC_FORMAT_VERSION = 1
 
 Action = Literal["insert", "annotate"]
 QUERY_FORMATS = ("template", "chat")
+# Fields added to format version 1 after checkpoints and indexes were written with it: a spec that leaves them at
+# their default writes the same onegen.json as before, so the checkpoint's fingerprint (over its files) and the
+# indexes built for it stay valid (the default model's committed index among them).
+ADDED_FIELDS: dict[str, Any] = {"prompt_format": "template"}
 
 
 class SpecError(ValueError):
@@ -140,6 +144,9 @@ class OneGenSpec:
         d = asdict(self)
         d["query_tokens"] = [asdict(q) for q in self.query_tokens]
         d["extra_tokens"] = list(self.extra_tokens)
+        for name, default in ADDED_FIELDS.items():  # written only when set, so older files stay byte-identical
+            if d[name] == default:
+                del d[name]
         return {"format_version": SPEC_FORMAT_VERSION, **d}
 
     @classmethod

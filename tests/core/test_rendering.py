@@ -232,3 +232,12 @@ def test_chat_prompt_format_renders_a_raw_prompt_as_the_users_turn(ckpt):
         "What is anarchism?").ids
     with pytest.raises(SpecError, match="prompt_format"):
         replace(ckpt.spec, prompt_format="raw")
+
+
+def test_a_spec_without_the_newer_fields_writes_the_onegen_json_it_always_wrote(ckpt):
+    """Regression: adding ``prompt_format`` to every written onegen.json changed the imported base model's files,
+    so its fingerprint, so the committed default index no longer matched a freshly prepared default model."""
+    d = ckpt.spec.to_dict()
+    assert "prompt_format" not in d and OneGenSpec.from_dict(d) == ckpt.spec
+    chat = replace(ckpt.spec, prompt_format="chat")
+    assert chat.to_dict()["prompt_format"] == "chat" and OneGenSpec.from_dict(chat.to_dict()) == chat
