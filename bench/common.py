@@ -1,5 +1,5 @@
 """Helpers the bench scripts share: the machine a result was measured on, where the default model is, where a
-run writes.
+run writes, the hand-written evaluation sets of ``quality.py``.
 
 Scripts run as ``python bench/NAME.py``, so this module is importable as ``common``. It imports no torch
 at module level (``hostile.py`` drives a server in another process and does not need it).
@@ -7,6 +7,7 @@ at module level (``hostile.py`` drives a server in another process and does not 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -16,6 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / ".cache" / "onegen-default"  # the trained default model, its index and data (server.prepare_default)
 RESULTS = REPO / "bench" / "results"
 QUICK_RESULTS = RESULTS / "quick"  # git-ignored: quick runs never overwrite the committed full results
+QUALITY_SETS = REPO / "bench" / "quality_sets"  # hand-written evaluation sets (their README says how)
+SET_NAMES = ("knowledge", "no_corpus", "general")
 
 
 def cpu_name(fallback: str | None = None) -> str:
@@ -43,3 +46,22 @@ def machine_info(device: Any = None) -> dict[str, Any]:
             info["gpu"] = torch.cuda.get_device_name(device)
             info["cuda"] = torch.version.cuda
     return info
+
+
+def read_set(name: str, folder: Path = QUALITY_SETS) -> list[dict[str, Any]]:
+    """The rows of ``folder/NAME.jsonl`` (one of ``SET_NAMES``), in file order."""
+    path = Path(folder) / f"{name}.jsonl"
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def corpus_articles(folder: Path = QUALITY_SETS) -> list[str]:
+    """The default corpus's article names, as committed in ``articles.txt`` (sorted)."""
+    return [a for a in (Path(folder) / "articles.txt").read_text(encoding="utf-8").splitlines() if a]
+
+
+def heldout_articles(folder: Path = QUALITY_SETS, heldout: float = 0.2, seed: int = 0) -> set[str]:
+    """The held-out articles of ``python -m training prepare``'s default split, from ``articles.txt``."""
+    from training.prepare import split_articles
+
+    return split_articles(corpus_articles(folder), heldout, seed)[1]

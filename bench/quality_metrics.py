@@ -1,4 +1,5 @@
-"""Pure metric functions for ``bench/quality.py``: retrieval ranks, SQuAD-style answer scores, sampling.
+"""Pure metric functions for ``bench/quality.py``: retrieval ranks, SQuAD-style answer scores, sampling, and the
+scores of the hand-written sets (retrieval decision, answer contains gold, "not found" answers).
 
 No model, no I/O: everything here runs on lists and small numpy arrays, so it is tested on tiny inputs
 (``tests/bench/test_quality_metrics.py``).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 import string
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -173,3 +175,82 @@ def relative_change(new: float, old: float) -> float:
     if old == 0:
         return float("inf") if new else 0.0
     return 100.0 * (new - old) / old
+
+
+# --------------------------------------------------------------------------- the hand-written sets (bench/quality_sets)
+_DASHES = re.compile(r"[\u2010-\u2015\u2212-]")
+# What a model writes when it did not find the answer: the mixed recipe's refusal (training.mix.REFUSAL,
+# "The retrieved passage does not answer this.") and the usual ways to say so. The one rule for both the
+# "outside the corpus" table (a refusal counts as a good answer there) and wrong refusals (a bad one).
+NOT_FOUND_MARKERS = ("does not answer", "doesn't answer", "did not find", "didn't find", "could not find",
+                     "couldn't find", "cannot find", "can't find", "no information", "does not contain",
+                     "doesn't contain", "does not mention", "doesn't mention", "not mentioned", "i don't know",
+                     "i do not know")
+
+
+def normalize_loose(s: str) -> str:
+    """``normalize_answer`` after folding diacritics to ASCII and dashes to spaces ("Émile", "Mon–Khmer")."""
+    s = unicodedata.normalize("NFKD", s)
+    s = "".join(ch for ch in s if not unicodedata.combining(ch))
+    return normalize_answer(_DASHES.sub(" ", s))
+
+
+def contains_answer(prediction: str, answers: Sequence[str]) -> bool:
+    """Whether any of ``answers`` (the gold and its aliases) occurs in the prediction as whole words, both
+    normalised (``normalize_loose``: case, punctuation, articles, diacritics; "15,000" matches "15000")."""
+    pred = f" {normalize_loose(prediction)} "
+    return any((a := normalize_loose(ans)) and f" {a} " in pred for ans in answers)
+
+
+def best_f1(prediction: str, answers: Sequence[str]) -> float:
+    """Token F1 of the prediction against the best of ``answers``."""
+    return max((token_f1(normalize_loose(prediction), normalize_loose(a)) for a in answers), default=0.0)
+
+
+def says_not_found(text: str) -> bool:
+    """Whether the text says that the answer was not found (any of ``NOT_FOUND_MARKERS``, case-insensitive)."""
+    t = " ".join(text.lower().replace("\u2019", "'").split())
+    return any(m in t for m in NOT_FOUND_MARKERS)
+
+
+def share(flags: Sequence[bool]) -> float | None:
+    """The fraction of true flags; None for no flags (a row with nothing to measure)."""
+    return sum(map(bool, flags)) / len(flags) if flags else None
+
+
+def decision_summary(retrieved: Sequence[bool], kinds: Sequence[str] | None = None) -> dict:
+    """Share of prompts on which the model emitted its query token (``rate``), overall and per kind."""
+    out: dict = {"n": len(retrieved), "rate": share(retrieved)}
+    if kinds is not None:
+        by_kind: dict[str, list[bool]] = defaultdict(list)
+        for flag, kind in zip(retrieved, kinds, strict=True):
+            by_kind[kind].append(flag)
+        out["per_kind"] = {k: {"n": len(v), "rate": share(v)} for k, v in sorted(by_kind.items())}
+    return out
+
+
+def knowledge_summary(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict:
+    """Answers to the knowledge questions: ``contains`` (the gold or an alias is in the answer), token ``f1``
+    (against the best of them) and ``non_empty`` (the model wrote something)."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
+    return {"n": len(predictions),
+            "contains": share([contains_answer(p, a) for p, a in zip(predictions, answers, strict=True)]),
+            "f1": sum(best_f1(p, a) for p, a in zip(predictions, answers, strict=True)) / len(predictions)
+            if predictions else None,
+            "non_empty": share([bool(p.strip()) for p in predictions])}
+
+
+def general_summary(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict:
+    """Answers to questions the corpus does not answer: ``correct`` (gold or alias present), ``not_found``
+    (``says_not_found``) and ``good`` (either: the target)."""
+    correct = [contains_answer(p, a) for p, a in zip(predictions, answers, strict=True)]
+    not_found = [says_not_found(p) for p in predictions]
+    return {"n": len(predictions), "correct": share(correct), "not_found": share(not_found),
+            "good": share([c or f for c, f in zip(correct, not_found, strict=True)])}
+
+
+def wrong_refusals(predictions: Sequence[str], gold_retrieved: Sequence[bool]) -> dict:
+    """Among the answers whose gold passage was retrieved, the share that still says it was not found."""
+    said = [says_not_found(p) for p, g in zip(predictions, gold_retrieved, strict=True) if g]
+    return {"n": len(said), "refused": sum(said), "rate": share(said)}
