@@ -52,6 +52,9 @@ def create_app(
     from .openai_api import router as openai_router
     from .routes import api, health, metrics_router
 
+    if settings.checkpoint is None:
+        raise ValueError("create_app needs settings with a checkpoint; python -m server fills in the default model's "
+                         "(server.prepare_default.serve_default) before it builds the app")
     demo = (settings.checkpoint / DEMO_MARKER).is_file()
     model_name = settings.served_model_name or (DEMO_MODEL_NAME if demo else settings.model_name)
     metrics = Metrics(model_name)
