@@ -32,13 +32,21 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .chat_prompts import chat_prompts, general_questions
 from .distill import distill
+from .questions import Question, Record
 
-if TYPE_CHECKING:
-    from .prepare import PrepareConfig, Question, Record
+
+class SlotFormat(Protocol):
+    """How a retrieval reads in a conversation (``training.prepare.PrepareConfig`` is one)."""
+
+    query_token: str
+    passage_open: str
+    passage_close: str
+    passage_template: str
+    seed: int
 
 TASKS = ("retrieve", "refusal", "general", "chat", "reading")
 REFUSAL = "The retrieved passage does not answer this."
@@ -86,7 +94,7 @@ class MixConfig:
 
 
 def retrieval_rows(questions: list[Question], negatives: list[list[str]], recs: list[Record],
-                   cfg: PrepareConfig) -> list[dict[str, Any]]:
+                   cfg: SlotFormat) -> list[dict[str, Any]]:
     """The ``retrieve`` rows: OneGen conversations (Contract 3) that retrieve the passage answering each question."""
     by_id = {r.id: r for r in recs}
     return [_row("retrieve", [{"role": "user", "content": q.question},
@@ -96,7 +104,7 @@ def retrieval_rows(questions: list[Question], negatives: list[list[str]], recs: 
             for q, n in zip(questions, negatives, strict=True)]
 
 
-def _assistant_retrieval(cfg: PrepareConfig, rec: Record, answer: str) -> str:
+def _assistant_retrieval(cfg: SlotFormat, rec: Record, answer: str) -> str:
     body = cfg.passage_template.format(text=rec.text, title=rec.title)
     return f"{cfg.query_token}{cfg.passage_open}{body}{cfg.passage_close}{answer}"
 
@@ -119,7 +127,7 @@ def refusal_slot(q: Question, negatives: list[str], by_id: dict[str, Record]) ->
 
 
 def build_mix(retrieve: list[dict[str, Any]], questions: list[Question], negatives: list[list[str]],
-              recs: list[Record], pool: list[int], cfg: PrepareConfig, mix: MixConfig, work: Path, rng: random.Random,
+              recs: list[Record], pool: list[int], cfg: SlotFormat, mix: MixConfig, work: Path, rng: random.Random,
               search: Any) -> list[dict[str, Any]]:
     """The ``retrieve`` rows plus every other task of the mix, shuffled. ``search(texts, k)`` -> indices into ``pool``."""
     mix.check_base()
