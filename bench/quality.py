@@ -83,15 +83,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import DEFAULT_ROOT, QUICK_RESULTS, RESULTS, machine_info  # noqa: E402
+from common import DEFAULT_ROOT, QUALITY_SETS, QUICK_RESULTS, RESULTS, SET_NAMES, machine_info, read_set  # noqa: E402
 from quality_metrics import (  # noqa: E402
+    SetOutput,
     answer_summary,
     exact_match,
+    failure_examples,
     first_hit_rank,
     rank_all,
     relative_change,
     retrieval_summary,
     seeded_order,
+    set_tables,
     strip_generated,
     token_f1,
 )
@@ -104,6 +107,13 @@ N_MISSES = 20
 BASE_MARGIN_R5 = 0.20
 NO_RETRIEVAL_MARGIN_F1 = 0.05
 LM_LOSS_TOLERANCE = 0.05
+DECIDE_KNOWLEDGE = 0.90  # the hand-written sets (section 4): share retrieving on knowledge questions, at least
+DECIDE_NO_CORPUS = 0.15  # ... on no-corpus prompts, at most
+CONTAINS_GOLD = 0.70  # one-pass answers containing the gold answer, at least
+READING_F1 = 0.50  # F1 with the gold passage pasted in the prompt, at least
+GENERAL_GOOD = 0.75  # general questions answered correctly or "not found", at least
+WRONG_REFUSALS = 0.10  # "not found" although the gold passage was retrieved, at most
+CHAT_KEPT_TOLERANCE = 0.10  # loss on the base's own chat answers, at most base x (1 + this)
 # The full report's sample sizes (the flags' defaults): a run with fewer writes under bench/results/quick/.
 FULL = {"limit_retrieval": 400, "limit_answers": 100, "lm_passages": 200}
 
@@ -626,14 +636,21 @@ def print_retrieval(inp: Inputs, retrieval: dict[str, dict[str, Any]], timings: 
 
 
 # --------------------------------------------------------------------------- 2. answers
+def engine_config(args: argparse.Namespace) -> Any:
+    """The engine every generation of the bench runs on: CPU, float32, up to 64 requests batched."""
+    from onegen_core.engine import EngineConfig
+
+    return EngineConfig(device="cpu", dtype="float32", max_num_seqs=64, kv_cache_memory_gb=2.0, seed=args.seed)
+
+
 def answer_engine(inp: Inputs) -> tuple[Any, dict[int, str]]:
     """The engine of section 2 (with ``--pool heldout`` searching the same pool as section 1) and the corpus
     passage of each of its vector ids."""
-    from onegen_core.engine import Engine, EngineConfig
+    from onegen_core.engine import Engine
     from onegen_core.retriever import TorchRetriever
 
     args, units, keep = inp.args, inp.units, inp.keep
-    cfg = EngineConfig(device="cpu", dtype="float32", max_num_seqs=64, kv_cache_memory_gb=2.0, seed=args.seed)
+    cfg = engine_config(args)
     if args.pool == "all" or units.vectors is None:
         if args.pool != "all":
             log("warning: the index cannot hand out its vectors: one-pass retrieval searches the whole index")
@@ -796,32 +813,302 @@ def lm_table(inp: Inputs, timings: dict[str, float]) -> dict[str, Any]:
     return lm
 
 
+# --------------------------------------------------------------------------- 4. the hand-written sets
+SET_RUNS = {  # key: (model, set, input form, retrieval on, row name); the tables read them by key
+    "knowledge": ("trained", "knowledge", "chat", True, "trained, one-pass"),
+    "knowledge_raw": ("trained", "knowledge", "raw", True, "trained, raw prompt"),
+    "reading": ("trained", "knowledge", "reading", False, "trained, gold passage in the prompt"),
+    "no_corpus": ("trained", "no_corpus", "chat", True, "trained, no-corpus prompts"),
+    "general": ("trained", "general", "chat", True, "trained, general questions"),
+    "base_knowledge": ("base", "knowledge", "chat", False, "untrained base, no retrieval"),
+    "base_reading": ("base", "knowledge", "reading", False, "untrained base, gold passage in the prompt"),
+    "base_no_corpus": ("base", "no_corpus", "chat", False, "untrained base, no-corpus prompts"),
+    "base_general": ("base", "general", "chat", False, "untrained base, general questions"),
+}
+
+
+def load_sets(args: argparse.Namespace) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Passage]]:
+    """The sets of ``--sets-dir`` (with ``--limit-sets``, a seeded sample of each, in file order) and the
+    corpus passages their knowledge questions name (for the reading rows)."""
+    from training.prepare import read_passages
+
+    sets = {}
+    for name in SET_NAMES:
+        rows = read_set(name, args.sets_dir)
+        if args.limit_sets is not None and args.limit_sets < len(rows):
+            rows = [rows[i] for i in sorted(seeded_order(len(rows), args.seed)[: args.limit_sets])]
+        sets[name] = rows
+    corpus = args.data / "corpus.jsonl"
+    if not corpus.is_file():
+        raise SystemExit(f"error: {corpus} not found: --data must be the output dir of `python -m training prepare`")
+    by_id = {r.id: Passage(r.id, r.title, r.text, r.article) for r in read_passages(corpus)}
+    missing = sorted({p for r in sets["knowledge"] for p in r["passages"]} - set(by_id))
+    if missing:
+        raise SystemExit(f"error: {len(missing)} passages of the knowledge set are not in {corpus} (e.g. {missing[:3]})")
+    return sets, by_id
+
+
+def set_request(row: dict[str, Any], form: str, by_id: dict[str, Passage]) -> dict[str, Any]:
+    """The engine input of a set row: its chat messages, its question as a raw prompt, or (``reading``) its gold
+    passage pasted above the question as the pipeline row of section 2 does."""
+    if form == "raw":
+        return {"prompt": row["question"]}
+    if form == "reading":
+        p_ = by_id[row["passages"][0]]
+        return {"messages": [{"role": "user", "content": f"{p_.title}\n{p_.text}\n\nQuestion: {row['question']}"}]}
+    return {"messages": row.get("messages") or [{"role": "user", "content": row["question"]}]}
+
+
+def passage_of(doc_id: str, known: set[str] | dict[str, Any]) -> str:
+    """The corpus passage an index document belongs to (a chunk id ``PID#n`` maps to ``PID``)."""
+    return doc_id if doc_id in known else doc_id.rsplit("#", 1)[0]
+
+
+def run_set(engine: Any, rows: list[dict[str, Any]], form: str, retrieve: bool, by_id: dict[str, Passage],
+            max_tokens: int, desc: str) -> list[SetOutput]:
+    """One row of the set tables: every row of a set through the engine, greedy, batched; k=1, one retrieval."""
+    from onegen_core.params import RetrievalParams, SamplingParams
+
+    rp = RetrievalParams(enabled=True, k=1, max_retrievals=1) if retrieve else RetrievalParams(enabled=False)
+    reqs = [set_request(r, form, by_id) for r in rows]
+    results = run_batch(engine, reqs, SamplingParams(max_tokens=max_tokens, temperature=0.0), rp, desc=desc)
+    spec, markers = engine.checkpoint.spec, list(engine.token_ids.by_name)
+    return [SetOutput(strip_generated(r.text, passage_open=spec.passage_open, passage_close=spec.passage_close,
+                                      markers=markers),
+                      bool(r.retrievals), [passage_of(rec.hits[0].doc_id, by_id) for rec in r.retrievals if rec.hits],
+                      list(engine.renderer.chat(q["messages"]).ids) if "messages" in q else [], list(r.token_ids))
+            for q, r in zip(reqs, results, strict=True)]
+
+
+def sets_generate(args: argparse.Namespace, sets: dict[str, list[dict[str, Any]]], by_id: dict[str, Passage],
+                  timings: dict[str, float]) -> dict[str, list[SetOutput]]:
+    """Every run of ``SET_RUNS``: the trained checkpoint with its index, then the base without one (one engine
+    at a time); ``--skip-base`` leaves the base runs out."""
+    from onegen_core.engine import Engine
+
+    outs: dict[str, list[SetOutput]] = {}
+    models = [("trained", args.checkpoint, args.index)] + ([] if args.skip_base else [("base", args.base, None)])
+    for model, ckpt_dir, index in models:
+        t0 = time.perf_counter()
+        engine = Engine.from_checkpoint(ckpt_dir, index, engine_config(args))
+        timings[f"sets: {model} engine load"] = time.perf_counter() - t0
+        for key, (m, set_name, form, retrieve, name) in SET_RUNS.items():
+            if m == model and sets[set_name]:
+                t0 = time.perf_counter()
+                outs[key] = run_set(engine, sets[set_name], form, retrieve, by_id, args.max_tokens, name)
+                timings[f"sets: {name}"] = time.perf_counter() - t0
+        del engine
+        gc.collect()
+    return outs
+
+
+def sets_section(args: argparse.Namespace, lm: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """Section 4: the hand-written sets through the engine; the decision, answers, outside-the-corpus and
+    chat-kept tables, printed; the failure examples written next to the JSON."""
+    sets, by_id = load_sets(args)
+    outs = sets_generate(args, sets, by_id, timings)
+    tables = set_tables(sets, outs)
+    print_decision(sets, tables["decision"])
+    print_set_answers(sets, tables["answers"])
+    print_outside(sets, tables["outside"])
+    tables["chat_kept"] = chat_kept_table(args, outs.get("base_no_corpus"), lm, timings)
+    tables["failures"] = failure_examples(sets, outs, N_MISSES)
+    path = args.json.parent / "quality_failures.md"
+    write_failures(path, tables["failures"], args)
+    print(f"\nfailure examples: {path}")
+    tables["sizes"] = {k: len(v) for k, v in sets.items()}
+    tables["details"] = {k: [{"id": r["id"], "output": o.text, "retrieved": o.retrieved, "hits": o.hits}
+                             for r, o in zip(sets[SET_RUNS[k][1]], v, strict=True)] for k, v in outs.items()}
+    return tables
+
+
+def print_decision(sets: dict[str, list[dict[str, Any]]], decision: dict[str, dict[str, Any]]) -> None:
+    print(f"\n### Retrieval decision: share of prompts on which the trained model emitted [RQ] "
+          f"(targets: knowledge >= {DECIDE_KNOWLEDGE:.2f}, no-corpus <= {DECIDE_NO_CORPUS:.2f})\n")
+    print("| prompts | n | retrieved |")
+    print("| --- | ---: | ---: |")
+    names = {"knowledge": "knowledge questions (chat)", "knowledge_raw": "knowledge questions (raw prompt)",
+             "general": "general questions (outside the corpus)", "no_corpus": "no-corpus prompts, all"}
+    for key, row in decision.items():
+        print(f"| {names[key]} | {row['n']} | {fmt(row['rate'], True)} |")
+        for kind, block in row.get("per_kind", {}).items():
+            print(f"| &nbsp;&nbsp;{kind} | {block['n']} | {fmt(block['rate'], True)} |")
+
+
+def print_set_answers(sets: dict[str, list[dict[str, Any]]], answers: dict[str, dict[str, Any]]) -> None:
+    print(f"\n### Answers to the {len(sets['knowledge'])} knowledge questions (held-out articles), greedy "
+          f"(targets: one-pass contains gold >= {CONTAINS_GOLD:.2f}, reading F1 >= {READING_F1:.2f})\n")
+    print("| system | contains gold | F1 | non-empty | gold passage retrieved |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for key, row in answers.items():
+        print(f"| {SET_RUNS[key][4]} | {fmt(row['contains'], True)} | {fmt(row['f1'])} | "
+              f"{fmt(row['non_empty'], True)} | {fmt(row.get('gold_retrieved'), True)} |")
+
+
+def print_outside(sets: dict[str, list[dict[str, Any]]], outside: dict[str, dict[str, Any]]) -> None:
+    print(f"\n### Outside the corpus: {len(sets['general'])} general questions "
+          f"(target: correct or 'not found' >= {GENERAL_GOOD:.2f})\n")
+    print("| system | correct | says not found | correct or not found |")
+    print("| --- | ---: | ---: | ---: |")
+    for key in ("general", "base_general"):
+        if key in outside:
+            r = outside[key]
+            print(f"| {SET_RUNS[key][4]} | {fmt(r['correct'], True)} | {fmt(r['not_found'], True)} | "
+                  f"{fmt(r['good'], True)} |")
+    if "wrong_refusals" in outside:
+        w = outside["wrong_refusals"]
+        print(f"\nWrong refusals (target <= {WRONG_REFUSALS:.2f}): {w['refused']} of the {w['n']} one-pass answers "
+              f"whose gold passage was retrieved say it does not answer ({fmt(w['rate'], True)}).")
+
+
+@torch.inference_mode()
+def answer_loss(model: Any, pairs: list[tuple[list[int], list[int]]], *, desc: str, batch: int = 8
+                ) -> tuple[float, int]:
+    """Mean next-token cross-entropy over the answer tokens of (prompt ids, answer ids) pairs; the prompt is
+    context only."""
+    from training.evaluate import padded_batch
+
+    pairs = sorted(pairs, key=lambda pa: -(len(pa[0]) + len(pa[1])))
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(pairs), batch), desc=desc, unit="batch"):
+        rows = pairs[i:i + batch]
+        ids, mask = padded_batch([p + a for p, a in rows], 0)
+        keep = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)  # [B, L-1]: target j is token j+1
+        for b, (p, a) in enumerate(rows):
+            keep[b, max(len(p) - 1, 0): len(p) - 1 + len(a)] = True
+        target = ids[:, 1:].masked_fill(~keep, -100)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                   ignore_index=-100, reduction="sum").item()
+        count += int(keep.sum())
+    return total / max(count, 1), count
+
+
+def chat_kept_table(args: argparse.Namespace, base_outs: list[SetOutput] | None, lm: dict[str, Any],
+                    timings: dict[str, float]) -> dict[str, Any]:
+    """Mean token loss of both models on the base's own greedy answers to the no-corpus prompts (same token
+    ids for both), printed under the plain-text LM loss of section 3."""
+    from transformers import AutoModelForCausalLM
+
+    from onegen_core.checkpoint import load_checkpoint
+
+    pairs = [(o.prompt_ids, o.token_ids) for o in base_outs or [] if o.prompt_ids and o.token_ids]
+    if not pairs:
+        print("\n### Chat kept: n/a (needs the base model's answers: no --skip-base)")
+        return {}
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+    base_loss, n = answer_loss(model, pairs, desc="chat kept: base")
+    del model
+    gc.collect()
+    model = merged_model(load_checkpoint(args.checkpoint))
+    trained_loss, _ = answer_loss(model, pairs, desc="chat kept: trained")
+    del model
+    gc.collect()
+    kept = {"prompts": len(pairs), "tokens": n, "base_loss": base_loss, "trained_loss": trained_loss,
+            "relative_change_pct": relative_change(trained_loss, base_loss)}
+    timings["chat kept"] = kept["seconds"] = time.perf_counter() - t0
+    print(f"\n### Kept generation: token loss of the trained model vs the base (target: chat within "
+          f"{100 * CHAT_KEPT_TOLERANCE:.0f}%)\n")
+    print("| text | tokens | base loss | trained loss | change |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    if lm:
+        print(f"| plain text of {lm['passages']} held-out passages (section 3) | {lm['base_tokens']} | "
+              f"{lm['base_loss']:.4f} | {lm['trained_loss']:.4f} | {lm['relative_change_pct']:+.2f}% |")
+    print(f"| the base's own answers to {len(pairs)} no-corpus prompts | {n} | {base_loss:.4f} | {trained_loss:.4f} | "
+          f"{kept['relative_change_pct']:+.2f}% |")
+    return kept
+
+
+def md_cell(x: Any, limit: int = 300) -> str:
+    s = " ".join(str(x).split()).replace("|", "\\|")
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def write_failures(path: Path, failures: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    """Up to ``N_MISSES`` examples of each kind of failure on the hand-written sets, as markdown."""
+    lines = [f"# Failures on the hand-written sets: {args.checkpoint}", "",
+             f"Written by `python bench/quality.py` (sets: `{args.sets_dir}`, greedy, max {args.max_tokens} tokens); "
+             f"the first {N_MISSES} of each kind. *output* is what the model wrote (the inserted passage left out); "
+             "*retrieved* is the passage it retrieved (or whether it emitted [RQ]).", ""]
+    for f in failures.values():
+        lines += [f"## {f['title']}: {f['count']} of {f['of']}", ""]
+        if not f["examples"]:
+            lines += ["None.", ""]
+            continue
+        lines += ["| id | prompt | gold | output | retrieved |", "| --- | --- | --- | --- | --- |"]
+        for ex in f["examples"]:
+            gold = ", ".join(ex.get("gold", []))
+            if ex.get("gold_passages"):
+                gold += f" ({', '.join(ex['gold_passages'])})"
+            name = ex["id"] + (f" ({ex['kind']})" if "kind" in ex else "")
+            retrieved = ", ".join(ex["retrieved"]) if isinstance(ex["retrieved"], list) else ex["retrieved"]
+            lines.append("| " + " | ".join(md_cell(c) for c in (name, ex["prompt"], gold, ex["output"], retrieved)) + " |")
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
 # --------------------------------------------------------------------------- targets, time, the report
-def targets_table(retrieval: dict[str, dict[str, Any]], answers: dict[str, dict[str, Any]],
-                  lm: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets of the module docstring, each with pass / miss (n/a where a row was skipped), printed."""
+def target(name: str, value: float | None, threshold: float | None, rule: str, *, stretch: bool = False,
+           at_most: bool = False) -> dict[str, Any]:
+    """One target row: ``value`` >= ``threshold`` (``at_most``: <=); pass is None where a row was skipped."""
+    ok = None if value is None or threshold is None else (
+        value <= threshold + 1e-12 if at_most else value >= threshold - 1e-12)
+    return {"target": name, "value": value, "threshold": threshold, "rule": rule, "stretch": stretch, "pass": ok}
+
+
+def core_targets(retrieval: dict[str, dict[str, Any]], answers: dict[str, dict[str, Any]],
+                 lm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of sections 1-3 (module docstring)."""
     targets = []
-
-    def target(name: str, value: float | None, threshold: float | None, desc: str, stretch: bool = False) -> None:
-        ok = None if value is None or threshold is None else value >= threshold - 1e-12
-        targets.append({"target": name, "value": value, "threshold": threshold, "rule": desc, "stretch": stretch,
-                        "pass": ok})
-
-    r5 = {k: v["recall@5"] for k, v in retrieval.items()}
-    target("trained recall@5 far above the untrained base", r5["onegen"],
-           r5["base"] + BASE_MARGIN_R5 if "base" in r5 else None, f">= base + {BASE_MARGIN_R5:.2f}")
-    target("trained recall@5 >= MiniLM", r5["onegen"], r5["minilm"], ">= MiniLM recall@5")
-    target("trained recall@5 >= BM25", r5["onegen"], r5["bm25"], ">= BM25 recall@5", stretch=True)
+    if retrieval:
+        r5 = {k: v["recall@5"] for k, v in retrieval.items()}
+        targets += [target("trained recall@5 far above the untrained base", r5["onegen"],
+                           r5["base"] + BASE_MARGIN_R5 if "base" in r5 else None, f">= base + {BASE_MARGIN_R5:.2f}"),
+                    target("trained recall@5 >= MiniLM", r5["onegen"], r5["minilm"], ">= MiniLM recall@5"),
+                    target("trained recall@5 >= BM25", r5["onegen"], r5["bm25"], ">= BM25 recall@5", stretch=True)]
     if answers:
         f1 = {k: v["f1"] for k, v in answers.items()}
-        target("one-pass F1 clearly above no retrieval", f1["one_pass"], f1["no_retrieval"] + NO_RETRIEVAL_MARGIN_F1,
-               f">= no-retrieval F1 + {NO_RETRIEVAL_MARGIN_F1:.2f}")
-        target("one-pass F1 >= pipeline", f1["one_pass"], f1["pipeline"], ">= pipeline F1")
-    if lm:  # lower is better: compare negated
-        targets.append({"target": "LM loss within 5% of the base", "value": lm["trained_loss"],
-                        "threshold": lm["base_loss"] * (1 + LM_LOSS_TOLERANCE),
-                        "rule": f"<= base loss x {1 + LM_LOSS_TOLERANCE:.2f}", "stretch": False,
-                        "pass": lm["trained_loss"] <= lm["base_loss"] * (1 + LM_LOSS_TOLERANCE)})
+        targets += [target("one-pass F1 clearly above no retrieval", f1["one_pass"],
+                           f1["no_retrieval"] + NO_RETRIEVAL_MARGIN_F1, f">= no-retrieval F1 + {NO_RETRIEVAL_MARGIN_F1:.2f}"),
+                    target("one-pass F1 >= pipeline", f1["one_pass"], f1["pipeline"], ">= pipeline F1")]
+    if lm:
+        targets.append(target("LM loss within 5% of the base", lm["trained_loss"],
+                              lm["base_loss"] * (1 + LM_LOSS_TOLERANCE), f"<= base loss x {1 + LM_LOSS_TOLERANCE:.2f}",
+                              at_most=True))
+    return targets
+
+
+def set_targets(sets: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of section 4 (the hand-written sets); n/a where a run was skipped."""
+    if not sets:
+        return []
+    dec, ans, out, kept = sets["decision"], sets["answers"], sets["outside"], sets["chat_kept"]
+
+    def get(block: dict[str, Any], key: str, field: str) -> float | None:
+        return block[key][field] if key in block else None
+
+    return [
+        target("retrieves on knowledge questions", get(dec, "knowledge", "rate"), DECIDE_KNOWLEDGE,
+               f">= {DECIDE_KNOWLEDGE:.2f}"),
+        target("retrieves on no-corpus prompts", get(dec, "no_corpus", "rate"), DECIDE_NO_CORPUS,
+               f"<= {DECIDE_NO_CORPUS:.2f}", at_most=True),
+        target("one-pass answer contains the gold", get(ans, "knowledge", "contains"), CONTAINS_GOLD,
+               f">= {CONTAINS_GOLD:.2f}"),
+        target("reads a passage pasted in the prompt (F1)", get(ans, "reading", "f1"), READING_F1, f">= {READING_F1:.2f}"),
+        target("general questions: correct or 'not found'", get(out, "general", "good"), GENERAL_GOOD,
+               f">= {GENERAL_GOOD:.2f}"),
+        target("wrong refusals with the gold passage retrieved", get(out, "wrong_refusals", "rate"), WRONG_REFUSALS,
+               f"<= {WRONG_REFUSALS:.2f}", at_most=True),
+        target("chat kept: loss on the base's own answers", kept.get("trained_loss"),
+               kept["base_loss"] * (1 + CHAT_KEPT_TOLERANCE) if kept else None,
+               f"<= base loss x {1 + CHAT_KEPT_TOLERANCE:.2f}", at_most=True),
+    ]
+
+
+def targets_table(targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The targets, each with pass / miss (n/a where a row was skipped), printed."""
     print("\n### Targets\n")
     print("| target | value | threshold | rule | result |")
     print("| --- | ---: | ---: | --- | --- |")
@@ -859,6 +1146,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"held-out passages for the LM loss (0 skips; default {FULL['lm_passages']})")
     p.add_argument("--no-reference-rows", action="store_true", help="skip the two [RQ]-slot reference answer rows")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT / "bench", help="cached base/MiniLM document vectors")
+    p.add_argument("--sets-dir", type=Path, default=QUALITY_SETS,
+                   help="the hand-written evaluation sets of section 4 (default bench/quality_sets)")
+    p.add_argument("--limit-sets", type=int, default=None,
+                   help="rows of each hand-written set: a seeded sample (0 skips section 4; default all)")
+    p.add_argument("--sets-only", action="store_true",
+                   help="run section 4 alone (the hand-written sets; no retrieval ranking, answers or LM loss)")
     p.add_argument("--json", type=Path, default=None,
                    help="JSON report path (default bench/results/quality.json; a reduced run -- fewer questions or "
                    "passages than the defaults, or a row skipped -- writes bench/results/quick/quality.json, "
@@ -871,39 +1164,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--limit-retrieval must be >= 1")
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
+    if args.limit_sets is not None and args.limit_sets < 0:
+        p.error("--limit-sets must be >= 0")
+    if args.sets_only and args.limit_sets == 0:
+        p.error("--sets-only with --limit-sets 0 runs nothing")
     if args.json is None:
         args.json = (QUICK_RESULTS if is_reduced(args) else RESULTS) / "quality.json"
     return args
 
 
 def is_reduced(args: argparse.Namespace) -> bool:
-    """A run that leaves part of the full report out: fewer questions or passages than the defaults, a row skipped."""
-    return any(getattr(args, k) < v for k, v in FULL.items()) or args.skip_base or args.no_reference_rows
+    """A run that leaves part of the full report out: fewer questions or passages than the defaults, a row or a
+    section skipped, a sample of the hand-written sets."""
+    return (any(getattr(args, k) < v for k, v in FULL.items()) or args.skip_base or args.no_reference_rows
+            or args.sets_only or args.limit_sets is not None)
+
+
+def core_sections(args: argparse.Namespace, timings: dict[str, float]) -> dict[str, Any]:
+    """Sections 1-3 (retrieval, answers, LM loss) on ``--data``'s held-out questions, printed; the report's part."""
+    t0 = time.perf_counter()
+    inp = load_inputs(args)
+    timings["load"] = time.perf_counter() - t0
+    print_header(inp)
+    retrieval, misses, minilm = retrieval_table(inp, timings)
+    answers, details = answers_table(inp, minilm, timings) if inp.a_questions else ({}, [])
+    del minilm
+    gc.collect()
+    lm = lm_table(inp, timings) if args.lm_passages else {}
+    return {**(inp.info or {}), "retrieval": retrieval, "answers": answers, "lm": lm, "onegen_misses": misses,
+            "answer_details": details,
+            "questions": {"retrieval": len(inp.r_questions), "retrieval_kinds": dict(Counter(q.kind for q in inp.r_questions)),
+                          "answers": len(inp.a_questions),
+                          "answer_kinds": dict(Counter(q.kind for q in inp.a_questions))}}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    inp = load_inputs(args)
-    timings["load"] = time.perf_counter() - t_start
-    print_header(inp)
-
-    retrieval, misses, minilm = retrieval_table(inp, timings)
-    answers, details = answers_table(inp, minilm, timings) if inp.a_questions else ({}, [])
-    del minilm
-    gc.collect()
-    lm = lm_table(inp, timings) if args.lm_passages else {}
-    targets = targets_table(retrieval, answers, lm)
+    if args.sets_only:
+        report: dict[str, Any] = {"machine": machine_info(), "settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                                         for k, v in vars(args).items()}}
+        print(f"\nmodel: {args.checkpoint} (index {args.index}); base {args.base}; sets {args.sets_dir}")
+    else:
+        report = core_sections(args, timings)
+    if args.limit_sets != 0:
+        report["sets"] = sets_section(args, report.get("lm") or {}, timings)
+    report["targets"] = targets_table(core_targets(report.get("retrieval") or {}, report.get("answers") or {},
+                                                   report.get("lm") or {}) + set_targets(report.get("sets") or {}))
     timings["total"] = time.perf_counter() - t_start
     print_timings(timings)
-
-    kinds = [q.kind for q in inp.r_questions]
-    report = {**(inp.info or {}), "retrieval": retrieval, "answers": answers, "lm": lm, "targets": targets,
-              "onegen_misses": misses, "answer_details": details, "timings_s": timings,
-              "questions": {"retrieval": len(inp.r_questions), "retrieval_kinds": dict(Counter(kinds)),
-                            "answers": len(inp.a_questions),
-                            "answer_kinds": dict(Counter(q.kind for q in inp.a_questions))}}
+    report["timings_s"] = timings
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"\nJSON: {args.json}")

@@ -13,6 +13,8 @@ import string
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -254,3 +256,98 @@ def wrong_refusals(predictions: Sequence[str], gold_retrieved: Sequence[bool]) -
     """Among the answers whose gold passage was retrieved, the share that still says it was not found."""
     said = [says_not_found(p) for p, g in zip(predictions, gold_retrieved, strict=True) if g]
     return {"n": len(said), "refused": sum(said), "rate": share(said)}
+
+
+# --------------------------------------------------------------------------- the sets' tables, from the generations
+@dataclass
+class SetOutput:
+    """One generation for a row of a hand-written set, as the tables read it."""
+
+    text: str  # what the model wrote: inserted passages and marker tokens stripped
+    retrieved: bool = False  # it emitted its query token (at least one retrieval)
+    hits: list[str] = field(default_factory=list)  # passage ids it retrieved (the top hit of each retrieval)
+    prompt_ids: list[int] = field(default_factory=list)  # the rendered prompt
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens
+
+
+def gold_answers(row: dict[str, Any]) -> list[str]:
+    return [row["answer"], *row.get("aliases", [])]
+
+
+def gold_retrieved(out: SetOutput, row: dict[str, Any]) -> bool:
+    return bool(set(out.hits) & set(row["passages"]))
+
+
+DECISION_ROWS = {"knowledge": "knowledge", "knowledge_raw": "knowledge", "general": "general",
+                 "no_corpus": "no_corpus"}  # run key -> its set
+KNOWLEDGE_ROWS = ("knowledge", "knowledge_raw", "reading", "base_knowledge", "base_reading")
+
+
+def set_tables(sets: dict[str, list[dict[str, Any]]], outs: dict[str, list[SetOutput]]) -> dict[str, Any]:
+    """The decision, answers and outside-the-corpus tables from the runs in ``outs`` (run key -> one output
+    per row of its set, in order); runs that are absent leave their rows out."""
+    decision = {k: decision_summary([o.retrieved for o in outs[k]],
+                                    [r["kind"] for r in sets[s]] if s == "no_corpus" else None)
+                for k, s in DECISION_ROWS.items() if k in outs}
+    golds = [gold_answers(r) for r in sets.get("knowledge", [])]
+    answers = {}
+    for k in KNOWLEDGE_ROWS:
+        if k in outs:
+            answers[k] = knowledge_summary([o.text for o in outs[k]], golds)
+            if k in ("knowledge", "knowledge_raw"):
+                answers[k]["gold_retrieved"] = share([gold_retrieved(o, r) for o, r in
+                                                      zip(outs[k], sets["knowledge"], strict=True)])
+    outside = {k: general_summary([o.text for o in outs[k]], [gold_answers(r) for r in sets["general"]])
+               for k in ("general", "base_general") if k in outs}
+    if "knowledge" in outs:
+        outside["wrong_refusals"] = wrong_refusals(
+            [o.text for o in outs["knowledge"]],
+            [gold_retrieved(o, r) for o, r in zip(outs["knowledge"], sets["knowledge"], strict=True)])
+    return {"decision": decision, "answers": answers, "outside": outside}
+
+
+FAILURE_KINDS = {  # key: (what failed, run, set)
+    "retrieved_no_corpus": ("retrieved on a no-corpus prompt", "no_corpus", "no_corpus"),
+    "no_retrieval_knowledge": ("did not retrieve on a knowledge question", "knowledge", "knowledge"),
+    "wrong_answer": ("wrong answer to a knowledge question (gold not in the answer)", "knowledge", "knowledge"),
+    "wrong_refusal": ("said the passage does not answer, with the gold passage retrieved", "knowledge", "knowledge"),
+    "bad_general": ("general question: neither the answer nor a 'not found'", "general", "general"),
+    "reading_miss": ("gold passage in the prompt, gold not in the answer", "reading", "knowledge"),
+}
+
+
+def is_failure(kind: str, out: SetOutput, row: dict[str, Any]) -> bool:
+    if kind == "retrieved_no_corpus":
+        return out.retrieved
+    if kind == "no_retrieval_knowledge":
+        return not out.retrieved
+    if kind == "wrong_refusal":
+        return gold_retrieved(out, row) and says_not_found(out.text)
+    if kind == "bad_general":
+        return not (contains_answer(out.text, gold_answers(row)) or says_not_found(out.text))
+    return not contains_answer(out.text, gold_answers(row))  # wrong_answer, reading_miss
+
+
+def failure_examples(sets: dict[str, list[dict[str, Any]]], outs: dict[str, list[SetOutput]],
+                     limit: int = 20) -> dict[str, dict[str, Any]]:
+    """Per kind of failure (``FAILURE_KINDS``): how many of how many, and the first ``limit`` examples."""
+    found: dict[str, dict[str, Any]] = {}
+    for kind, (title, run, set_name) in FAILURE_KINDS.items():
+        if run not in outs:
+            continue
+        bad = [(r, o) for r, o in zip(sets[set_name], outs[run], strict=True) if is_failure(kind, o, r)]
+        found[kind] = {"title": title, "count": len(bad), "of": len(outs[run]),
+                       "examples": [failure_row(r, o) for r, o in bad[:limit]]}
+    return found
+
+
+def failure_row(row: dict[str, Any], out: SetOutput) -> dict[str, Any]:
+    prompt = row.get("question") or row["messages"][-1]["content"]
+    ex = {"id": row["id"], "prompt": prompt, "output": out.text, "retrieved": out.hits or out.retrieved}
+    if "kind" in row:
+        ex["kind"] = row["kind"]
+    if "answer" in row:
+        ex["gold"] = gold_answers(row)
+    if "passages" in row:
+        ex["gold_passages"] = row["passages"]
+    return ex

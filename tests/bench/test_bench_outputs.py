@@ -31,7 +31,9 @@ def test_efficiency_quick_writes_elsewhere(argv, full):
 
 @pytest.mark.parametrize("argv,full", [([], True), (["--limit-retrieval", "100"], False), (["--skip-base"], False),
                                        (["--no-reference-rows"], False), (["--lm-passages", "0"], False),
-                                       (["--limit-answers", "500"], True), (["--pool", "heldout"], True)])
+                                       (["--limit-answers", "500"], True), (["--pool", "heldout"], True),
+                                       (["--sets-only"], False), (["--limit-sets", "10"], False),
+                                       (["--sets-dir", "bench/quality_sets"], True)])
 def test_quality_reduced_run_writes_elsewhere(argv, full):
     import quality
 
