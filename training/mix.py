@@ -109,8 +109,13 @@ def _assistant_retrieval(cfg: SlotFormat, rec: Record, answer: str) -> str:
     return f"{cfg.query_token}{cfg.passage_open}{body}{cfg.passage_close}{answer}"
 
 
-def _general_answer(base_answer: str | None) -> str:
-    return REFUSAL if not base_answer else f"{REFUSAL} {GENERAL_KNOWLEDGE}{base_answer}"
+def _general_answer(base_answer: str | None, sentences: int = 2) -> str:
+    """The refusal, then the base model's own answer (its first ``sentences``: a note, not an essay)."""
+    if not base_answer:
+        return REFUSAL
+    ends = [i + 1 for i, ch in enumerate(base_answer) if ch in ".!?" and base_answer[i + 1: i + 2] in (" ", "\n", "")]
+    short = base_answer[: ends[sentences - 1]] if len(ends) >= sentences else base_answer
+    return f"{REFUSAL} {GENERAL_KNOWLEDGE}{short.strip()}"
 
 
 def _row(task: str, messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

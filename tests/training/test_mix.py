@@ -130,7 +130,9 @@ def test_distillation_is_the_engines_greedy_answer_and_resumes(tmp_path, base):
     eng = Engine.from_checkpoint(base, None, EngineConfig(dtype="float32"))
     [ref] = eng.generate(messages=[convs[4]], sampling=SamplingParams(max_tokens=24),
                          retrieval=RetrievalParams(enabled=False))
-    assert both[4] == (ref.text.strip() if ref.finish_reason == "stop" else None)
+    from training.distill import whole_sentences
+
+    assert both[4] == whole_sentences(ref.text, ref.finish_reason == "stop")
 
 
 def test_the_mixed_recipe_asks_for_its_base():
@@ -190,3 +192,12 @@ def test_chat_prompts_cover_the_kinds_and_are_distinct():
     assert Counter(p.kind for p in prompts) == {k: 20 for k in CHAT_KINDS}
     assert all(p.messages[-1][0] == "user" for p in prompts)
     assert chat_prompts(140, seed=3) == prompts and len(general_questions(50)) == 50
+
+
+def test_a_cut_off_answer_keeps_its_whole_sentences_or_is_left_out():
+    from training.distill import whole_sentences
+
+    assert whole_sentences("A haiku. Waves.", True) == "A haiku. Waves."
+    assert whole_sentences("Paris is the capital. It has many muse", False) == "Paris is the capital."
+    assert whole_sentences("1. Sleep early. 2. Avoid coffee and other drinks with caffeine before", False) is None
+    assert whole_sentences("no sentence end at all", False) is None and whole_sentences("  ", True) is None
