@@ -3,6 +3,7 @@
     python bench/quality.py                                   # everything, defaults below
     python bench/quality.py --limit-retrieval 100 --limit-answers 20 --skip-base   # a quicker look (results/quick/)
     python bench/quality.py --pool heldout --json /tmp/q.json
+    python bench/quality.py --sets-only                       # section 4 alone: the hand-written sets (results/quick/)
 
 Inputs (defaults under ``.cache/onegen-default/``): ``--checkpoint checkpoint/`` (the trained OneGen
 adapter), ``--index index/`` (``python -m index_builder build`` over the same passages as
@@ -42,9 +43,34 @@ Sections and columns:
    ``--lm-passages`` held-out passages, the trained checkpoint (LoRA merged) vs the base model, both with
    ``transformers``; ``change`` is relative to the base. It shows whether fine-tuning kept generation.
 
+4. **The hand-written sets** (``--sets-dir``, default ``bench/quality_sets/``; its README says how they were
+   written apart from the training templates): 196 questions about the held-out articles with short gold
+   answers (``knowledge``), 102 prompts that need no corpus in 7 kinds (``no_corpus``), 54 general questions
+   the corpus does not answer (``general``); ``--limit-sets N`` takes a seeded sample of N rows of each, 0
+   skips the section, ``--sets-only`` runs it alone. Every row through the engine, greedy, ``--max-tokens``,
+   k=1 and at most one retrieval where retrieval is on: the trained checkpoint with ``--index`` (the whole
+   index, as served), then the base (``--base``, no index; ``--skip-base`` leaves its rows out). Tables:
+   *retrieval decision* (share of prompts on which the trained model emitted ``[RQ]``, per set and per
+   no-corpus kind); *answers* to the knowledge questions (``contains gold``: the gold answer or an alias
+   occurs as whole words after normalising case, punctuation, articles, diacritics and dashes; ``F1``: token
+   F1 against the best of them; ``non-empty``; ``gold passage retrieved``) for the trained model one-pass
+   (chat), as a raw ``prompt`` (rendered as the checkpoint's spec says: ``prompt_format: chat`` makes it the
+   user turn), with the gold passage pasted in the prompt (``"{title}\\n{text}\\n\\nQuestion: {question}"``,
+   retrieval off), and the base with no retrieval and with the passage pasted; *outside the corpus* (general
+   questions: ``correct``, ``says not found`` by ``quality_metrics.says_not_found`` -- the one rule, which
+   knows the trained refusal "The retrieved passage does not answer this." -- and either), and *wrong
+   refusals*: one-pass answers that say "not found" although the gold passage was retrieved; *kept
+   generation*: mean token loss of the trained model (LoRA merged, ``transformers``) and of the base on the
+   base's own greedy answers to the no-corpus prompts (the same token ids, scored after the same prompt
+   ids), next to section 3's plain-text row. Up to 20 examples of each kind of failure go to
+   ``quality_failures.md`` next to the JSON (so under ``results/quick/`` for a reduced run).
+
 Targets (printed with pass / miss): trained recall@5 >= base + 0.20 (far above the untrained base);
 trained recall@5 >= MiniLM; stretch: >= BM25; one-pass F1 >= no-retrieval F1 + 0.05; one-pass F1 >=
-pipeline F1; trained LM loss <= base * 1.05. Everything runs on the CPU with the torch threads the
+pipeline F1; trained LM loss <= base * 1.05. On the hand-written sets: retrieves on >= 90% of the knowledge
+questions and <= 15% of the no-corpus prompts; one-pass answer contains the gold >= 0.70; F1 with the passage
+pasted >= 0.5; general questions correct or "not found" >= 0.75; wrong refusals <= 0.10; loss on the base's
+own chat answers <= base * 1.10. Everything runs on the CPU with the torch threads the
 environment sets (``OMP_NUM_THREADS``); the JSON (``--json``, default ``bench/results/quality.json``, or
 ``bench/results/quick/quality.json`` for a reduced run: smaller limits than the defaults or a row skipped)
 holds every number, the per-kind tables, 20 example misses of the trained retriever, every answer
@@ -55,7 +81,9 @@ base-model encode of all ~6,300 passages is the slow part (~0.25 s per passage o
 so roughly 15-30 minutes, once: cached afterwards, and ``--pool heldout`` encodes only ~1,200); MiniLM
 over the passages about 3 minutes (cached too); the 400 trained queries, BM25 and the ranking about a
 minute; answers 1-3 minutes per row of 100 questions (5 rows, batched up to 64 at a time); the LM loss
-2-5 minutes. First run about 30-45 minutes, a rerun about 15; ``--skip-base`` saves the slow encode.
+2-5 minutes. First run about 30-45 minutes, a rerun about 15; ``--skip-base`` saves the slow encode. Section 4 generates
+about 1,300 answers (9 rows over the three sets) and scores the chat answers twice: roughly 20-40 minutes;
+``--limit-sets 40`` for a quicker look.
 Every long loop shows a progress bar; the time per step is printed at the end and kept in the JSON.
 """
 
