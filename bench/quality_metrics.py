@@ -231,15 +231,21 @@ def decision_summary(retrieved: Sequence[bool], kinds: Sequence[str] | None = No
     return out
 
 
-def knowledge_summary(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict:
-    """Answers to the knowledge questions: ``contains`` (the gold or an alias is in the answer), token ``f1``
-    (against the best of them) and ``non_empty`` (the model wrote something)."""
+def knowledge_summary(predictions: Sequence[str], answers: Sequence[Sequence[str]],
+                      sentences: Sequence[str | None] | None = None) -> dict:
+    """Answers to the knowledge questions: ``contains`` (the gold or an alias is in the answer), ``non_empty``
+    (the model wrote something), token ``f1_gold`` against the best of the short answers, and ``f1`` against
+    the best of them and the passage sentence that states the answer (``sentences``): a right answer scores
+    high in either style, a short name or the sentence (what the recipe trains)."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
-    return {"n": len(predictions),
+    n = len(predictions)
+    sents = list(sentences) if sentences is not None else [None] * n
+    f1_gold = [best_f1(p, a) for p, a in zip(predictions, answers, strict=True)]
+    f1 = [max(g, best_f1(p, [s]) if s else 0.0) for p, g, s in zip(predictions, f1_gold, sents, strict=True)]
+    return {"n": n,
             "contains": share([contains_answer(p, a) for p, a in zip(predictions, answers, strict=True)]),
-            "f1": sum(best_f1(p, a) for p, a in zip(predictions, answers, strict=True)) / len(predictions)
-            if predictions else None,
+            "f1": sum(f1) / n if n else None, "f1_gold": sum(f1_gold) / n if n else None,
             "non_empty": share([bool(p.strip()) for p in predictions])}
 
 
@@ -290,10 +296,11 @@ def set_tables(sets: dict[str, list[dict[str, Any]]], outs: dict[str, list[SetOu
                                     [r["kind"] for r in sets[s]] if s == "no_corpus" else None)
                 for k, s in DECISION_ROWS.items() if k in outs}
     golds = [gold_answers(r) for r in sets.get("knowledge", [])]
+    sentences = [r.get("sentence") for r in sets.get("knowledge", [])]
     answers = {}
     for k in KNOWLEDGE_ROWS:
         if k in outs:
-            answers[k] = knowledge_summary([o.text for o in outs[k]], golds)
+            answers[k] = knowledge_summary([o.text for o in outs[k]], golds, sentences)
             if k in ("knowledge", "knowledge_raw"):
                 answers[k]["gold_retrieved"] = share([gold_retrieved(o, r) for o, r in
                                                       zip(outs[k], sets["knowledge"], strict=True)])

@@ -85,11 +85,23 @@ def test_set_tables_on_known_outputs():
     assert k["non_empty"] == 1.0
     r = t["answers"]["reading"]
     assert r["contains"] == pytest.approx(3 / 4)  # "fifteen thousand" is not "15,000"
-    assert r["f1"] == pytest.approx(3 / 4)
+    assert r["f1"] == r["f1_gold"] == pytest.approx(3 / 4)  # no answer sentences in these rows
     g = t["outside"]["general"]
     assert (g["correct"], g["not_found"], g["good"]) == (pytest.approx(2 / 4), pytest.approx(2 / 4), pytest.approx(3 / 4))
     # wrong refusals count only answers whose gold passage was retrieved: k1 (answers), k3 (refuses) -> 1 of 2
     assert t["outside"]["wrong_refusals"] == {"n": 2, "refused": 1, "rate": 0.5}
+
+
+def test_f1_accepts_the_answer_sentence_as_well_as_the_short_gold():
+    rows = [{"id": "k1", "answer": "1729", "aliases": [], "passages": ["p1"],
+             "sentence": "Swift published the essay anonymously in 1729."}] * 3
+    preds = ["1729", "Swift published the essay anonymously in 1729.", "Defoe wrote it in 1728."]
+    s = qm.knowledge_summary(preds, [qm.gold_answers(r) for r in rows], [r["sentence"] for r in rows])
+    assert s["contains"] == pytest.approx(2 / 3)
+    # against "1729" the sentence (6 words once "the" is dropped) scores 2/7; against itself 1; the wrong
+    # answer shares "in" with the sentence: p = 1/5, r = 1/6, F1 = 2/11
+    assert s["f1_gold"] == pytest.approx((1 + 2 / 7 + 0) / 3)
+    assert s["f1"] == pytest.approx((1 + 1 + 2 / 11) / 3)
 
 
 def test_failure_examples_pick_the_failing_rows():

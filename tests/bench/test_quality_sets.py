@@ -82,6 +82,7 @@ def test_rows_are_well_formed():
         assert isinstance(r["aliases"], list), r
     for r in KNOWLEDGE:
         assert r["passages"] and all(isinstance(p, str) for p in r["passages"]), r
+        assert qm.contains_answer(r["sentence"], [r["answer"]]), f"{r['id']}: its sentence does not state the answer"
     for r in GENERAL:
         assert r["fact_terms"], r
     for r in NO_CORPUS:
@@ -109,6 +110,7 @@ def test_general_questions_name_no_corpus_article():
 
 
 def test_passages_exist_in_their_heldout_article_and_state_the_answer(corpus):
+    """Every passage id exists in the row's article; one passage states the gold and quotes the row's sentence."""
     assert {r["metadata"]["article"] for r in corpus.values()} == set(ARTICLES), "articles.txt is out of date"
     for r in KNOWLEDGE:
         for pid in r["passages"]:
@@ -116,6 +118,7 @@ def test_passages_exist_in_their_heldout_article_and_state_the_answer(corpus):
             assert corpus[pid]["metadata"]["article"] == r["article"], f"{r['id']}: {pid} is in another article"
         assert any(qm.contains_answer(corpus[p]["text"], [r["answer"]]) for p in r["passages"]), \
             f"{r['id']}: {r['answer']!r} is not in {r['passages']}"
+        assert any(r["sentence"] in corpus[p]["text"] for p in r["passages"]), f"{r['id']}: its sentence is not quoted"
 
 
 def test_general_answers_are_not_stated_in_the_corpus(corpus):
