@@ -9,7 +9,7 @@ CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 
 def default_kind() -> str:
-    from onegen_core.gguf_import import smollm2_gguf_path
+    from onegen_core.formats.gguf_import import smollm2_gguf_path
 
     return "smollm2" if smollm2_gguf_path() is not None else "tiny"
 
@@ -17,7 +17,7 @@ def default_kind() -> str:
 def prepare_checkpoint(kind: str, tiny_name: str = "bench-tiny") -> Path:
     """A OneGen checkpoint dir for ``kind`` ("smollm2" or "tiny"), built on first use."""
     if kind == "smollm2":
-        from onegen_core.gguf_import import import_gguf, smollm2_gguf_path
+        from onegen_core.formats.gguf_import import import_gguf, smollm2_gguf_path
 
         out = CACHE / "smollm2-onegen"
         if not (out / "onegen.json").is_file():

@@ -142,9 +142,9 @@ TINY_NAMES = ["Zorblat", "Mirelle", "Quenta", "Odrin", "Berlin", "Madrid", "Pari
 
 def tiny_setup(device: torch.device) -> Setup:
     """A tiny random checkpoint and a synthetic index (built once under .cache/efficiency-tiny)."""
-    from onegen_core.checkpoint import load_checkpoint
     from onegen_core.encoder import Encoder
-    from onegen_core.index_store import Document, write_index_dir
+    from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.formats.index_store import Document, write_index_dir
     from onegen_core.testing import build_tiny_checkpoint
 
     ckpt_dir, index_dir = TINY_ROOT / "checkpoint", TINY_ROOT / "index"
@@ -201,7 +201,7 @@ def default_setup(args: argparse.Namespace, device: torch.device) -> Setup:
         docs = [(p.id, p.title or "", p.text) for p in read_passages(data / "corpus.jsonl")]
         cache = data.parent / "bench"
     else:
-        from onegen_core.index_store import IndexStore
+        from onegen_core.formats.index_store import IndexStore
 
         log(f"{data} has no eval.jsonl / corpus.jsonl: questions are made from the index's document titles")
         store = IndexStore.open(args.index)
@@ -242,7 +242,7 @@ def minilm_retriever(setup: Setup, enc: MiniLMEncoder, device: torch.device) -> 
     """A TorchRetriever over MiniLM vectors of the corpus (cached like bench/quality.py's, same key)."""
     from quality import cached_encode, file_digest
 
-    from onegen_core.index_store import Document
+    from onegen_core.formats.index_store import Document
     from onegen_core.retriever import TorchRetriever
 
     docs = setup.minilm_docs

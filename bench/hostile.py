@@ -918,7 +918,7 @@ class Bench:
     # ------------------------------------------------------------------ 4: injection
     async def injection(self) -> None:
         """Special tokens in user text must stay plain text, and no retrieval may happen outside a trace."""
-        from onegen_core.checkpoint import load_checkpoint
+        from onegen_core.formats.checkpoint import load_checkpoint
 
         # the bench's own tokenizer: the Hugging Face one, as shipped (not the server's rendering code)
         t = InjectionTexts.of(load_checkpoint(self.checkpoint).tokenizer, self.info["special_tokens"])

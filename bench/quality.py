@@ -300,7 +300,7 @@ def passage_text(p: Passage) -> str:
 # --------------------------------------------------------------------------- the index
 @dataclass
 class IndexUnits:
-    store: Any  # onegen_core.index_store.IndexStore
+    store: Any  # onegen_core.formats.index_store.IndexStore
     vector_ids: np.ndarray  # [n] FAISS ids
     vectors: np.ndarray | None  # [n, d] stored vectors, None if the index cannot reconstruct them
     documents: list[Any]  # docstore Documents, aligned with vector_ids
@@ -308,7 +308,7 @@ class IndexUnits:
 
 
 def load_index_units(index_dir: Path, corpus_ids: set[str]) -> IndexUnits:
-    from onegen_core.index_store import IndexStore, import_faiss
+    from onegen_core.formats.index_store import IndexStore, import_faiss
 
     faiss = import_faiss()
     store = IndexStore.open(index_dir)
@@ -433,7 +433,7 @@ class Inputs:
     pool_set: set[str]
     r_questions: list[Question]  # the retrieval sample
     a_questions: list[Question]  # the answer sample (the first of the same seeded order)
-    ckpt: Any  # onegen_core.checkpoint.Checkpoint
+    ckpt: Any  # onegen_core.formats.checkpoint.Checkpoint
     units: IndexUnits
     keep: list[int]  # index rows whose passage is in the pool
     info: dict[str, Any] | None = None  # machine, model, corpus, settings (the JSON's head)
@@ -441,7 +441,7 @@ class Inputs:
 
 def load_inputs(args: argparse.Namespace) -> Inputs:
     """Read the data and the checkpoint, sample the questions and check that the index fits the checkpoint."""
-    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.formats.checkpoint import load_checkpoint
 
     passages, questions, heldout, _split = load_data(args.data)
     by_id = {q.id: q for q in passages}
@@ -549,8 +549,8 @@ def rank_onegen(inp: Inputs) -> list[list[str]]:
 
 def rank_base(inp: Inputs) -> list[list[str]]:
     """The untrained base through the trained checkpoint's templates (document vectors cached)."""
-    from onegen_core.checkpoint import load_checkpoint
     from onegen_core.encoder import Encoder
+    from onegen_core.formats.checkpoint import load_checkpoint
 
     args, passages, pool = inp.args, inp.passages, inp.pool
     with tempfile.TemporaryDirectory(prefix="onegen-quality-base-") as tmp:
@@ -1020,7 +1020,7 @@ def chat_kept_table(args: argparse.Namespace, base_outs: list[SetOutput] | None,
     ids for both), printed under the plain-text LM loss of section 3."""
     from transformers import AutoModelForCausalLM
 
-    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.formats.checkpoint import load_checkpoint
 
     pairs = [(o.prompt_ids, o.token_ids) for o in base_outs or [] if o.prompt_ids and o.token_ids]
     if not pairs:

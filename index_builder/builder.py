@@ -10,7 +10,7 @@ The phases, each in its own module, share a work directory beside the output
 Encoding goes through ``onegen_core.encoder.Encoder``, the standalone encoder: the engine's
 native forward, rendering and normalisation, run without the engine. A document is rendered
 by ``Renderer.document`` and encoded at its document token; the units of a OneGen entry of
-several units are encoded in one sequence (``onegen_core.documents``), each at its own
+several units are encoded in one sequence (``onegen_core.text.documents``), each at its own
 document token, as training encodes them. Within a shard, ``Encoder.encode_sorted`` groups
 the sequences in length buckets (``onegen_core.bucketing``: at most ``batch_tokens`` tokens
 and ``batch_size`` sequences, little padding) and puts the vectors back in order. A shard's
@@ -38,13 +38,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from onegen_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from onegen_core.device import resolve_device, resolve_dtype
 from onegen_core.distributed import RankContext
 from onegen_core.encoder import Encoder
-from onegen_core.index_store import Manifest, sqlite_uri
-from onegen_core.rendering import Renderer
-from onegen_core.spec import SpecError
+from onegen_core.formats.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from onegen_core.formats.index_store import Manifest, sqlite_uri
+from onegen_core.formats.spec import SpecError
+from onegen_core.text.rendering import Renderer
 
 from .config import BuildConfig
 from .corpus import corpus_signature, expand_corpus

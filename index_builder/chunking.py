@@ -11,15 +11,15 @@ Without chunking, ``max_doc_tokens`` truncates a long document to its first toke
 and every document is also cut to fit the model's context once rendered (document
 template + title + the document RET token). Truncations are counted and reported,
 and a truncated document keeps its ``source`` and offsets so the cut is visible.
-Rendering itself is ``onegen_core.rendering.Renderer.document``: never re-done here.
+Rendering itself is ``onegen_core.text.rendering.Renderer.document``: never re-done here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onegen_core.index_store import Document
-from onegen_core.rendering import Renderer
+from onegen_core.formats.index_store import Document
+from onegen_core.text.rendering import Renderer
 
 from .config import ChunkConfig
 from .corpus import SourceRecord

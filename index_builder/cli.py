@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_checkpoint(path: Path):
-    from onegen_core.checkpoint import CheckpointError, load_checkpoint
-    from onegen_core.spec import SpecError
+    from onegen_core.formats.checkpoint import CheckpointError, load_checkpoint
+    from onegen_core.formats.spec import SpecError
 
     try:
         return load_checkpoint(path)

@@ -12,7 +12,7 @@ Formats:
 * JSONL ``{"id": str, "text": str, "title"?: str, "metadata"?: object}``; integer ids
   are accepted as their decimal string; other top-level fields are kept in metadata.
 * OneGen ``db.jsonl`` ``{"uid": str, "messages": [{"role", "content"}, ...]}``: read, like the
-  JSONL lines above, by ``onegen_core.documents`` — the reader training uses. If the contents
+  JSONL lines above, by ``onegen_core.text.documents`` — the reader training uses. If the contents
   hold the checkpoint's document token (OneGen ends each sentence-level unit with it), unit *k*
   is document ``uid-k``; otherwise the whole text is document ``uid``. An entry of several
   units is a ``SourceEntry``: its units are encoded in one sequence, unit *k* after units
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from onegen_core.documents import Entry, EntryError, parse_entry, split_units
+from onegen_core.text.documents import Entry, EntryError, parse_entry, split_units
 
 from .errors import BuildError
 
@@ -57,7 +57,7 @@ class SourceRecord:
 
 @dataclass
 class SourceEntry:
-    """A OneGen entry of several units, encoded in one sequence (``onegen_core.documents.render_units``).
+    """A OneGen entry of several units, encoded in one sequence (``onegen_core.text.documents.render_units``).
 
     ``texts`` holds every unit's text (the sequence needs them all); ``units[k]`` is unit *k*'s
     record, or the ``Rejection`` that leaves it out of the index. Its units are never chunked.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from onegen_core.index_store import import_faiss
+from onegen_core.formats.index_store import import_faiss
 
 from .errors import BuildError
 

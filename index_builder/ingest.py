@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from onegen_core.checkpoint import Checkpoint
-from onegen_core.documents import render_units
-from onegen_core.index_store import Document, create_docstore, insert_documents
-from onegen_core.rendering import Renderer
+from onegen_core.formats.checkpoint import Checkpoint
+from onegen_core.formats.index_store import Document, create_docstore, insert_documents
+from onegen_core.text.documents import render_units
+from onegen_core.text.rendering import Renderer
 
 from .chunking import Chunker
 from .corpus import CorpusFile, CorpusReader, Rejection, SourceEntry, SourceRecord

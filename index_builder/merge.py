@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from onegen_core.checkpoint import Checkpoint
-from onegen_core.index_store import (
+from onegen_core.formats.checkpoint import Checkpoint
+from onegen_core.formats.index_store import (
     DOCSTORE,
     INDEX_FILE,
     MANIFEST,

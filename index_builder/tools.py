@@ -5,7 +5,7 @@ special-token ids must be the checkpoint's, the FAISS index, docstore and manife
 must agree on the count and dimension, and a seeded sample of documents is encoded
 again with the engine's encoder, in the dtype the manifest records, and compared with
 the stored vectors: a document alone (``Renderer.document``), a unit of a OneGen entry
-after the units before it (``onegen_core.documents.render_units``), as the build did.
+after the units before it (``onegen_core.text.documents.render_units``), as the build did.
 An exact index (Flat storage) must hold the same vector within ``atol``; a compressed
 one (PQ, SQ) must hold what its own codec makes of the fresh vector, so a quantised
 index is checked as strictly as its codec allows.
@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from onegen_core.checkpoint import Checkpoint
-from onegen_core.documents import render_units
-from onegen_core.index_store import (
+from onegen_core.formats.checkpoint import Checkpoint
+from onegen_core.formats.index_store import (
     DOCSTORE,
     INDEX_FILE,
     MANIFEST,
@@ -35,7 +34,8 @@ from onegen_core.index_store import (
     Manifest,
     sqlite_uri,
 )
-from onegen_core.rendering import Renderer
+from onegen_core.text.documents import render_units
+from onegen_core.text.rendering import Renderer
 
 from .errors import BuildError, VerifyError
 from .faiss_index import codec_of, is_exact, reconstruct

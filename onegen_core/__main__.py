@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--preset", default="default", help="special-token preset for onegen.json")
     args = p.parse_args(argv)
 
-    from .checkpoint import CheckpointError
-    from .spec import SpecError, preset
+    from .formats.checkpoint import CheckpointError
+    from .formats.spec import SpecError, preset
 
     try:
         if args.cmd == "generate":
             return _generate(args)
-        from .gguf_import import import_gguf, smollm2_gguf_path
+        from .formats.gguf_import import import_gguf, smollm2_gguf_path
 
         if args.cmd == "import-gguf":
             path = import_gguf(args.gguf, args.out, preset(args.preset))

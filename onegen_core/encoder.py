@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .bucketing import length_buckets
-from .checkpoint import Checkpoint, load_checkpoint
 from .device import resolve_device, resolve_dtype
+from .formats.checkpoint import Checkpoint, load_checkpoint
 from .model import build_attention_metadata, build_model
-from .rendering import Renderer
+from .text.rendering import Renderer
 
 
 def normalize(h: torch.Tensor) -> torch.Tensor:

@@ -36,25 +36,25 @@ from typing import Any
 import torch
 
 from .blocking import BlockingCalls
-from .checkpoint import Checkpoint, load_checkpoint
-from .detokenizer import IncrementalDetokenizer
 from .device import resolve_device, resolve_dtype
 from .encoder import normalize
 from .engine_config import EngineConfig, step_token_budget
-from .index_store import IndexStore
+from .formats.checkpoint import Checkpoint, load_checkpoint
+from .formats.index_store import IndexStore
+from .formats.roles import Role
 from .inputs import ContextLengthExceeded, InputChecker, RequestInput
 from .insertion import PassageInserter
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner
 from .outputs import EngineEvent, Finished, TokenDelta
 from .params import RetrievalParams, SamplingParams
-from .rendering import Rendered, Renderer
 from .retriever import Retriever, make_retriever
-from .roles import Role
 from .sampler import Sampler, SamplingRow
 from .scheduler import Scheduler
 from .searches import SearchJobs
 from .sequence import Sequence
+from .text.detokenizer import IncrementalDetokenizer
+from .text.rendering import Rendered, Renderer
 
 __all__ = ["ContextLengthExceeded", "Engine", "EngineConfig", "RequestInput"]
 

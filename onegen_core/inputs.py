@@ -15,7 +15,7 @@ from typing import Any
 
 from .encoder import InputTooLong
 from .params import SamplingParams
-from .rendering import Rendered, Renderer, max_token_chars
+from .text.rendering import Rendered, Renderer, max_token_chars
 
 
 class ContextLengthExceeded(ValueError):

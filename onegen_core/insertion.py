@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from .checkpoint import SpecialTokenIds
+from .formats.checkpoint import SpecialTokenIds
+from .formats.roles import Role
 from .outputs import RetrievalEvent, RetrievalHit, RetrievalRecord
-from .rendering import Renderer
 from .retriever import Retriever
-from .roles import Role
 from .sequence import Sequence
+from .text.rendering import Renderer
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import Checkpoint
 from .engine_config import EngineConfig
+from .formats.checkpoint import Checkpoint
 from .kv_cache import allocate_kv_cache, kv_bytes_per_block
 from .model import build_model
 from .model.attention import build_host_attention_metadata

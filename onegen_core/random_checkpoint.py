@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .spec import OneGenSpec
+from .formats.spec import OneGenSpec
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -158,7 +158,7 @@ def make_query_token_likely(ckpt_dir: str | os.PathLike, prompts: list[str] | No
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .spec import OneGenSpec
+    from .formats.spec import OneGenSpec
 
     ckpt_dir = Path(ckpt_dir)
     spec = OneGenSpec.load(ckpt_dir)

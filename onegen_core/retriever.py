@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .index_store import Document, IndexStore, import_faiss
+from .formats.index_store import Document, IndexStore, import_faiss
 from .outputs import RetrievalHit
 
 

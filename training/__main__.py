@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(cfg, *, progress: bool) -> int:
-    from onegen_core.rendering import Renderer
+    from onegen_core.text.rendering import Renderer
 
     from .data import load_training_data, warn_truncation
     from .modeling import prepare_tokenizer, resolve_base_dir, resolve_spec

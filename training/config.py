@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onegen_core.conversation import CONVERSATION_FORMATS
-from onegen_core.spec import PRESETS
+from onegen_core.formats.spec import PRESETS
+from onegen_core.text.conversation import CONVERSATION_FORMATS
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

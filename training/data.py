@@ -3,7 +3,7 @@
 Files are read as OneGen published them (Contract 3):
 
 * ``db.jsonl`` — OneGen's ``{"uid": str, "messages": [{"role", "content"}, ...]}`` entries or
-  corpus lines ``{"id", "text", "title"?}``, read and rendered by ``onegen_core.documents``, the
+  corpus lines ``{"id", "text", "title"?}``, read and rendered by ``onegen_core.text.documents``, the
   reader the index builder uses too: each document RET token in an entry's text ends a *unit*
   (a retrievable vector), encoded after the units before it in one sequence; a document without
   one is a single unit that renders exactly as ``Renderer.document`` renders it. So the vectors
@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from onegen_core.conversation import render_conversation
-from onegen_core.documents import EntryError, parse_entry, render_units, split_units
-from onegen_core.rendering import Renderer, RenderError
+from onegen_core.text.conversation import render_conversation
+from onegen_core.text.documents import EntryError, parse_entry, render_units, split_units
+from onegen_core.text.rendering import Renderer, RenderError
 
-CACHE_VERSION = 3  # 3: db.jsonl read through onegen_core.documents
+CACHE_VERSION = 3  # 3: db.jsonl read through onegen_core.text.documents
 MAX_REPORTED_ERRORS = 20
 MAX_NAMED_TRUNCATIONS = 5
 TRUNCATION_POLICIES = ("drop", "keep", "error")

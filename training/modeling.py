@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from onegen_core.bucketing import length_buckets
-from onegen_core.checkpoint import SpecialTokenIds, resolve_special_tokens
 from onegen_core.device import DTYPES
-from onegen_core.spec import PRESETS, SPEC_FILENAME, OneGenSpec, SpecError
+from onegen_core.formats.checkpoint import SpecialTokenIds, resolve_special_tokens
+from onegen_core.formats.spec import PRESETS, SPEC_FILENAME, OneGenSpec, SpecError
 
 from .config import TrainConfig
 

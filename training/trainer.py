@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from onegen_core.device import auto_dtype
 from onegen_core.distributed import RankContext
-from onegen_core.rendering import Renderer
+from onegen_core.text.rendering import Renderer
 
 from .batching import Batch, OneGenCollator, batch_rng, micro_batches
 from .config import TrainConfig

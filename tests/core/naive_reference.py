@@ -7,7 +7,7 @@ sampled), written as plainly as possible so that the engine can be checked again
 It shares no code with the engine's pipeline, so a bug there cannot hide in both:
 
 * prompts and passages are rendered here from the checkpoint's ``onegen.json`` templates
-  with ``str.format`` and one ``tokenizer.encode`` (not ``onegen_core.rendering``);
+  with ``str.format`` and one ``tokenizer.encode`` (not ``onegen_core.text.rendering``);
 * special token ids come from the tokenizer by name (not ``engine.token_ids``);
 * search is a brute-force numpy inner product over the vectors of ``index.faiss`` read with
   plain ``faiss.read_index``, documents straight from ``docstore.sqlite`` (not ``engine.retriever``);

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.rendering import Renderer
-from onegen_core.roles import Role
-from onegen_core.spec import PRESETS, OneGenSpec, SpecError
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.formats.roles import Role
+from onegen_core.formats.spec import PRESETS, OneGenSpec, SpecError
+from onegen_core.text.rendering import Renderer
 
 
 def _copy(src, dst):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from onegen_core.checkpoint import CheckpointError, load_checkpoint
+from onegen_core.formats.checkpoint import CheckpointError, load_checkpoint
 from onegen_core.model import build_attention_metadata, build_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -73,8 +73,8 @@ def test_an_index_encoded_in_another_dtype_is_named_in_a_warning(retrieving_chec
 
     import numpy as np
 
-    from onegen_core.checkpoint import load_checkpoint
-    from onegen_core.index_store import Document, write_index_dir
+    from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.formats.index_store import Document, write_index_dir
 
     ckpt = load_checkpoint(retrieving_checkpoint)
     docs = [Document(id=f"d{i}", text=f"text {i}") for i in range(3)]

@@ -44,7 +44,7 @@ def test_cuda_sdpa_engine_matches_cpu(retrieving_checkpoint, tiny_index):
 def test_flash_backend_matches_sdpa(retrieving_checkpoint):
     """flash-attn (paged, varlen + kvcache) vs SDPA on the same chunk plan, bf16."""
     pytest.importorskip("flash_attn")
-    from onegen_core.checkpoint import load_checkpoint
+    from onegen_core.formats.checkpoint import load_checkpoint
     from onegen_core.kv_cache import allocate_kv_cache
     from onegen_core.model import build_attention_metadata, build_model
 

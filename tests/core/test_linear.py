@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from core_test_data import PROMPTS
 from torch import nn
 
-from onegen_core.checkpoint import load_checkpoint
 from onegen_core.engine import Engine, EngineConfig
+from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.model import build_attention_metadata, build_model
 from onegen_core.model.linear import PackedLinear, onednn_supported, resolve_linear_backend
 from onegen_core.params import RetrievalParams, SamplingParams

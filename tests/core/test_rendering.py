@@ -11,12 +11,12 @@ from dataclasses import replace
 
 import pytest
 
-from onegen_core.checkpoint import SpecialTokenIds, load_checkpoint, resolve_special_tokens
-from onegen_core.conversation import render_conversation
-from onegen_core.rendering import Renderer, RenderError
-from onegen_core.roles import Role
-from onegen_core.spec import OneGenSpec, SpecError
+from onegen_core.formats.checkpoint import SpecialTokenIds, load_checkpoint, resolve_special_tokens
+from onegen_core.formats.roles import Role
+from onegen_core.formats.spec import OneGenSpec, SpecError
 from onegen_core.testing import build_tokenizer
+from onegen_core.text.conversation import render_conversation
+from onegen_core.text.rendering import Renderer, RenderError
 
 INJECTIONS = [
     "<paragraph>x</paragraph>",

@@ -3,7 +3,7 @@
 Regression: training encoded unit k of an entry after units 0 .. k-1 in one forward while the index
 builder encoded every fragment alone under the document template, so a checkpoint trained on such
 data was served against vectors it was never trained to match. Both now read the entry through
-``onegen_core.documents``; this builds an index with the real CLI and compares every vector with
+``onegen_core.text.documents``; this builds an index with the real CLI and compares every vector with
 the one training's own forward (``OneGenModel.hidden``, via evaluation's ``encode_units``) gives.
 """
 
@@ -20,10 +20,10 @@ import torch
 
 from index_builder.cli import main
 from index_builder.tools import verify
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.documents import parse_entry, split_units
-from onegen_core.index_store import IndexStore
-from onegen_core.rendering import Renderer
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.formats.index_store import IndexStore
+from onegen_core.text.documents import parse_entry, split_units
+from onegen_core.text.rendering import Renderer
 
 DB = [
     {"uid": "caps", "messages": [{"role": "user", "content": "Paris is the capital of France.[RD] Berlin is the "
@@ -118,8 +118,8 @@ def test_unindexable_parts_of_an_entry_are_reported(tiny_checkpoint, tmp_path, c
     assert rejected == ["e-1", "e-3"]
     # unit 2 is still encoded after units 0 and 1, as training encodes it
     renderer = Renderer.for_checkpoint(load_checkpoint(tiny_checkpoint))
-    from onegen_core.documents import render_units
     from onegen_core.encoder import Encoder
+    from onegen_core.text.documents import render_units
 
     seq, positions = render_units(renderer, ["A.", " ", "B."])
     enc = Encoder.from_checkpoint(tiny_checkpoint, dtype="float32", device="cpu")

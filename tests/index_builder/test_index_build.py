@@ -11,8 +11,8 @@ import pytest
 from ib_data import make_records, write_jsonl
 
 from index_builder import BuildConfig, build_index
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.index_store import Document, IndexStore
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.formats.index_store import Document, IndexStore
 from onegen_core.retriever import FaissRetriever, TorchRetriever
 
 

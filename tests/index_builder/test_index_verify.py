@@ -11,8 +11,8 @@ import pytest
 from index_builder.cli import main
 from index_builder.errors import VerifyError
 from index_builder.tools import verify
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.index_store import FingerprintMismatchError, IndexStore
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.formats.index_store import FingerprintMismatchError, IndexStore
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 
 from index_builder.chunking import ChunkConfig, Chunker
 from index_builder.corpus import SourceRecord
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.rendering import Renderer
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.text.rendering import Renderer
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import pytest
 from server_harness import REPO, ServerProcess
 from wiki_dump_fixture import ARTICLES, write_dump
 
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.spec import OneGenSpec
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.formats.spec import OneGenSpec
 from server.prepare_default import DIGEST_FILE, SHIPPED_INDEX, prepare_default
 
 SPEC = {"preset": "default", "document_template": "{title}\n{text}", "passage_template": "{title}\n{text}",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from onegen_core.checkpoint import load_checkpoint
+from onegen_core.formats.checkpoint import load_checkpoint
 from server.demo import DEMO_CORPUS, DEMO_MARKER, prepare_demo
 
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from server_harness import API_KEY, HEADER_TIMEOUT_S, RETRIEVING_PROMPT
 
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.rendering import Renderer
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.text.rendering import Renderer
 from server import ServerSettings, create_app
 
 LONG_TEXT = "Paris is the capital of France. " * 400  # more tokens than the demo model's 2048-token context

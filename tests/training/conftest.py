@@ -91,7 +91,7 @@ def build_base(out: Path, text: str, *, vocab_size: int = 600, hidden: int = 64,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from onegen_core.spec import OneGenSpec
+    from onegen_core.formats.spec import OneGenSpec
     from onegen_core.testing import build_tokenizer, tiny_config
 
     spec = OneGenSpec()

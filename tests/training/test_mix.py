@@ -103,8 +103,8 @@ def test_the_mix_writes_every_task_with_the_query_token_where_it_belongs(tmp_pat
 
     # The data passes the trainer's own loader: unit ids resolve, every conversation renders, the query token of
     # the retrieving tasks is a RET position with (or, for general questions, without) a positive.
-    from onegen_core.checkpoint import load_checkpoint
-    from onegen_core.rendering import Renderer
+    from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.text.rendering import Renderer
     from training.data import load_training_data
 
     data = load_training_data(Renderer.for_checkpoint(load_checkpoint(base)), train_file=out / "train.jsonl",

@@ -102,8 +102,8 @@ def test_prepare_writes_valid_data_with_no_heldout_article_in_training(tmp_path,
 
 def test_prepared_data_loads_in_training(tmp_path, dump, tiny_checkpoint):
     """train.jsonl + db.jsonl pass the trainer's own loader (unit ids resolve, conversations render)."""
-    from onegen_core.checkpoint import load_checkpoint
-    from onegen_core.rendering import Renderer
+    from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.text.rendering import Renderer
     from onegen_core.wikipedia import write_corpus
     from training.data import load_training_data
 

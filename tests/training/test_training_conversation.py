@@ -1,14 +1,14 @@
-"""Labels and roles of rendered OneGen conversations, checked by hand (onegen_core.conversation)."""
+"""Labels and roles of rendered OneGen conversations, checked by hand (onegen_core.text.conversation)."""
 
 from __future__ import annotations
 
 import pytest
 
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.conversation import render_conversation
-from onegen_core.rendering import Renderer, RenderError
-from onegen_core.roles import Role
-from onegen_core.spec import PRESETS
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.formats.roles import Role
+from onegen_core.formats.spec import PRESETS
+from onegen_core.text.conversation import render_conversation
+from onegen_core.text.rendering import Renderer, RenderError
 
 C, G, R = Role.CTX, Role.GEN, Role.RET
 

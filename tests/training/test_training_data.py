@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.rendering import Renderer
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.text.rendering import Renderer
 from training.batching import OneGenCollator, epoch_order
 from training.config import TrainConfig
 from training.data import DataError, load_training_data

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.index_store import Document, write_index_dir
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.formats.index_store import Document, write_index_dir
 from training.config import TrainConfig
 from training.trainer import run_training
 
@@ -62,7 +62,7 @@ def test_training_takes_retrieval_from_chance_to_recall(trained):
 def test_checkpoint_loads_plainly_and_emits_the_query_token(trained, synthetic_task):
     from transformers import AutoModelForCausalLM
 
-    from onegen_core.rendering import Renderer
+    from onegen_core.text.rendering import Renderer
 
     result, _, _ = trained
     ckpt = load_checkpoint(result.output_dir)
@@ -115,7 +115,7 @@ def test_index_vectors_are_the_training_vectors(trained, synthetic_task):
     from transformers import AutoModelForCausalLM
 
     from onegen_core.encoder import Encoder
-    from onegen_core.rendering import Renderer
+    from onegen_core.text.rendering import Renderer
 
     result, _, _ = trained
     ckpt = load_checkpoint(result.output_dir)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from onegen_core.checkpoint import load_checkpoint
+from onegen_core.formats.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.trainer import run_training
 
@@ -108,7 +108,7 @@ def test_engine_serves_a_lora_adapter_with_new_tokens(tmp_path, multihop_task, s
 
     from onegen_core.encoder import Encoder
     from onegen_core.engine import Engine, EngineConfig
-    from onegen_core.index_store import Document, write_index_dir
+    from onegen_core.formats.index_store import Document, write_index_dir
     from onegen_core.params import RetrievalParams, SamplingParams
 
     res = _train(multihop_task, synthetic_base, tmp_path / "adapter")

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.conversation import render_conversation
 from onegen_core.encoder import Encoder
-from onegen_core.rendering import Renderer
-from onegen_core.spec import OneGenSpec
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.formats.spec import OneGenSpec
+from onegen_core.text.conversation import render_conversation
+from onegen_core.text.rendering import Renderer
 from training import modeling
 from training.config import TrainConfig
 from training.modeling import OneGenModel, resolve_spec

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from onegen_core.checkpoint import load_checkpoint
-from onegen_core.rendering import Renderer
+from onegen_core.formats.checkpoint import load_checkpoint
+from onegen_core.text.rendering import Renderer
 from training.data import DataError, load_training_data
 
 

@@ -170,7 +170,7 @@ def unsupported_config_field(config: Any, config_file: Path) -> str | None:
     Checked at load, so that the CLIs and the server refuse such a checkpoint with one line
     instead of failing later inside the model build.
     """
-    from .model.llama import STATIC_ROPE_TYPES
+    from ..model.llama import STATIC_ROPE_TYPES
 
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else None

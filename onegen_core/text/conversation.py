@@ -18,7 +18,7 @@ query token and the passage delimiters, so its text is tokenised as markup (spec
 tokens parsed). System and user contents are plain text, as the engine renders them:
 a special-token string typed there stays characters.
 
-Two ways to turn messages into text, both built on :class:`~onegen_core.rendering.Renderer`
+Two ways to turn messages into text, both built on :class:`~onegen_core.text.rendering.Renderer`
 so a prompt renders here exactly as the engine renders it:
 
 * ``"chat_template"`` — the tokenizer's chat template. The text before assistant turn
@@ -33,8 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..formats.roles import Role
 from .rendering import Renderer, RenderError, slice_segments
-from .roles import Role
 
 ConversationFormat = Literal["chat_template", "concat"]
 CONVERSATION_FORMATS: tuple[str, ...] = ("chat_template", "concat")

@@ -39,9 +39,9 @@ except ImportError:  # pragma: no cover - without jinja2 transformers renders no
     class TemplateError(Exception):  # type: ignore[no-redef]
         """Stands in for jinja2's, which nothing can raise then."""
 
-from .checkpoint import SpecialTokenIds
-from .roles import Role
-from .spec import OneGenSpec
+from ..formats.checkpoint import SpecialTokenIds
+from ..formats.roles import Role
+from ..formats.spec import OneGenSpec
 
 # A piece of text and whether it is markup (True: special tokens parsed) or plain (False: never special).
 Segment = tuple[str, bool]
