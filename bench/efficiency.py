@@ -142,9 +142,9 @@ TINY_NAMES = ["Zorblat", "Mirelle", "Quenta", "Odrin", "Berlin", "Madrid", "Pari
 
 def tiny_setup(device: torch.device) -> Setup:
     """A tiny random checkpoint and a synthetic index (built once under .cache/efficiency-tiny)."""
-    from onegen_core.encoder import Encoder
     from onegen_core.formats.checkpoint import load_checkpoint
     from onegen_core.formats.index_store import Document, write_index_dir
+    from onegen_core.retrieval.encoder import Encoder
     from onegen_core.testing import build_tiny_checkpoint
 
     ckpt_dir, index_dir = TINY_ROOT / "checkpoint", TINY_ROOT / "index"
@@ -243,7 +243,7 @@ def minilm_retriever(setup: Setup, enc: MiniLMEncoder, device: torch.device) -> 
     from quality import cached_encode, file_digest
 
     from onegen_core.formats.index_store import Document
-    from onegen_core.retriever import TorchRetriever
+    from onegen_core.retrieval.retriever import TorchRetriever
 
     docs = setup.minilm_docs
     texts = [f"{t}. {x}" if t else x for _, t, x in docs]
@@ -660,9 +660,9 @@ def load_context(args: argparse.Namespace, setup: Setup, device: torch.device, m
                  ) -> dict[str, Any]:
     """The engine, the same-model encoder and the MiniLM retriever, with the cells' prompts: what every mode runs on
     (``run_cell``'s context). MiniLM is an optional extra: without it its mode is dropped, with a note."""
-    from onegen_core.encoder import Encoder
     from onegen_core.engine import Engine, EngineConfig
     from onegen_core.model import build_model
+    from onegen_core.retrieval.encoder import Encoder
 
     engine = Engine.from_checkpoint(setup.checkpoint, setup.index, EngineConfig(
         dtype=setup.dtype, device=str(device), max_num_seqs=max_conc, kv_cache_memory_gb=2.0,

@@ -1,6 +1,6 @@
 """The four ways to answer the same RAG workload that ``bench/efficiency.py`` times, and the check that
 their answers agree. Only the engine's public API is used (``add_request`` / ``step`` / ``retriever`` /
-``renderer`` / ``tokenizer`` / ``token_ids`` / ``checkpoint``), plus ``onegen_core.encoder.Encoder`` for the
+``renderer`` / ``tokenizer`` / ``token_ids`` / ``checkpoint``), plus ``onegen_core.retrieval.encoder.Encoder`` for the
 separate query forward of the baselines.
 
 A *workload* is N requests (N = concurrency) of prompt token ids, ``max_tokens`` generated tokens each

@@ -91,8 +91,8 @@ def part1(args: argparse.Namespace, tmp: Path) -> list[dict]:
     import faiss
 
     from index_builder import BuildConfig, build_index
-    from onegen_core.encoder import Encoder
     from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.retrieval.encoder import Encoder
     from onegen_core.text.rendering import Renderer
 
     ckpt_dir = prepare_model(args.model)

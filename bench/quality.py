@@ -522,7 +522,7 @@ RETRIEVERS = {"onegen": ("OneGen trained ([RQ] hidden state)", "retrieval: OneGe
 def rank_onegen(inp: Inputs) -> list[list[str]]:
     """The encoder /retrieve uses, against the index's stored vectors (or its own search where it cannot hand
     them out, deep enough to fill the top 10 after pool filtering and dedup)."""
-    from onegen_core.encoder import Encoder
+    from onegen_core.retrieval.encoder import Encoder
 
     enc = Encoder.from_checkpoint(inp.ckpt, dtype="float32", device="cpu")
     qv = encode_in_chunks(enc.encode_queries, [q.question for q in inp.r_questions], "OneGen queries")
@@ -549,8 +549,8 @@ def rank_onegen(inp: Inputs) -> list[list[str]]:
 
 def rank_base(inp: Inputs) -> list[list[str]]:
     """The untrained base through the trained checkpoint's templates (document vectors cached)."""
-    from onegen_core.encoder import Encoder
     from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.retrieval.encoder import Encoder
 
     args, passages, pool = inp.args, inp.passages, inp.pool
     with tempfile.TemporaryDirectory(prefix="onegen-quality-base-") as tmp:
@@ -677,7 +677,7 @@ def answer_engine(inp: Inputs) -> tuple[Any, dict[int, str]]:
     """The engine of section 2 (with ``--pool heldout`` searching the same pool as section 1) and the corpus
     passage of each of its vector ids."""
     from onegen_core.engine import Engine
-    from onegen_core.retriever import TorchRetriever
+    from onegen_core.retrieval.retriever import TorchRetriever
 
     args, units, keep = inp.args, inp.units, inp.keep
     cfg = engine_config(args)

@@ -2,7 +2,7 @@
 
 ``python -m index_builder build --checkpoint CKPT --corpus corpus.jsonl --out INDEX``
 reads the corpus (JSONL, OneGen db.jsonl, .txt/.md folders; gzip), optionally chunks
-it by tokens, encodes every document with the checkpoint's model (``onegen_core.encoder``:
+it by tokens, encodes every document with the checkpoint's model (``onegen_core.retrieval.encoder``:
 document template + [RD], hidden state at [RD]) in length buckets, and writes ``index.faiss``,
 ``docstore.sqlite`` and ``manifest.json``. Builds are sharded, resumable and atomic,
 and run on several ranks under ``torchrun``. ``info``, ``search`` and ``verify``

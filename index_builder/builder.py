@@ -7,12 +7,12 @@ The phases, each in its own module, share a work directory beside the output
 2. encode (here) — every rank encodes its share of the pending shards into shard files;
 3. ``merge`` — rank 0 assembles the FAISS index, docstore and manifest, and publishes them.
 
-Encoding goes through ``onegen_core.encoder.Encoder``, the standalone encoder: the engine's
+Encoding goes through ``onegen_core.retrieval.encoder.Encoder``, the standalone encoder: the engine's
 native forward, rendering and normalisation, run without the engine. A document is rendered
 by ``Renderer.document`` and encoded at its document token; the units of a OneGen entry of
 several units are encoded in one sequence (``onegen_core.text.documents``), each at its own
 document token, as training encodes them. Within a shard, ``Encoder.encode_sorted`` groups
-the sequences in length buckets (``onegen_core.bucketing``: at most ``batch_tokens`` tokens
+the sequences in length buckets (``onegen_core.model.bucketing``: at most ``batch_tokens`` tokens
 and ``batch_size`` sequences, little padding) and puts the vectors back in order. A shard's
 vectors do not depend on which rank or run encoded it, so an interrupted, resumed or
 distributed build gives the same index as an uninterrupted single-process one. The settings
@@ -40,10 +40,10 @@ from tqdm import tqdm
 
 from onegen_core.device import resolve_device, resolve_dtype
 from onegen_core.distributed import RankContext
-from onegen_core.encoder import Encoder
 from onegen_core.formats.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from onegen_core.formats.index_store import Manifest, sqlite_uri
 from onegen_core.formats.spec import SpecError
+from onegen_core.retrieval.encoder import Encoder
 from onegen_core.text.rendering import Renderer
 
 from .config import BuildConfig

@@ -134,8 +134,8 @@ def search(path: str | Path, checkpoint: Checkpoint, queries: list[str], k: int 
            dtype: str | None = None) -> list[list[Any]]:
     """Encode ``queries`` with the checkpoint (query template + [RQ]; in the index's encode dtype unless
     ``dtype`` is given) and search the index: hits per query."""
-    from onegen_core.encoder import Encoder
-    from onegen_core.retriever import FaissRetriever
+    from onegen_core.retrieval.encoder import Encoder
+    from onegen_core.retrieval.retriever import FaissRetriever
 
     store = open_index(path, expected_fingerprint=checkpoint.fingerprint)
     retriever = FaissRetriever(store, nprobe=nprobe, ef_search=ef_search)
@@ -163,7 +163,7 @@ class VerifyReport:
 def verify(path: str | Path, checkpoint: Checkpoint, *, sample: int = 32, seed: int = 0, atol: float = 1e-4,
            device: str = "cpu", dtype: str | None = None) -> VerifyReport:
     """Check the index against ``checkpoint``; raises ``VerifyError`` on a fingerprint mismatch."""
-    from onegen_core.encoder import Encoder
+    from onegen_core.retrieval.encoder import Encoder
 
     store = open_index(path, expected_fingerprint=checkpoint.fingerprint)
     m = store.manifest

@@ -37,7 +37,6 @@ import torch
 
 from .blocking import BlockingCalls
 from .device import resolve_device, resolve_dtype
-from .encoder import normalize
 from .engine_config import EngineConfig, step_token_budget
 from .formats.checkpoint import Checkpoint, load_checkpoint
 from .formats.index_store import IndexStore
@@ -48,7 +47,8 @@ from .kv_cache import BlockManager
 from .model_runner import ModelRunner
 from .outputs import EngineEvent, Finished, TokenDelta
 from .params import RetrievalParams, SamplingParams
-from .retriever import Retriever, make_retriever
+from .retrieval.encoder import normalize
+from .retrieval.retriever import Retriever, make_retriever
 from .sampler import Sampler, SamplingRow
 from .scheduler import Scheduler
 from .searches import SearchJobs

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .encoder import InputTooLong
 from .params import SamplingParams
+from .retrieval.encoder import InputTooLong
 from .text.rendering import Rendered, Renderer, max_token_chars
 
 

@@ -22,7 +22,7 @@ import torch
 from .formats.checkpoint import SpecialTokenIds
 from .formats.roles import Role
 from .outputs import RetrievalEvent, RetrievalHit, RetrievalRecord
-from .retriever import Retriever
+from .retrieval.retriever import Retriever
 from .sequence import Sequence
 from .text.rendering import Renderer
 

@@ -11,17 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .retrieval.retriever import RetrievalHit  # what a search returns, defined with the retrievers
+
 FinishReason = Literal["stop", "length", "abort", "error"]
-
-
-@dataclass
-class RetrievalHit:
-    doc_id: str
-    score: float
-    vector_id: int = -1
-    title: str | None = None
-    text: str | None = None  # only when the request asked for passages
-    metadata: dict[str, Any] | None = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from .formats.roles import Role
 from .outputs import SearchDone
 from .params import RetrievalParams, SamplingParams
-from .retriever import Retriever
+from .retrieval.retriever import Retriever
 from .sequence import SearchRequest, Sequence
 
 log = logging.getLogger(__name__)

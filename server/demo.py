@@ -65,9 +65,9 @@ def corpus_text(documents: list[Document]) -> str:
 
 def build_index(checkpoint_dir: str | Path, documents: list[Document], out_dir: str | Path) -> Path:
     """Encode ``documents`` with the checkpoint's model (the engine's encoder) and write an index dir."""
-    from onegen_core.encoder import Encoder
     from onegen_core.formats.checkpoint import load_checkpoint
     from onegen_core.formats.index_store import write_index_dir
+    from onegen_core.retrieval.encoder import Encoder
 
     ckpt = load_checkpoint(checkpoint_dir)
     vectors = Encoder.from_checkpoint(ckpt).encode_documents([(d.text, d.title) for d in documents])

@@ -177,7 +177,8 @@ async def retrieve(body: RetrieveRequest, request: Request, state: ServerState =
 
 def _query_error(e: ValueError, body: RetrieveRequest) -> APIError:
     """422 for a query the engine refused; one too long to encode is named by its position."""
-    from onegen_core.encoder import InputTooLong  # here, not at import: it loads torch (the engine has)
+    # here, not at import: it loads torch (the engine has)
+    from onegen_core.retrieval.encoder import InputTooLong
 
     if not isinstance(e, InputTooLong):
         return APIError(422, str(e), param="queries")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from onegen_core.encoder import normalize
+from onegen_core.retrieval.encoder import normalize
 
 from .data import Corpus, Example
 from .modeling import OneGenModel

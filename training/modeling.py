@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onegen_core.bucketing import length_buckets
 from onegen_core.device import DTYPES
 from onegen_core.formats.checkpoint import SpecialTokenIds, resolve_special_tokens
 from onegen_core.formats.spec import PRESETS, SPEC_FILENAME, OneGenSpec, SpecError
+from onegen_core.model.bucketing import length_buckets
 
 from .config import TrainConfig
 
@@ -211,7 +211,7 @@ class OneGenModel(nn.Module):
                 doc_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """LM loss sum, target count, query vectors [Q, H] and document vectors [M, H] of a right-padded batch.
 
-        Rows are run in length buckets (``onegen_core.bucketing``), each cut to its own longest row, so a batch
+        Rows are run in length buckets (``onegen_core.model.bucketing``), each cut to its own longest row, so a batch
         of long conversations and short documents does not pad every document to the longest conversation.
         """
         lengths = attention_mask.sum(1).tolist()

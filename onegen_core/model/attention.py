@@ -93,7 +93,7 @@ class AttentionMetadata:
 
 
 # Prefill rows share one padded SDPA call when padding adds at most this factor of attention work
-# (else one call each). The length bucketer (onegen_core.bucketing) keeps batches on the one-call path.
+# (else one call each). The length bucketer (onegen_core.model.bucketing) keeps batches on the one-call path.
 MAX_PAD_WASTE = 1.5
 
 

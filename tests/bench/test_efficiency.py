@@ -29,10 +29,10 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from onegen_core.encoder import Encoder
     from onegen_core.engine import Engine, EngineConfig
     from onegen_core.formats.checkpoint import load_checkpoint
     from onegen_core.formats.index_store import Document, write_index_dir
+    from onegen_core.retrieval.encoder import Encoder
     from onegen_core.testing import build_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("efficiency")

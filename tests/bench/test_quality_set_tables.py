@@ -149,9 +149,9 @@ CORPUS = [("p1", "Swift", "Jonathan Swift wrote the essay in 1729."), ("p2", "Me
 def tiny_run(tmp_path_factory):
     import quality
 
-    from onegen_core.encoder import Encoder
     from onegen_core.formats.checkpoint import load_checkpoint
     from onegen_core.formats.index_store import Document, write_index_dir
+    from onegen_core.retrieval.encoder import Encoder
     from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
 
     d = tmp_path_factory.mktemp("quality-sets")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from core_test_data import CORPUS
 
-from onegen_core.encoder import Encoder
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.index_store import Document, write_index_dir
+from onegen_core.retrieval.encoder import Encoder
 from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
 
 

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from onegen_core.bucketing import length_buckets
 from onegen_core.model.attention import MAX_PAD_WASTE
+from onegen_core.model.bucketing import length_buckets
 
 LENGTHS = [5, 40, 12, 40, 3, 25, 7]
 

@@ -8,10 +8,10 @@ from core_test_data import PROMPTS
 from naive_reference import naive_generate
 from transformers import AutoModelForCausalLM
 
-from onegen_core.encoder import Encoder
 from onegen_core.engine import ContextLengthExceeded, Engine, EngineConfig
 from onegen_core.outputs import Finished, RetrievalEvent, TokenDelta
 from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.retrieval.encoder import Encoder
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from core_test_data import PROMPTS
 
-from onegen_core.encoder import Encoder, InputTooLong
 from onegen_core.engine import ContextLengthExceeded, Engine, EngineConfig
 from onegen_core.outputs import Finished, SearchDone, TokenDelta
 from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.retrieval.encoder import Encoder, InputTooLong
 
 LONG_QUERY = " ".join(["Paris is the capital of France and Berlin lies on a river."] * 12)
 

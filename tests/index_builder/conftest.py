@@ -27,6 +27,6 @@ def flat_index(tiny_checkpoint, small_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def encoder(tiny_checkpoint):
     """The engine's encoder over the tiny checkpoint (the reference the index must match)."""
-    from onegen_core.encoder import Encoder
+    from onegen_core.retrieval.encoder import Encoder
 
     return Encoder.from_checkpoint(tiny_checkpoint, dtype="float32", device="cpu")

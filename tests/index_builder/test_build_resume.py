@@ -17,7 +17,7 @@ from ib_data import make_records, write_jsonl
 
 from index_builder import BuildConfig, BuildError, build_index
 from index_builder import builder as builder_mod
-from onegen_core.encoder import Encoder
+from onegen_core.retrieval.encoder import Encoder
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -82,7 +82,7 @@ def test_index_vectors_are_the_vectors_training_computes(built, tiny_checkpoint,
     assert sorted(trained) == sorted(ids)
     np.testing.assert_allclose(stored, np.stack([trained[i] for i in ids]), atol=1e-5, rtol=0)
     # not what encoding a later unit alone gives: the old builder's vectors
-    from onegen_core.encoder import Encoder
+    from onegen_core.retrieval.encoder import Encoder
 
     alone = Encoder.from_checkpoint(tiny_checkpoint, dtype="float32", device="cpu").encode_documents(
         [" Berlin is the capital of Germany.", " Zorblat lives in Quenta and works as a baker."])
@@ -118,7 +118,7 @@ def test_unindexable_parts_of_an_entry_are_reported(tiny_checkpoint, tmp_path, c
     assert rejected == ["e-1", "e-3"]
     # unit 2 is still encoded after units 0 and 1, as training encodes it
     renderer = Renderer.for_checkpoint(load_checkpoint(tiny_checkpoint))
-    from onegen_core.encoder import Encoder
+    from onegen_core.retrieval.encoder import Encoder
     from onegen_core.text.documents import render_units
 
     seq, positions = render_units(renderer, ["A.", " ", "B."])

@@ -13,7 +13,7 @@ from ib_data import make_records, write_jsonl
 from index_builder import BuildConfig, build_index
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.index_store import Document, IndexStore
-from onegen_core.retriever import FaissRetriever, TorchRetriever
+from onegen_core.retrieval.retriever import FaissRetriever, TorchRetriever
 
 
 def _rows(index_dir):

@@ -13,7 +13,7 @@ from index_builder import BuildConfig, build_index
 from index_builder.tools import index_info
 from onegen_core.engine import Engine, EngineConfig
 from onegen_core.formats.index_store import Document, IndexStore, write_index_dir
-from onegen_core.retriever import FaissRetriever
+from onegen_core.retrieval.retriever import FaissRetriever
 
 ODD_NAME = "idx#1 %20?x"
 

@@ -135,7 +135,7 @@ def test_retrieve_matches_the_encoder(client, demo_assets):
     """/retrieve == the one encoder (query template + [RQ]) + an exact search over the index vectors."""
     import faiss
 
-    from onegen_core.encoder import Encoder
+    from onegen_core.retrieval.encoder import Encoder
 
     ckpt, index = demo_assets
     queries = ["Where does Zorblat live?", "capital of France", "who plays the harp"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from server_harness import ServerProcess
 
-from onegen_core.encoder import Encoder
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.index_store import Document, write_index_dir
+from onegen_core.retrieval.encoder import Encoder
 
 DOCS = ["Paris is the capital of France.", "Berlin is the capital of Germany.", "The harp has strings."]
 

@@ -80,9 +80,9 @@ def test_checkpoint_loads_plainly_and_emits_the_query_token(trained, synthetic_t
 
 
 def test_engine_answers_with_retrieval(trained, synthetic_task, tmp_path):
-    from onegen_core.encoder import Encoder
     from onegen_core.engine import Engine, EngineConfig
     from onegen_core.params import RetrievalParams, SamplingParams
+    from onegen_core.retrieval.encoder import Encoder
 
     result, _, _ = trained
     ckpt = load_checkpoint(result.output_dir)
@@ -114,7 +114,7 @@ def test_index_vectors_are_the_training_vectors(trained, synthetic_task):
     final-layer hidden state at [RD])."""
     from transformers import AutoModelForCausalLM
 
-    from onegen_core.encoder import Encoder
+    from onegen_core.retrieval.encoder import Encoder
     from onegen_core.text.rendering import Renderer
 
     result, _, _ = trained

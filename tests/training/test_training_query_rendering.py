@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from onegen_core.encoder import Encoder
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.spec import OneGenSpec
+from onegen_core.retrieval.encoder import Encoder
 from onegen_core.text.conversation import render_conversation
 from onegen_core.text.rendering import Renderer
 from training import modeling

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .model.attention import MAX_PAD_WASTE
+from .attention import MAX_PAD_WASTE
 
 
 def length_buckets(lengths: Sequence[int], *, power: int = 2, max_waste: float = MAX_PAD_WASTE,

@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .formats.index_store import Document, IndexStore, import_faiss
-from .outputs import RetrievalHit
+from ..formats.index_store import Document, IndexStore, import_faiss
+
+
+@dataclass
+class RetrievalHit:
+    """One document a search found for one query."""
+
+    doc_id: str
+    score: float
+    vector_id: int = -1
+    title: str | None = None
+    text: str | None = None  # only when the request asked for passages
+    metadata: dict[str, Any] | None = None
 
 
 class Retriever(Protocol):
