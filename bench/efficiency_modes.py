@@ -123,7 +123,7 @@ class _Seg:
 def run_requests(engine: Any, inputs: list[list[int]], sampling: list[Any], retrieval: Any, clock: Clock,
                  query_ids: set[int]) -> list[_Seg]:
     """Submit ``inputs`` (prompt token ids) together and step the engine until all finish."""
-    from onegen_core.outputs import Finished, TokenDelta
+    from onegen_core.engine.outputs import Finished, TokenDelta
 
     ids = [engine.add_request(prompt_token_ids=p, sampling=sp, retrieval=retrieval)
            for p, sp in zip(inputs, sampling, strict=True)]
@@ -154,7 +154,7 @@ def forwarded(segs: list[_Seg]) -> int:
 
 
 def _sampling(max_tokens: int, forced: dict[int, int] | None = None) -> Any:
-    from onegen_core.params import SamplingParams
+    from onegen_core.engine.params import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, forced_tokens=forced or {})
 
@@ -172,7 +172,7 @@ def _passage_ids(engine: Any, hits: Sequence[Any]) -> list[int]:
 
 # --------------------------------------------------------------------------- the modes
 def one_pass(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
-    from onegen_core.params import RetrievalParams
+    from onegen_core.engine.params import RetrievalParams
 
     rq = _rq(engine)
     forced = dict.fromkeys(wl.hops, rq)
@@ -199,7 +199,7 @@ def one_pass(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
 
 
 def no_retrieval(engine: Any, wl: Workload, clock: Clock) -> ModeRun:
-    from onegen_core.params import RetrievalParams
+    from onegen_core.engine.params import RetrievalParams
 
     t0 = clock()
     segs = run_requests(engine, [r.prompt_ids for r in wl.requests], [_sampling(wl.max_tokens)] * len(wl.requests),
@@ -245,7 +245,7 @@ class _Tracker:
 
 def two_pass(engine: Any, wl: Workload, clock: Clock, retrieve: RetrieveFn, name: str = "two_pass") -> ModeRun:
     """Retrieve with a separate query forward, then prefill everything from scratch (module docstring)."""
-    from onegen_core.params import RetrievalParams
+    from onegen_core.engine.params import RetrievalParams
 
     rq = _rq(engine)
     qids = set(engine.token_ids.query_ids)
@@ -300,7 +300,7 @@ def ref_loop(engine: Any, wl: Workload, clock: Clock, encoder: Any, *, retokeniz
     (same forwards otherwise): the loop minus its re-tokenisation, for tests whose random tiny models
     write text that does not re-tokenise to the same ids.
     """
-    from onegen_core.params import RetrievalParams
+    from onegen_core.engine.params import RetrievalParams
 
     rq = _rq(engine)
     qids = set(engine.token_ids.query_ids)

@@ -51,7 +51,7 @@ def bench(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     from transformers import AutoModelForCausalLM
 
     from onegen_core.engine import Engine, EngineConfig
-    from onegen_core.params import RetrievalParams, SamplingParams
+    from onegen_core.engine.params import RetrievalParams, SamplingParams
 
     ckpt = prepare_model(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -361,7 +361,7 @@ def base_view(base_dir: Path, spec_file: Path, out: Path) -> Path:
 def run_batch(engine: Any, requests: list[dict[str, Any]], sampling: Any, retrieval: Any, desc: str) -> list[Any]:
     """``Engine.generate`` for a list of requests (messages or token ids), with a progress bar: every
     request is added first and the engine steps until all have finished, so they batch."""
-    from onegen_core.outputs import Finished, TokenDelta
+    from onegen_core.engine.outputs import Finished, TokenDelta
 
     ids = [engine.add_request(**r, sampling=sampling, retrieval=retrieval) for r in requests]
     results: dict[str, Any] = {}
@@ -695,7 +695,7 @@ def answer_engine(inp: Inputs) -> tuple[Any, dict[int, str]]:
 
 def answer_rows(inp: Inputs, engine: Any, mpass: list[Passage]) -> list[tuple[str, str, list[dict[str, Any]], Any]]:
     """(key, row name, one request per answer question, retrieval params) of every row of the answers table."""
-    from onegen_core.params import RetrievalParams
+    from onegen_core.engine.params import RetrievalParams
 
     qs = inp.a_questions
     on = RetrievalParams(enabled=True, k=1, max_retrievals=1)
@@ -742,7 +742,7 @@ def answers_table(inp: Inputs, minilm: MiniLMPool, timings: dict[str, float]
                   ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Section 2: every row's answers to the answer questions, scored against the references, and printed;
     the per-question details for the JSON."""
-    from onegen_core.params import SamplingParams
+    from onegen_core.engine.params import SamplingParams
 
     qs = inp.a_questions
     t0 = time.perf_counter()
@@ -897,7 +897,7 @@ def passage_of(doc_id: str, known: set[str] | dict[str, Any]) -> str:
 def run_set(engine: Any, rows: list[dict[str, Any]], form: str, retrieve: bool, by_id: dict[str, Passage],
             max_tokens: int, desc: str) -> list[SetOutput]:
     """One row of the set tables: every row of a set through the engine, greedy, batched; k=1, one retrieval."""
-    from onegen_core.params import RetrievalParams, SamplingParams
+    from onegen_core.engine.params import RetrievalParams, SamplingParams
 
     rp = RetrievalParams(enabled=True, k=1, max_retrievals=1) if retrieve else RetrievalParams(enabled=False)
     reqs = [set_request(r, form, by_id) for r in rows]

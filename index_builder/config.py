@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from onegen_core.engine_config import EngineConfig
+from onegen_core.engine.engine_config import EngineConfig
 
 # what the engine serves in (the index must be encoded in the same for identical vectors)
 DTYPES: tuple[str, ...] = next(f for f in fields(EngineConfig) if f.name == "dtype").metadata["choices"]

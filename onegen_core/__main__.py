@@ -13,8 +13,8 @@ import sys
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .engine import Engine, EngineConfig
-    from .params import RetrievalParams, SamplingParams
+    from .engine.engine import Engine, EngineConfig
+    from .engine.params import RetrievalParams, SamplingParams
 
     engine = Engine.from_checkpoint(args.checkpoint, args.index, EngineConfig(dtype=args.dtype, device=args.device))
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

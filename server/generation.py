@@ -27,8 +27,8 @@ from fastapi.responses import Response
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from onegen_core.outputs import EngineEvent, Finished, GenerationResult, RetrievalEvent, TokenDelta
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.outputs import EngineEvent, Finished, GenerationResult, RetrievalEvent, TokenDelta
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 
 from .errors import APIError, error_payload
 from .schemas import ResponseShapes, Retrieval

@@ -21,8 +21,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from onegen_core.outputs import GenerationResult, TokenDelta
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.outputs import GenerationResult, TokenDelta
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 
 from .auth import require_api_key
 from .errors import ERROR_RESPONSES, APIError, ErrorResponse

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from onegen_core.outputs import GenerationResult, RetrievalHit, RetrievalRecord, TokenDelta
+from onegen_core.engine.outputs import GenerationResult, RetrievalHit, RetrievalRecord, TokenDelta
 
 MAX_SEED = 2**63 - 1
 StopString = Annotated[str, Field(min_length=1, max_length=512)]

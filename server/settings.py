@@ -22,7 +22,7 @@ ENV_PREFIX = "ONEGEN_"
 
 def _engine_fields() -> dict[str, Any]:
     """``EngineConfig``'s fields as pydantic fields: same names, defaults, help and bounds (declared once, there)."""
-    from onegen_core.engine_config import EngineConfig
+    from onegen_core.engine.engine_config import EngineConfig
 
     hints = typing.get_type_hints(EngineConfig)
     out: dict[str, Any] = {}
@@ -102,7 +102,7 @@ class ServerSettings(EngineSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        from onegen_core.engine_config import check_device
+        from onegen_core.engine.engine_config import check_device
 
         return check_device(value)
 
@@ -125,7 +125,7 @@ class ServerSettings(EngineSettings):
 
     def engine_config(self) -> Any:
         """The ``EngineConfig`` these settings describe."""
-        from onegen_core.engine_config import EngineConfig
+        from onegen_core.engine.engine_config import EngineConfig
 
         return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from fastapi import Request
 
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 
 from .errors import APIError
 from .generation import Generation

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from onegen_core.outputs import (
+from onegen_core.engine.outputs import (
     EngineEvent,
     Finished,
     GenerationResult,

@@ -80,7 +80,7 @@ def _generate(base_checkpoint: str | os.PathLike, items: list[tuple[str, Message
               done: dict[str, tuple[str, bool]], *, max_tokens: int, batch_size: int, dtype: str, device: str,
               progress: bool) -> None:
     from onegen_core.engine import Engine, EngineConfig
-    from onegen_core.params import RetrievalParams, SamplingParams
+    from onegen_core.engine.params import RetrievalParams, SamplingParams
 
     cfg = EngineConfig(dtype=dtype, device=device, max_num_seqs=max(batch_size, 1))
     engine = Engine.from_checkpoint(base_checkpoint, None, cfg)

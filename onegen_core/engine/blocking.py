@@ -18,7 +18,7 @@ from .outputs import Finished, GenerationResult, RetrievalHit, SearchDone
 from .params import RetrievalParams, SamplingParams
 
 if TYPE_CHECKING:
-    from .retrieval.retriever import Retriever
+    from ..retrieval.retriever import Retriever
 
 
 class BlockingCalls:

@@ -35,30 +35,30 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device, resolve_dtype
+from ..formats.checkpoint import Checkpoint, load_checkpoint
+from ..formats.index_store import IndexStore
+from ..formats.roles import Role
+from ..retrieval.encoder import normalize
+from ..retrieval.retriever import Retriever, make_retriever
+from ..text.detokenizer import IncrementalDetokenizer
+from ..text.rendering import Rendered, Renderer
 from .blocking import BlockingCalls
-from .device import resolve_device, resolve_dtype
 from .engine_config import EngineConfig, step_token_budget
-from .formats.checkpoint import Checkpoint, load_checkpoint
-from .formats.index_store import IndexStore
-from .formats.roles import Role
 from .inputs import ContextLengthExceeded, InputChecker, RequestInput
 from .insertion import PassageInserter
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner
 from .outputs import EngineEvent, Finished, TokenDelta
 from .params import RetrievalParams, SamplingParams
-from .retrieval.encoder import normalize
-from .retrieval.retriever import Retriever, make_retriever
 from .sampler import Sampler, SamplingRow
 from .scheduler import Scheduler
 from .searches import SearchJobs
 from .sequence import Sequence
-from .text.detokenizer import IncrementalDetokenizer
-from .text.rendering import Rendered, Renderer
 
 __all__ = ["ContextLengthExceeded", "Engine", "EngineConfig", "RequestInput"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "onegen_core.engine", as before the engine became a package
 
 
 class Engine(BlockingCalls):

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..retrieval.encoder import InputTooLong
+from ..text.rendering import Rendered, Renderer, max_token_chars
 from .params import SamplingParams
-from .retrieval.encoder import InputTooLong
-from .text.rendering import Rendered, Renderer, max_token_chars
 
 
 class ContextLengthExceeded(ValueError):

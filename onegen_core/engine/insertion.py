@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from .formats.checkpoint import SpecialTokenIds
-from .formats.roles import Role
+from ..formats.checkpoint import SpecialTokenIds
+from ..formats.roles import Role
+from ..retrieval.retriever import Retriever
+from ..text.rendering import Renderer
 from .outputs import RetrievalEvent, RetrievalHit, RetrievalRecord
-from .retrieval.retriever import Retriever
 from .sequence import Sequence
-from .text.rendering import Renderer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ and returns the hidden state of each chunk that reaches its sequence's end: what
 engine samples from, searches with, or stores as a query vector.
 
 Its inputs (token ids, positions, cache slots, attention index tensors, the rows to
-gather) are built on the host and sent in one upload (``transfers.py``). It reads
+gather) are built on the host and sent in one upload (``onegen_core.transfers``). It reads
 sequences and never changes them: advancing ``num_cached_tokens`` is the scheduler's
 post-step.
 """
@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..formats.checkpoint import Checkpoint
+from ..model import build_model
+from ..model.attention import build_host_attention_metadata
+from ..transfers import TransferCounter, download
 from .engine_config import EngineConfig
-from .formats.checkpoint import Checkpoint
 from .kv_cache import allocate_kv_cache, kv_bytes_per_block
-from .model import build_model
-from .model.attention import build_host_attention_metadata
-from .transfers import TransferCounter, download
 
 if TYPE_CHECKING:
     from .scheduler import ScheduledChunk
@@ -93,7 +93,7 @@ class ModelRunner:
         self.max_model_len = min(max_len, self.usable_blocks * config.block_size)
         self.graph_runner = None
         if use_graphs:
-            from .model.cuda_graphs import DecodeGraphRunner
+            from ..model.cuda_graphs import DecodeGraphRunner
 
             self.graph_runner = DecodeGraphRunner(
                 m, self.kv_cache, max_bs=config.max_num_seqs,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .retrieval.retriever import RetrievalHit  # what a search returns, defined with the retrievers
+from ..retrieval.retriever import RetrievalHit  # what a search returns, defined with the retrievers
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .transfers import TransferCounter, download, upload
+from ..transfers import TransferCounter, download, upload
 
 
 @dataclass

@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from .formats.roles import Role
+from ..formats.roles import Role
+from ..retrieval.retriever import Retriever
 from .outputs import SearchDone
 from .params import RetrievalParams, SamplingParams
-from .retrieval.retriever import Retriever
 from .sequence import SearchRequest, Sequence
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ from enum import Enum
 
 import torch
 
-from .formats.roles import Role
+from ..formats.roles import Role
+from ..text.detokenizer import IncrementalDetokenizer
 from .outputs import FinishReason, GenerationResult, RetrievalRecord, Usage
 from .params import RetrievalParams, SamplingParams
-from .text.detokenizer import IncrementalDetokenizer
 
 
 class SequenceStatus(Enum):

@@ -8,10 +8,10 @@ from naive_reference import naive_generate
 from transformers import AutoModelForCausalLM
 
 from onegen_core.engine import Engine, EngineConfig
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.index_store import Document, write_index_dir
 from onegen_core.formats.spec import PRESETS
-from onegen_core.params import RetrievalParams, SamplingParams
 from onegen_core.retrieval.encoder import Encoder
 from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
 

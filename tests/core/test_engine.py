@@ -9,8 +9,8 @@ from naive_reference import naive_generate
 from transformers import AutoModelForCausalLM
 
 from onegen_core.engine import ContextLengthExceeded, Engine, EngineConfig
-from onegen_core.outputs import Finished, RetrievalEvent, TokenDelta
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.outputs import Finished, RetrievalEvent, TokenDelta
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 from onegen_core.retrieval.encoder import Encoder
 
 

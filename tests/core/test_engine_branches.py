@@ -16,8 +16,8 @@ from naive_reference import naive_generate
 from transformers import AutoModelForCausalLM
 
 from onegen_core.engine import Engine, EngineConfig
-from onegen_core.outputs import Finished
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.outputs import Finished
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 
 MAX_STEPS = 300  # a sequence left with nothing to compute would otherwise spin the step loop forever
 

@@ -9,8 +9,8 @@ import torch
 from core_test_data import PROMPTS
 
 from onegen_core.engine import Engine, EngineConfig
-from onegen_core.outputs import Finished, RetrievalHit
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.outputs import Finished, RetrievalHit
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 
 
 class FlakyRetriever:

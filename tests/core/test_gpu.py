@@ -12,7 +12,7 @@ import torch
 from core_test_data import CORPUS, PROMPTS
 
 from onegen_core.engine import Engine, EngineConfig
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,8 +44,8 @@ def test_cuda_sdpa_engine_matches_cpu(retrieving_checkpoint, tiny_index):
 def test_flash_backend_matches_sdpa(retrieving_checkpoint):
     """flash-attn (paged, varlen + kvcache) vs SDPA on the same chunk plan, bf16."""
     pytest.importorskip("flash_attn")
+    from onegen_core.engine.kv_cache import allocate_kv_cache
     from onegen_core.formats.checkpoint import load_checkpoint
-    from onegen_core.kv_cache import allocate_kv_cache
     from onegen_core.model import build_attention_metadata, build_model
 
     dev = torch.device("cuda")

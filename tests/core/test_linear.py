@@ -9,10 +9,10 @@ from core_test_data import PROMPTS
 from torch import nn
 
 from onegen_core.engine import Engine, EngineConfig
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.model import build_attention_metadata, build_model
 from onegen_core.model.linear import PackedLinear, onednn_supported, resolve_linear_backend
-from onegen_core.params import RetrievalParams, SamplingParams
 from onegen_core.testing import ARCHS
 
 CPU = torch.device("cpu")
@@ -85,3 +85,14 @@ def test_backend_resolution_and_errors():
         resolve_linear_backend("mkl", CPU, torch.float32)
     with pytest.raises(ValueError, match="linear_backend must be one of"):
         EngineConfig(linear_backend="fast")
+
+
+def test_the_engine_setting_offers_the_backends_the_model_has():
+    """engine_config.py declares linear_backend's choices without importing the model (it loads no torch):
+    they must stay the model's own list."""
+    from dataclasses import fields
+
+    from onegen_core.model.linear import BACKENDS
+
+    [field] = [f for f in fields(EngineConfig) if f.name == "linear_backend"]
+    assert field.metadata["choices"] == BACKENDS

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from onegen_core.engine.kv_cache import allocate_kv_cache
 from onegen_core.formats.checkpoint import CheckpointError, load_checkpoint
-from onegen_core.kv_cache import allocate_kv_cache
 from onegen_core.model import build_attention_metadata, build_model
 from onegen_core.testing import ARCHS
 

@@ -8,9 +8,9 @@ import pytest
 from core_test_data import CORPUS
 
 from onegen_core.engine import Engine, EngineConfig
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.index_store import Document, write_index_dir
-from onegen_core.params import RetrievalParams, SamplingParams
 from onegen_core.retrieval.encoder import Encoder
 
 PROMPTS = ["Hello, how are you?", "What is seven times eight?", "Write a short poem.", "The river flows",

@@ -12,8 +12,8 @@ import pytest
 from core_test_data import PROMPTS
 
 from onegen_core.engine import ContextLengthExceeded, Engine, EngineConfig
-from onegen_core.outputs import Finished, SearchDone, TokenDelta
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.outputs import Finished, SearchDone, TokenDelta
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 from onegen_core.retrieval.encoder import Encoder, InputTooLong
 
 LONG_QUERY = " ".join(["Paris is the capital of France and Berlin lies on a river."] * 12)
@@ -164,7 +164,7 @@ def test_a_request_after_a_big_search_is_not_queued_behind_all_of_its_queries(en
 def test_step_budget_defaults_to_the_device(retrieving_checkpoint):
     """Unset, the budget is 512 tokens on the CPU (a 2048-token step there holds every stream for seconds) and
     2048 on a GPU; the engine reports the budget it runs with, and a given budget is kept."""
-    from onegen_core.engine_config import STEP_BUDGET_CPU, STEP_BUDGET_GPU, step_token_budget
+    from onegen_core.engine.engine_config import STEP_BUDGET_CPU, STEP_BUDGET_GPU, step_token_budget
 
     assert (STEP_BUDGET_CPU, STEP_BUDGET_GPU) == (512, 2048)
     assert step_token_budget(EngineConfig(), "cuda") == STEP_BUDGET_GPU

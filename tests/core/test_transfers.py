@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from onegen_core.engine import Engine, EngineConfig
-from onegen_core.params import RetrievalParams, SamplingParams
+from onegen_core.engine.params import RetrievalParams, SamplingParams
 from onegen_core.transfers import pack, unpack
 
 aten = torch.ops.aten

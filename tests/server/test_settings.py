@@ -86,7 +86,7 @@ def test_engine_settings_are_declared_once_by_engine_config():
     EngineConfig unchanged: nothing is copied by hand."""
     import dataclasses
 
-    from onegen_core.engine_config import EngineConfig
+    from onegen_core.engine.engine_config import EngineConfig
     from server.settings import build_parser, parse_settings
 
     flags = {a.dest for a in build_parser()._actions}

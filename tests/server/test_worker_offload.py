@@ -14,8 +14,8 @@ import time
 import pytest
 
 from onegen_core.engine import ContextLengthExceeded, Engine, EngineConfig
-from onegen_core.outputs import Finished
-from onegen_core.params import SamplingParams
+from onegen_core.engine.outputs import Finished
+from onegen_core.engine.params import SamplingParams
 from onegen_core.retrieval.encoder import InputTooLong
 from server.metrics import Metrics
 from server.worker import EngineWorker

@@ -125,7 +125,7 @@ def test_distillation_is_the_engines_greedy_answer_and_resumes(tmp_path, base):
     assert any(a is not None for a in both)
 
     from onegen_core.engine import Engine, EngineConfig
-    from onegen_core.params import RetrievalParams, SamplingParams
+    from onegen_core.engine.params import RetrievalParams, SamplingParams
 
     eng = Engine.from_checkpoint(base, None, EngineConfig(dtype="float32"))
     [ref] = eng.generate(messages=[convs[4]], sampling=SamplingParams(max_tokens=24),

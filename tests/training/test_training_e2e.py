@@ -81,7 +81,7 @@ def test_checkpoint_loads_plainly_and_emits_the_query_token(trained, synthetic_t
 
 def test_engine_answers_with_retrieval(trained, synthetic_task, tmp_path):
     from onegen_core.engine import Engine, EngineConfig
-    from onegen_core.params import RetrievalParams, SamplingParams
+    from onegen_core.engine.params import RetrievalParams, SamplingParams
     from onegen_core.retrieval.encoder import Encoder
 
     result, _, _ = trained

@@ -107,8 +107,8 @@ def test_engine_serves_a_lora_adapter_with_new_tokens(tmp_path, multihop_task, s
     from transformers import AutoConfig
 
     from onegen_core.engine import Engine, EngineConfig
+    from onegen_core.engine.params import RetrievalParams, SamplingParams
     from onegen_core.formats.index_store import Document, write_index_dir
-    from onegen_core.params import RetrievalParams, SamplingParams
     from onegen_core.retrieval.encoder import Encoder
 
     res = _train(multihop_task, synthetic_base, tmp_path / "adapter")
