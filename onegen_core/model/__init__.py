@@ -1,4 +1,4 @@
-"""Native model code: the Llama-family forward, attention backends and weight loading."""
+"""Native model code: the Llama-family forward, attention backends, weight loading, and length bucketing (which rows share one forward)."""
 
 from .attention import AttentionMetadata, build_attention_metadata
 from .llama import LlamaFamilyModel, build_model
