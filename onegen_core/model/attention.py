@@ -20,6 +20,7 @@ Backends:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,18 +143,11 @@ def _make_group(
     return group
 
 
-def build_attention_metadata(
-    q_lens: list[int],
-    ctx_lens: list[int],
-    *,
-    block_tables: list[list[int]] | None = None,
-    block_size: int = 16,
-    device: torch.device | str = "cpu",
-    backend: str = "sdpa",
-) -> AttentionMetadata:
-    """One step's attention index tensors (shared by every layer), on ``device``, uploaded in one copy."""
-    meta = build_host_attention_metadata(q_lens, ctx_lens, block_tables=block_tables, block_size=block_size,
-                                         backend=backend)
+def build_attention_metadata(q_lens: list[int], ctx_lens: list[int], *, device: torch.device | str = "cpu",
+                             **layout: Any) -> AttentionMetadata:
+    """``build_host_attention_metadata`` (``layout``: block tables, block size, backend), then uploaded to
+    ``device`` in one copy: one step's attention index tensors, shared by every layer."""
+    meta = build_host_attention_metadata(q_lens, ctx_lens, **layout)
     meta.to_device(torch.device(device))
     return meta
 
