@@ -26,13 +26,16 @@ from onegen_core.formats.index_store import (
     DOCSTORE,
     INDEX_FILE,
     MANIFEST,
+    VERSIONS,
     DocStore,
     Document,
     FingerprintMismatchError,
     IndexError_,
     IndexStore,
     Manifest,
+    list_versions,
     sqlite_uri,
+    version_name,
 )
 from onegen_core.text.documents import render_units
 from onegen_core.text.rendering import Renderer
@@ -55,7 +58,7 @@ def open_index(path: str | Path, *, expected_fingerprint: str | None = None) -> 
 def index_info(path: str | Path, *, samples: int = 3) -> dict[str, Any]:
     """What is in an index dir: the manifest, file sizes, the FAISS type, docstore counts, a few documents."""
     store = open_index(path)
-    path = Path(path)
+    path = store.path  # a versioned directory's current version
     with sqlite3.connect(sqlite_uri(path / DOCSTORE), uri=True) as con:
         n_docs = con.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
         n_chunks = con.execute("SELECT COUNT(*) FROM documents WHERE source IS NOT NULL").fetchone()[0]
@@ -67,6 +70,8 @@ def index_info(path: str | Path, *, samples: int = 3) -> dict[str, Any]:
     m = store.manifest
     return {
         "path": str(path),
+        "version": store.version,
+        "versions": _versions(store.root, store.version),
         "manifest": json.loads(m.to_json()),
         "faiss_type": type(faiss.downcast_index(store.index)).__name__,
         "ntotal": int(store.index.ntotal),
@@ -80,6 +85,19 @@ def index_info(path: str | Path, *, samples: int = 3) -> dict[str, Any]:
                             strict=True) if d is not None
         ],
     }
+
+
+def _versions(root: Path, current: int | None) -> list[dict[str, Any]]:
+    """Every version of a versioned directory: number, vector count, build/update time, whether current."""
+    out = []
+    for n in list_versions(root):
+        try:
+            m = Manifest.from_file(root / VERSIONS / version_name(n) / MANIFEST)
+        except IndexError_:
+            continue  # removed (--keep) or unreadable while we looked
+        out.append({"version": n, "count": m.count, "time": m.build_time, "current": n == current,
+                    "update": m.extra.get("update")})
+    return out
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -104,6 +122,11 @@ def format_info(info: dict[str, Any]) -> str:
             f"{corpus.get('rejected', 0)} rejected, {corpus.get('tokens', 0)} tokens"
         )
     lines.append(f"built        {m['build_time']}")
+    for v in info.get("versions", []):
+        u = v["update"]
+        what = (f"update of {u['base_version']}: +{u['added']} ~{u['replaced']} -{u['deleted']} documents, "
+                f"{u['encoded']} vectors encoded" if u else "build")
+        lines.append(f"version {v['version']:>6}{' *' if v['current'] else '  '} {v['count']} vectors, {v['time']}, {what}")
     lines.append("files        " + ", ".join(f"{k} ({_size(v)})" for k, v in info["files"].items()))
     for s in info["sample"]:
         lines.append(f"  [{s['vector_id']}] {s['id']}" + (f" — {s['title']}" if s["title"] else "") + f": {s['text']}")

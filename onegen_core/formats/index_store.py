@@ -9,6 +9,17 @@
   vector count, corpus digest, the encode dtype (``encode_dtype``), build time.
 
 The engine opens an index only if its fingerprint matches the checkpoint's.
+
+Versions. An index directory is either *plain* (the three files above, what ``build`` writes) or
+*versioned*: ``versions/NNNNNN/`` each a complete plain index directory, and ``CURRENT``, a
+one-line text file naming the current one (``000002``). ``CURRENT`` is replaced by writing a
+temporary file and renaming it over the old one, so a reader sees the old name or the new one,
+never a mix; a version directory is complete before ``CURRENT`` names it and is never changed
+after. ``resolve_version`` is the one place that decides which directory holds the current
+version; ``IndexStore.open`` (hence the engine, the server and the tools) goes through it.
+A reader that has opened a version keeps reading it even when a later update removes its
+directory: FAISS holds the index in memory (or an mmap of a file whose name alone is gone) and
+POSIX keeps an unlinked file readable through the descriptors already open.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ INDEX_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 DOCSTORE = "docstore.sqlite"
+CURRENT = "CURRENT"
+VERSIONS = "versions"
 
 
 class IndexError_(ValueError):
@@ -105,6 +118,48 @@ class Manifest:
             raise IndexError_(f"{path}: {e}") from None
 
 
+def version_name(number: int) -> str:
+    """The directory name of version ``number`` under ``versions/``."""
+    return f"{number:06d}"
+
+
+def resolve_version(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """``(directory holding the current version of path, its number)``; a plain directory is ``(path, None)``.
+
+    ``CURRENT`` wins over plain files: an update that converts a plain directory writes
+    ``versions/000001`` (links to the plain files), the new version and ``CURRENT``, and only then
+    removes the plain files; a reader that found no ``CURRENT`` and then no manifest looks again.
+    """
+    path = Path(path)
+    for _ in range(3):  # CURRENT may appear between the two checks while a plain directory is converted
+        pointer = path / CURRENT
+        try:
+            name = pointer.read_text().strip()
+        except FileNotFoundError:
+            name = None
+        except OSError as e:
+            raise IndexError_(f"{pointer}: cannot read the current-version pointer: {e}") from None
+        if name is not None:
+            if not name.isdigit():
+                raise IndexError_(f"{pointer}: expected a version number, found {name[:40]!r}")
+            version_dir = path / VERSIONS / name
+            if not (version_dir / MANIFEST).is_file():
+                raise IndexError_(f"{pointer} names version {name} but {version_dir} holds no {MANIFEST}")
+            return version_dir, int(name)
+        if (path / MANIFEST).is_file():
+            return path, None
+    raise IndexError_(f"{path}: not an index directory (no {MANIFEST} and no {CURRENT}); "
+                      "build one with python -m index_builder build")
+
+
+def list_versions(path: str | os.PathLike) -> list[int]:
+    """The complete version numbers under ``path/versions`` (ascending); [] for a plain directory."""
+    root = Path(path) / VERSIONS
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+
+
 class DocStore:
     """Read access to ``docstore.sqlite`` (thread-safe: one connection per call)."""
 
@@ -161,20 +216,24 @@ def insert_documents(con: sqlite3.Connection, first_vector_id: int, docs: list[D
 
 
 class IndexStore:
-    """An opened index directory: FAISS index + docstore + manifest."""
+    """An opened index directory: FAISS index + docstore + manifest. ``path`` is the directory the files
+    were read from (a versioned directory's current version), ``root`` the one asked for, ``version``
+    the version number (None for a plain directory)."""
 
-    def __init__(self, path: Path, manifest: Manifest, index: Any, docstore: DocStore):
+    def __init__(self, path: Path, manifest: Manifest, index: Any, docstore: DocStore, *,
+                 root: Path | None = None, version: int | None = None):
         self.path = path
         self.manifest = manifest
         self.index = index
         self.docstore = docstore
+        self.root = root if root is not None else path
+        self.version = version
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, expected_fingerprint: str | None = None, mmap: bool = False) -> IndexStore:
         faiss = import_faiss()
-        path = Path(path)
-        if not (path / MANIFEST).is_file():
-            raise IndexError_(f"{path}: not an index directory (no {MANIFEST}); build one with python -m index_builder build")
+        root = Path(path)
+        path, version = resolve_version(root)
         manifest = Manifest.from_file(path / MANIFEST)
         if expected_fingerprint is not None and manifest.checkpoint_fingerprint != expected_fingerprint:
             raise FingerprintMismatchError(
@@ -189,7 +248,7 @@ class IndexStore:
                 f"{path}: index.faiss has dim {index.d} and {index.ntotal} vectors but the manifest says "
                 f"dim {manifest.dim} and {manifest.count}"
             )
-        return cls(path, manifest, index, DocStore(path / DOCSTORE))
+        return cls(path, manifest, index, DocStore(path / DOCSTORE), root=root, version=version)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``queries``: [n, d] float32, L2-normalised. Returns (scores [n, k], vector ids [n, k]; -1 = none)."""
