@@ -5,12 +5,16 @@ reads the corpus (JSONL, OneGen db.jsonl, .txt/.md folders; gzip), optionally ch
 it by tokens, encodes every document with the checkpoint's model (``onegen_core.retrieval.encoder``:
 document template + [RD], hidden state at [RD]) in length buckets, and writes ``index.faiss``,
 ``docstore.sqlite`` and ``manifest.json``. Builds are sharded, resumable and atomic,
-and run on several ranks under ``torchrun``. ``info``, ``search`` and ``verify``
-inspect the result. The library entry point is ``build_index(BuildConfig(...))``.
+and run on several ranks under ``torchrun``. ``update`` adds, replaces and deletes documents,
+encoding only those, and publishes a new version of the directory (``index_builder.update``).
+``info``, ``search`` and ``verify`` inspect the result. The library entry points are
+``build_index(BuildConfig(...))`` and ``update_index(UpdateConfig(...))``.
 """
 
 from .builder import BuildResult, build_index
 from .config import BuildConfig
 from .errors import BuildError, VerifyError
+from .update import UpdateConfig, UpdateResult, update_index
 
-__all__ = ["BuildConfig", "BuildError", "BuildResult", "VerifyError", "build_index"]
+__all__ = ["BuildConfig", "BuildError", "BuildResult", "UpdateConfig", "UpdateResult", "VerifyError", "build_index",
+           "update_index"]

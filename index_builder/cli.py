@@ -1,4 +1,4 @@
-"""``python -m index_builder {build,info,search,verify}``: thin argparse over the library.
+"""``python -m index_builder {build,update,info,search,verify}``: thin argparse over the library.
 
 User errors (bad corpus lines, a missing checkpoint, an unwritable output, an index
 type FAISS rejects) print one precise message and exit with status 2, never a
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode a corpus with a OneGen checkpoint into an index directory (index.faiss, "
         "docstore.sqlite, manifest.json) that the engine serves.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{build,info,search,verify}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{build,update,info,search,verify}")
 
     b = sub.add_parser("build", help="encode a corpus into an index directory (resumable; torchrun for several ranks)",
                        description="Encode a corpus into an index directory. Interrupted builds resume when rerun "
@@ -93,8 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dist-timeout", type=_positive_int, default=24 * 3600,
                    help="seconds a rank waits for the others under torchrun (default: 86400)")
 
+    u = sub.add_parser("update", help="add, replace and delete documents: a new version of an index directory",
+                       description="Encode only the changed documents, carry every other vector over bit for bit, "
+                       "and publish the result as a new version of --index (DIR/versions/NNNNNN, DIR/CURRENT switched "
+                       "atomically). A plain index directory becomes version 1. Resumable: rerun the same command.")
+    u.add_argument("--index", required=True, type=Path, help="index directory to update (plain or versioned)")
+    u.add_argument("--checkpoint", required=True, type=Path, help="the checkpoint the index was built with")
+    u.add_argument("--corpus", nargs="+", type=Path, default=[], metavar="PATH",
+                   help="documents to add or replace by id (same formats as build); a document of several chunks "
+                   "or units is replaced whole")
+    u.add_argument("--delete", type=Path, default=None, metavar="IDS.txt", help="ids to delete, one a line")
+    u.add_argument("--keep", type=_positive_int, default=3,
+                   help="versions to keep; older version directories are removed after publishing (default: 3)")
+    u.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    u.add_argument("--dtype", default=None, help="encode dtype; must resolve to the index's (default: the index's)")
+    u.add_argument("--restart", action="store_true", help="discard an interrupted update of another set of arguments")
+    u.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+
     i = sub.add_parser("info", help="what is in an index directory", description="Show an index's manifest, "
-                       "FAISS type, docstore counts and a few documents.")
+                       "FAISS type, docstore counts, its versions and a few documents.")
     i.add_argument("index_dir", type=Path, help="index directory")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.add_argument("--samples", type=_nonneg_int, default=3, help="documents to show (default: 3)")
@@ -134,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             status = _build(args)
+        elif args.command == "update":
+            status = _update(args)
         elif args.command == "info":
             status = _info(args)
         elif args.command == "search":
@@ -211,6 +230,26 @@ def _build(args: argparse.Namespace) -> int:
         + (f"; {result.truncated} truncated" if result.truncated else "")
         + (f"; {result.rejected} rejected (see rejected.jsonl)" if result.rejected else "")
     )
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    from .update import UpdateConfig, update_index
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        cfg = UpdateConfig(index=args.index, checkpoint=args.checkpoint, corpus=args.corpus, delete=args.delete,
+                           keep=args.keep, device=args.device, dtype=args.dtype, restart=args.restart,
+                           progress=args.progress, log=log)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    r = update_index(cfg)
+    base = "plain directory, now version 1" if r.base_version is None else f"version {r.base_version}"
+    print(f"published version {r.version} of {r.index} (from {base}): {r.count} vectors; {r.added} added, "
+          f"{r.replaced} replaced, {r.deleted} deleted; encoded {r.documents_encoded} documents in {r.seconds:.1f}s"
+          + (f"; removed version(s) {', '.join(map(str, r.removed_versions))}" if r.removed_versions else ""))
     return 0
 
 
