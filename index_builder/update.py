@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from onegen_core.device import resolve_device, resolve_dtype
-from onegen_core.formats.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from onegen_core.formats.checkpoint import Checkpoint
 from onegen_core.formats.index_store import (
     CURRENT,
     DOCSTORE,
@@ -64,9 +64,8 @@ from onegen_core.formats.index_store import (
     sqlite_uri,
     version_name,
 )
-from onegen_core.formats.spec import SpecError
 
-from .builder import build_index
+from .builder import _load_checkpoint, build_index
 from .config import BuildConfig
 from .corpus import corpus_signature, expand_corpus
 from .errors import BuildError
@@ -194,13 +193,6 @@ def update_index(cfg: UpdateConfig, *, on_step: Callable[[str], None] = lambda s
 
 
 # ---------------------------------------------------------------------- checks and state
-def _load_checkpoint(path: Path) -> Checkpoint:
-    try:
-        return load_checkpoint(path)
-    except (CheckpointError, SpecError, OSError) as e:
-        raise BuildError(f"--checkpoint {path}: {e}") from None
-
-
 def _check_compatible(cfg: UpdateConfig, ckpt: Checkpoint, m: Manifest, base_dir: Path) -> str:
     """Refuse, before anything is written, an update whose vectors could not sit beside the index's."""
     if ckpt.fingerprint != m.checkpoint_fingerprint:
