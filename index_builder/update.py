@@ -331,6 +331,10 @@ def _compose(base_dir: Path, delta: Path | None, deletes: dict[str, int], delete
     new_sources = {r[-1] for r in new_rows}
 
     index = faiss.read_index(str(base_dir / INDEX_FILE))
+    try:  # IVF: reconstruct_n needs the direct map
+        faiss.extract_index_ivf(index).make_direct_map()
+    except RuntimeError:
+        pass
     old_vecs = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, m.dim), np.float32)
     kept_ids = np.array([r[0] for r in kept], dtype=np.int64)
     vecs = np.ascontiguousarray(np.concatenate([old_vecs[kept_ids], new_vecs]), dtype=np.float32)

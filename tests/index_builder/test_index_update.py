@@ -134,6 +134,27 @@ def test_update_encodes_only_what_changed(tiny_checkpoint, base_index, tmp_path,
     assert all(after3[k].tobytes() == after[k].tobytes() for k in after3)
 
 
+@pytest.mark.parametrize("factory", ["hnsw", "IVF2,Flat"])
+def test_exact_graph_and_ivf_indexes_update(tiny_checkpoint, tmp_path, factory):
+    """HNSW and IVF-Flat store vectors uncompressed: they are carried over bit for bit into the base's
+    emptied index (its IVF training and search settings kept)."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_records(100, seed=5, max_words=12))
+    idx = tmp_path / "idx"
+    build_index(BuildConfig(checkpoint=tiny_checkpoint, corpus=[corpus], out=idx, index=factory, device="cpu",
+                            dtype="float32", progress=False))
+    before = _vectors_by_id(idx)
+    changes, deletes = _changes(tmp_path)
+    r = update_index(_cfg(tiny_checkpoint, idx, changes, deletes))
+    after = _vectors_by_id(idx)
+    assert (r.documents_encoded, r.count) == (3, 100)
+    assert all(after[k].tobytes() == before[k].tobytes() for k in set(before) - {"d3", "d5", "d7"})
+    old = faiss.read_index(str(idx / "versions/000001/index.faiss"))
+    new = faiss.read_index(str(idx / "versions/000002/index.faiss"))
+    assert type(faiss.downcast_index(new)) is type(faiss.downcast_index(old))
+    hits = IndexStore.open(idx).search(after["new0"][None], 1)[1][0]
+    assert IndexStore.open(idx).docstore.get([int(hits[0])])[0].id == "new0"
+
+
 def test_update_replaces_every_chunk_of_a_document(tiny_checkpoint, tmp_path, monkeypatch):
     long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "long", "text": long_text}, {"id": "short", "text": "paris"}])
