@@ -141,11 +141,13 @@ def write_passages(out: Path, dump: str | os.PathLike | None = None, *, min_arti
 
 
 def index_matches(checkpoint: Path, index: Path, dtype: str) -> bool:
-    """The index exists, was built from this checkpoint, and with the dtype the server will encode queries in."""
+    """The index (its current version, when it has versions) exists, was built from this checkpoint, and with the
+    dtype the server will encode queries in."""
     from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.formats.index_store import resolve_version
 
     try:
-        manifest = json.loads((index / "manifest.json").read_text())
+        manifest = json.loads((resolve_version(index)[0] / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
     built = manifest.get("encode_dtype") or manifest.get("extra", {}).get("builder", {}).get("dtype")
