@@ -3,17 +3,11 @@ result equals an uninterrupted build's; changed settings are refused instead of 
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from ib_data import make_records, write_jsonl
+from ib_data import kill_after_shards, make_records, write_jsonl
 
 from index_builder import BuildConfig, BuildError, build_index
 from index_builder import builder as builder_mod
@@ -58,23 +52,8 @@ def test_sigkill_midway_then_rerun(tiny_checkpoint, tmp_path, monkeypatch):
     cfg = dict(checkpoint=tiny_checkpoint, corpus=[corpus], shard_size=shard, device="cpu", progress=False)
     args = ["--checkpoint", str(tiny_checkpoint), "--corpus", str(corpus), "--out", str(out),
             "--shard-size", str(shard), "--device", "cpu", "--quiet"]
-    # the same intra-op thread count as this process: CPU GEMMs may round differently with another
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "index_builder", "build", *args], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     shards = out.with_name("idx.building") / "shards"
-    deadline = time.monotonic() + 180
-    try:
-        while len(list(shards.glob("*.npy"))) < 3:
-            if proc.poll() is not None:
-                pytest.fail(f"the build ended (rc {proc.returncode}) before it could be killed: {proc.stderr.read()}")
-            assert time.monotonic() < deadline, "no shard was written within 180 s"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_shards(["build", *args], shards, REPO)
     done = {p.name for p in shards.glob("*.npy")}
     assert 3 <= len(done) < n_docs // shard, "the kill should land midway"
     assert not out.exists(), "an interrupted build must not publish its output"

@@ -4,20 +4,14 @@ and incompatible updates are refused before anything is published."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-import torch
-from ib_data import make_records, write_jsonl
+from ib_data import kill_after_shards, make_records, write_jsonl
 
 from index_builder import BuildConfig, build_index
 from index_builder.cli import main
@@ -209,24 +203,9 @@ def test_sigkill_midway_then_rerun(tiny_checkpoint, tmp_path, monkeypatch):
     ref, idx = tmp_path / "ref", tmp_path / "idx"
     shutil.copytree(base, ref)
     shutil.copytree(base, idx)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "index_builder", "update", "--index", str(idx), "--checkpoint", str(tiny_checkpoint),
-         "--corpus", str(changes), "--device", "cpu", "--quiet"],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     shards = tmp_path / "idx.updating" / "delta.building" / "shards"
-    deadline = time.monotonic() + 180
-    try:
-        while len(list(shards.glob("*.npy"))) < 3:
-            if proc.poll() is not None:
-                pytest.fail(f"the update ended (rc {proc.returncode}) before it could be killed: {proc.stderr.read()}")
-            assert time.monotonic() < deadline, "no shard was written within 180 s"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_shards(["update", "--index", str(idx), "--checkpoint", str(tiny_checkpoint), "--corpus", str(changes),
+                       "--device", "cpu", "--quiet"], shards, REPO)
     done = len(list(shards.glob("*.npy")))
     assert 3 <= done < n_changes // 5, "the kill should land midway"
     assert resolve_version(idx) == (idx, None), "an interrupted update publishes nothing"
