@@ -30,11 +30,12 @@ Answers from the base model are greedy, with retrieval off, generated offline wi
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 from .chat_prompts import chat_prompts, general_questions
+from .config import _f
 from .distill import distill
 from .questions import Question, Record
 
@@ -59,23 +60,19 @@ READING_TEMPLATES = (
 )
 
 
-def _knob(default: Any, help_text: str) -> Any:
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass(frozen=True)
 class MixConfig:
     """The mix's knobs (``python -m training prepare`` flags of the same names)."""
 
-    base: str | None = _knob(None, "the checkpoint to fine-tune, whose own answers the chat, general and refusal "
+    base: str | None = _f(None, "the checkpoint to fine-tune, whose own answers the chat, general and refusal "
                              "examples distil (required by the mixed recipe)")
-    chat_prompts: int = _knob(900, "no-corpus prompts answered without retrieval (7 kinds in turn)")
-    general_questions: int = _knob(100, "general-knowledge questions outside the corpus (at most 102)")
-    refusal_fraction: float = _knob(0.15, "fraction of the corpus questions also asked with a hard negative in the slot")
-    reading_fraction: float = _knob(0.15, "fraction of the corpus questions also asked with the passage in the prompt")
-    distill_max_tokens: int = _knob(160, "longest distilled answer; longer ones are left out (cut off)")
-    distill_batch_size: int = _knob(32, "conversations the engine generates at once while distilling")
-    distill_dtype: str = _knob("auto", "dtype of the engine that distils (auto: float32 on the CPU, bf16 on a GPU)")
+    chat_prompts: int = _f(900, "no-corpus prompts answered without retrieval (7 kinds in turn)")
+    general_questions: int = _f(100, "general-knowledge questions outside the corpus (at most 102)")
+    refusal_fraction: float = _f(0.15, "fraction of the corpus questions also asked with a hard negative in the slot")
+    reading_fraction: float = _f(0.15, "fraction of the corpus questions also asked with the passage in the prompt")
+    distill_max_tokens: int = _f(160, "longest distilled answer; longer ones are left out (cut off)")
+    distill_batch_size: int = _f(32, "conversations the engine generates at once while distilling")
+    distill_dtype: str = _f("auto", "dtype of the engine that distils (auto: float32 on the CPU, bf16 on a GPU)")
 
     def __post_init__(self) -> None:
         for name in ("refusal_fraction", "reading_fraction"):
