@@ -8,7 +8,7 @@
 #    and the mixed recipe (docs/training.md): retrieval QA, refusals, general questions, no-retrieval chat and
 #    passage reading, the base model's own answers distilled with the engine (cached: a rerun resumes);
 # 3. LoRA training with training/configs/default_smollm2_wiki.yaml (checkpoints every 25 steps: a rerun resumes).
-# The adapter lands in $ONEGEN_DEFAULT_ROOT/train/onegen-smollm2-wiki/final; copy it into server/default_model and
+# The adapter lands in $ONEGEN_DEFAULT_ROOT/train/onegen-smollm2-wiki; copy it into server/default_model and
 # rebuild the shipped index with `python -m server.prepare_default --force` (see server/default_model/README.md).
 # Extra arguments go to `python -m training train` (e.g. --max-steps 50 for a short run).
 set -euo pipefail
