@@ -6,7 +6,10 @@
   source, start, end)``; open it with any SQLite client.
 * ``manifest.json`` — format version, checkpoint fingerprint, special-token ids,
   dimension, metric (inner product on L2-normalised vectors), FAISS factory string,
-  vector count, corpus digest, the encode dtype (``encode_dtype``), build time.
+  vector count, corpus digest, the encode dtype (``encode_dtype``), build time, and ``bm25`` when the
+  directory holds a BM25 side index.
+* ``bm25/`` (optional) — the BM25 side index of hybrid retrieval, the ``bm25s`` package's files (``.npy``
+  arrays and JSON, no pickle); written and read by ``onegen_core.retrieval.bm25``.
 
 The engine opens an index only if its fingerprint matches the checkpoint's.
 
@@ -41,6 +44,10 @@ INDEX_FILE = "index.faiss"
 DOCSTORE = "docstore.sqlite"
 CURRENT = "CURRENT"
 VERSIONS = "versions"
+# Fields added to format version 1 after indexes were written with it, with their defaults: a manifest that
+# leaves them at the default is written without them, so a manifest written before they existed is read and
+# written back byte for byte (the committed default index's among them).
+MANIFEST_ADDED_FIELDS: dict[str, Any] = {"bm25": None}
 
 
 class IndexError_(ValueError):
@@ -93,12 +100,19 @@ class Manifest:
     # the dtype the documents were encoded in, resolved ("float32", "bfloat16", "float16"): queries encoded in
     # another give other vectors. None in manifests written before the field existed.
     encode_dtype: str | None = None
+    # the BM25 side index in ``bm25/`` (``onegen_core.retrieval.bm25.write_bm25`` writes it and this record:
+    # documents, the document template its text follows, tokenizer, bm25s version); None: there is none
+    bm25: dict[str, Any] | None = None
     build_time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     format_version: int = INDEX_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # builder settings, training size, …
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        data = asdict(self)
+        for name, default in MANIFEST_ADDED_FIELDS.items():  # written only when set: older files stay byte-identical
+            if data[name] == default:
+                del data[name]
+        return json.dumps(data, indent=2) + "\n"
 
     @classmethod
     def from_file(cls, path: Path) -> Manifest:
