@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,32 +176,51 @@ def list_versions(path: str | os.PathLike) -> list[int]:
 
 
 class DocStore:
-    """Read access to ``docstore.sqlite`` (thread-safe: one connection per call)."""
+    """Read access to ``docstore.sqlite`` through one read-only connection, held until ``close``.
+
+    The connection opens the file at construction and keeps its descriptor for its lifetime, so a
+    reader of an index version goes on reading its documents after ``index_builder update --keep``
+    removes that version's directory (POSIX keeps an unlinked file readable through the descriptors
+    already open); a connection per call would look the path up again and fail. Thread-safe: calls
+    take turns on the connection.
+    """
 
     def __init__(self, path: Path):
         if not path.is_file():
             raise IndexError_(f"{path}: docstore not found")
         self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._con: sqlite3.Connection | None = sqlite3.connect(sqlite_uri(path), uri=True,
+                                                                   check_same_thread=False)
+        except sqlite3.Error as e:
+            raise IndexError_(f"{path}: cannot open the docstore: {e}") from None
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(sqlite_uri(self.path), uri=True, check_same_thread=False)
+    def _query(self, sql: str, args: list[int] | tuple = ()) -> list[tuple]:
+        with self._lock:
+            if self._con is None:
+                raise IndexError_(f"{self.path}: the docstore has been closed")
+            return self._con.execute(sql, args).fetchall()
 
     def get(self, vector_ids: list[int]) -> list[Document | None]:
         if not vector_ids:
             return []
-        with self._connect() as con:
-            q = ",".join("?" * len(set(vector_ids)))
-            rows = con.execute(
-                f"SELECT vector_id, doc_id, title, text, metadata, source, start, end FROM documents "
-                f"WHERE vector_id IN ({q})",
-                [int(v) for v in set(vector_ids)],
-            ).fetchall()
+        wanted = sorted({int(v) for v in vector_ids})
+        q = ",".join("?" * len(wanted))
+        rows = self._query(f"SELECT vector_id, doc_id, title, text, metadata, source, start, end FROM documents "
+                           f"WHERE vector_id IN ({q})", wanted)
         by_id = {r[0]: _row_to_doc(r) for r in rows}
         return [by_id.get(int(v)) for v in vector_ids]
 
     def __len__(self) -> int:
-        with self._connect() as con:
-            return con.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+        return self._query("SELECT COUNT(*) FROM documents")[0][0]
+
+    def close(self) -> None:
+        """Close the connection (and with it the file); later calls raise ``IndexError_``."""
+        with self._lock:
+            con, self._con = self._con, None
+        if con is not None:
+            con.close()
 
 
 def _row_to_doc(r: tuple) -> Document:
@@ -263,6 +283,10 @@ class IndexStore:
                 f"dim {manifest.dim} and {manifest.count}"
             )
         return cls(path, manifest, index, DocStore(path / DOCSTORE), root=root, version=version)
+
+    def close(self) -> None:
+        """Close the docstore (the FAISS index is freed with the object)."""
+        self.docstore.close()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``queries``: [n, d] float32, L2-normalised. Returns (scores [n, k], vector ids [n, k]; -1 = none)."""
