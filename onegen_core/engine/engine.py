@@ -21,14 +21,21 @@ and never reach back into it: ``inputs.py`` renders and checks input, ``searches
 keeps the ``/retrieve`` jobs, ``insertion.py`` searches and inserts or annotates,
 ``blocking.py`` adds the blocking calls for scripts and tests.
 
+Indexes: the engine serves named indexes (``retrieval.registry``; a bare index directory is
+``default``) and a sequence searches the one its ``RetrievalParams.index`` names. A new version is
+loaded off the engine's thread (``load_index``) and swapped in on it between two steps
+(``swap_index``), so a search never sees half of one.
+
 Not thread-safe: one thread owns an engine (the server's worker thread).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,8 @@ from ..formats.checkpoint import Checkpoint, load_checkpoint
 from ..formats.index_store import IndexStore
 from ..formats.roles import Role
 from ..retrieval.encoder import normalize
-from ..retrieval.retriever import Retriever, make_retriever
+from ..retrieval.registry import DEFAULT_INDEX, IndexRegistry, LoadedIndex, load_index
+from ..retrieval.retriever import Retriever
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.rendering import Rendered, Renderer
 from .blocking import BlockingCalls
@@ -63,15 +71,20 @@ log = logging.getLogger(__package__)  # "onegen_core.engine", as before the engi
 
 class Engine(BlockingCalls):
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, retriever: Retriever | None = None,
-                 index: IndexStore | None = None):
+                 index: IndexStore | None = None, *, indexes: IndexRegistry | None = None):
+        """``retriever`` (and the ``index`` it searches, if any) is the ``default`` index; ``indexes`` serves
+        several by name instead."""
         config = config or EngineConfig()
+        if indexes is not None and retriever is not None:
+            raise ValueError("give retriever= (the default index) or indexes=, not both")
         self.checkpoint = checkpoint
         self.device = resolve_device(config.device)
         # the step budget's default depends on the device: what the engine runs with is what it reports
         self.config = config = replace(config, max_num_batched_tokens=step_token_budget(config, self.device.type))
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.index = index
-        self.retriever = retriever
+        self.indexes = indexes if indexes is not None else IndexRegistry()
+        if retriever is not None:
+            self.indexes.add(LoadedIndex(DEFAULT_INDEX, retriever, index))
         self.tokenizer = checkpoint.tokenizer
         self.renderer = Renderer.for_checkpoint(checkpoint)
         self.token_ids = checkpoint.token_ids
@@ -95,7 +108,8 @@ class Engine(BlockingCalls):
         self.default_max_retrievals = checkpoint.spec.retrieval.max_retrievals
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens in the last step's forward (at most max_num_batched_tokens)
-        self._check_index_dtype()
+        for entry in self.indexes.entries.values():
+            self._warn_index_dtype(entry)
         log.info("engine ready: %s %s on %s, %d KV blocks x %d, max_model_len %d, attention %s, linear %s",
                  checkpoint.model_type, self.dtype, self.device, self.runner.num_blocks, config.block_size,
                  self.max_model_len, self.runner.backend, self.model.linear_backend)
@@ -103,25 +117,78 @@ class Engine(BlockingCalls):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | Checkpoint, index_dir: str | Path | None = None,
-                        config: EngineConfig | None = None) -> Engine:
-        """Load a checkpoint and (optionally) an index dir whose fingerprint must match it."""
+                        config: EngineConfig | None = None, *,
+                        index_dirs: Mapping[str, str | os.PathLike] | None = None) -> Engine:
+        """Load a checkpoint and (optionally) index dirs whose fingerprint must match it: ``index_dir`` is the
+        ``default`` index, ``index_dirs`` maps names to directories (the first is the default unless one is
+        named ``default``)."""
         config = config or EngineConfig()
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-        store = retriever = None
+        dirs = dict(index_dirs or {})
         if index_dir is not None:
-            store = IndexStore.open(index_dir, expected_fingerprint=ckpt.fingerprint)
-            retriever = make_retriever(store, config.retriever, resolve_device(config.device))
-        return cls(ckpt, config, retriever=retriever, index=store)
+            if DEFAULT_INDEX in dirs:
+                raise ValueError(f"index {DEFAULT_INDEX!r} is given twice (index_dir and index_dirs)")
+            dirs = {DEFAULT_INDEX: index_dir, **dirs}
+        registry = IndexRegistry()
+        device = resolve_device(config.device)
+        for name, root in dirs.items():
+            registry.add(load_index(name, root, fingerprint=ckpt.fingerprint, dim=ckpt.config.hidden_size,
+                                    retriever=config.retriever, device=device))
+        return cls(ckpt, config, indexes=registry)
 
-    def _check_index_dtype(self) -> None:
-        """Warn when the index was encoded in another dtype than the one served: query vectors then come from a
+    # ------------------------------------------------------------------ indexes
+    @property
+    def retriever(self) -> Retriever | None:
+        """The default index's retriever (None without an index)."""
+        return self.indexes.retriever(None)
+
+    @retriever.setter
+    def retriever(self, retriever: Retriever) -> None:
+        name = self.indexes.default
+        if name is None:
+            self.indexes.add(LoadedIndex(DEFAULT_INDEX, retriever))
+        else:
+            self.indexes.entries[name].retriever = retriever
+
+    @property
+    def index(self) -> IndexStore | None:
+        """The default index's opened version (None without an index, or for a bare retriever)."""
+        entry = self.indexes.get(None)
+        return entry.store if entry is not None else None
+
+    def load_index(self, name: str) -> LoadedIndex:
+        """Load the current version of index ``name``'s directory, checked like the one it would replace (same
+        fingerprint and dimension; encoded in the served dtype or in the replaced version's). Any thread: it
+        reads files and builds the retriever while the engine steps; ``swap_index`` then serves it."""
+        old = self.indexes.entries.get(name)
+        if old is None or old.store is None:
+            raise ValueError(f"index {name!r} was not loaded from a directory: there is nothing to reload")
+        accepted = tuple(dict.fromkeys(d for d in (self._served_dtype, old.store.manifest.encode_dtype) if d))
+        return load_index(name, old.store.root, fingerprint=self.checkpoint.fingerprint,
+                          dim=self.model.hidden_size, retriever=self.config.retriever, device=self.device,
+                          accepted_dtypes=accepted)
+
+    def swap_index(self, entry: LoadedIndex) -> LoadedIndex:
+        """Serve ``entry`` from the next step on (the engine's thread, between steps) and close the version it
+        replaces, which no search can be using: searches run inside steps. Returns the replaced entry."""
+        old = self.indexes.swap(entry)
+        old.close()
+        self._warn_index_dtype(entry)
+        return old
+
+    @property
+    def _served_dtype(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def _warn_index_dtype(self, entry: LoadedIndex) -> None:
+        """Warn when an index was encoded in another dtype than the one served: query vectors then come from a
         slightly different computation than the document vectors they are compared with."""
-        encoded = self.index.manifest.encode_dtype if self.index is not None else None
-        served = str(self.dtype).removeprefix("torch.")
+        served = self._served_dtype
+        encoded = entry.store.manifest.encode_dtype if entry.store is not None else None
         if encoded and encoded != served:
             log.warning("the index %s was encoded in %s but the engine serves in %s: queries and documents are "
                         "encoded differently (rebuild the index with --dtype %s, or serve with --dtype %s)",
-                        self.index.path, encoded, served, served, encoded)
+                        entry.store.path, encoded, served, served, encoded)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -161,10 +228,11 @@ class Engine(BlockingCalls):
             raise ValueError("give either a prepared input or prompt / messages / prompt_token_ids, not both")
         request_id = self._new_request_id(request_id)
         resolved = RetrievalParams(
-            enabled=retrieval.enabled and self.retriever is not None,
+            enabled=retrieval.enabled and len(self.indexes) > 0,
             k=retrieval.k or self.default_k,
             max_retrievals=self.default_max_retrievals if retrieval.max_retrievals is None else retrieval.max_retrievals,
             return_passages=retrieval.return_passages,
+            index=self.indexes.name_for(retrieval.index),  # UnknownIndex (a ValueError) names the served ones
         )
         gen = None
         if sampling.seed is not None:
@@ -191,21 +259,23 @@ class Engine(BlockingCalls):
         k: int = 10,
         return_text: bool = False,
         request_id: str | None = None,
+        index: str | None = None,
     ) -> str:
         """Queue queries to encode and search (``searches.py``). Each query is scheduled like a prompt (chunked
         under the step's token budget, interleaved with decoding); its vector is the hidden state at its query RET
         token. Ends with one ``SearchDone``. ``k=0`` returns the vectors only. ``query_token_ids`` from
-        ``prepare_queries``."""
+        ``prepare_queries``. ``index``: the named index to search (None: the default)."""
         if (queries is None) == (query_token_ids is None):
             raise ValueError("give queries or query_token_ids")
         if query_token_ids is None:
             query_token_ids = self.prepare_queries(list(queries or []))
-        if k > 0 and self.retriever is None:
+        if k > 0 and not self.indexes:
             raise ValueError("no index is loaded: start the engine with an index directory")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        index = self.indexes.name_for(index)
         request_id = self._new_request_id(request_id)
-        for seq in self.searches.start(request_id, query_token_ids, k, return_text):
+        for seq in self.searches.start(request_id, query_token_ids, k, return_text, index):
             self.scheduler.add(seq)
         return request_id
 
@@ -290,14 +360,20 @@ class Engine(BlockingCalls):
         """Encoded ``/retrieve`` queries: free them, hand their vectors to their jobs, queue the jobs' next queries."""
         for seq in seqs:
             self.scheduler.finish(seq)
-        done, to_schedule = self.searches.store(seqs, vectors, self.retriever)
+        done, to_schedule = self.searches.store(seqs, vectors, self.indexes.retriever)
         for seq in to_schedule:
             self.scheduler.add(seq)
         return done
 
     def _retrieve(self, seqs: list[Sequence], queries: torch.Tensor) -> list[EngineEvent]:
-        """Sequences at a query token: search and insert or annotate (``insertion.py``); finish those it ended."""
-        events: list[EngineEvent] = self.inserter.retrieve(seqs, queries, self.retriever)
+        """Sequences at a query token: search the index each names and insert or annotate (``insertion.py``),
+        one batched search per index; finish those it ended."""
+        events: list[EngineEvent] = []
+        for name in dict.fromkeys(s.retrieval.index for s in seqs):
+            rows = [i for i, s in enumerate(seqs) if s.retrieval.index == name]
+            group = [seqs[i] for i in rows]
+            vectors = queries if len(rows) == len(seqs) else queries[torch.tensor(rows, dtype=torch.long)]
+            events += self.inserter.retrieve(group, vectors, self.indexes.retriever(name))
         for seq in seqs:
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)

@@ -43,8 +43,11 @@ class RetrievalParams:
     k: int | None = None  # passages per retrieval; None = the checkpoint's default
     max_retrievals: int | None = None  # per request; None = the checkpoint's default
     return_passages: bool = False  # include passage text in the trace
+    index: str | None = None  # the named index to search; None = the engine's default index
 
     def __post_init__(self) -> None:
+        if self.index is not None and not self.index:
+            raise ValueError("index must be a non-empty index name (or None for the default index)")
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.max_retrievals is not None and self.max_retrievals < 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -42,9 +43,11 @@ class SearchJobs:
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def start(self, request_id: str, query_token_ids: list[list[int]], k: int, return_text: bool) -> list[Sequence]:
-        """Open a job -> the query sequences to schedule now (the others follow as these are encoded)."""
-        job = SearchRequest(request_id, k, return_text, [None] * len(query_token_ids))
+    def start(self, request_id: str, query_token_ids: list[list[int]], k: int, return_text: bool,
+              index: str | None = None) -> list[Sequence]:
+        """Open a job searching the named ``index`` -> the query sequences to schedule now (the others follow as
+        these are encoded)."""
+        job = SearchRequest(request_id, k, return_text, [None] * len(query_token_ids), index=index)
         self.jobs[request_id] = job
         if not query_token_ids:
             self.ended.append(self._done(job))
@@ -56,11 +59,11 @@ class SearchJobs:
                 sampling=no_sampling, retrieval=no_retrieval, detok=None, search=job, search_slot=i))
         return self._feed(job)
 
-    def store(self, seqs: list[Sequence], vectors: torch.Tensor, retriever: Retriever | None
+    def store(self, seqs: list[Sequence], vectors: torch.Tensor, retriever_for: Callable[[str | None], Retriever | None]
               ) -> tuple[list[SearchDone], list[Sequence]]:
         """Vectors of encoded queries ([n, d] float32 unit vectors on the host, one per sequence of ``seqs``)
-        -> (the ``SearchDone`` of each job this completes, searched with ``retriever``; the next queries to
-        schedule)."""
+        -> (the ``SearchDone`` of each job this completes, searched with ``retriever_for(job.index)``: the
+        version served when its last vector arrives; the next queries to schedule)."""
         done: list[SearchDone] = []
         to_schedule: list[Sequence] = []
         for seq, vec in zip(seqs, vectors, strict=True):
@@ -70,7 +73,7 @@ class SearchJobs:
             job.vectors[seq.search_slot] = vec
             job.queued_tokens -= seq.num_tokens
             if job.complete:
-                done.append(self._done(job, retriever=retriever))
+                done.append(self._done(job, retriever=retriever_for(job.index)))
             else:
                 to_schedule += self._feed(job)
         return done, to_schedule

@@ -40,6 +40,7 @@ class SearchRequest:
     k: int  # 0: return the vectors only, no search
     return_text: bool
     vectors: list[torch.Tensor | None]  # one [d] float32 unit vector per query, as they complete
+    index: str | None = None  # the named index searched (resolved by the engine: None only when there is none)
     sequences: list[Sequence] = field(default_factory=list)  # one per query, in order
     next_query: int = 0  # sequences[:next_query] have been handed to the scheduler
     queued_tokens: int = 0  # tokens of those not encoded yet
