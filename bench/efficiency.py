@@ -153,8 +153,7 @@ def tiny_setup(device: torch.device) -> Setup:
         log(f"building a tiny checkpoint in {ckpt_dir}")
         build_tiny_checkpoint(ckpt_dir, hidden=256, layers=4, heads=8, kv_heads=4, max_positions=4096)
     ckpt = load_checkpoint(ckpt_dir)
-    manifest = index_dir / "manifest.json"
-    if not manifest.is_file() or json.loads(manifest.read_text()).get("checkpoint_fingerprint") != ckpt.fingerprint:
+    if (current_manifest(index_dir) or {}).get("checkpoint_fingerprint") != ckpt.fingerprint:
         log(f"building a tiny index in {index_dir}")
         enc = Encoder.from_checkpoint(ckpt, dtype="float32", device="cpu")
         documents = [Document(id=i, text=x, title=t) for i, t, x in docs]
@@ -179,6 +178,18 @@ def tiny_corpus() -> list[tuple[str, str, str]]:
     return out
 
 
+def current_manifest(index_dir: Path) -> dict[str, Any] | None:
+    """The manifest of the index's current version (a versioned dir's ``CURRENT``, or a plain dir's own), or None
+    when ``index_dir`` is no index."""
+    from onegen_core.formats.index_store import MANIFEST, IndexError_, resolve_version
+
+    try:
+        version_dir, _ = resolve_version(index_dir)
+    except IndexError_:
+        return None
+    return json.loads((version_dir / MANIFEST).read_text())
+
+
 def default_setup(args: argparse.Namespace, device: torch.device) -> Setup:
     """The trained checkpoint and its index; questions from ``wiki/eval.jsonl`` (held-out articles) and the
     corpus from ``wiki/corpus.jsonl`` when ``--data`` has them, else made from the index's own documents
@@ -186,7 +197,7 @@ def default_setup(args: argparse.Namespace, device: torch.device) -> Setup:
     from quality_metrics import seeded_order
 
     data = args.data
-    manifest = json.loads((args.index / "manifest.json").read_text())
+    manifest = current_manifest(args.index) or {}
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else manifest.get("extra", {}).get("builder", {}).get("dtype", "float32")
@@ -646,8 +657,7 @@ def choose_setup(args: argparse.Namespace, device: torch.device) -> tuple[str, S
     """The trained default model when it is there (``--model auto``), else the tiny random one."""
     kind = args.model
     if kind == "auto":
-        kind = "default" if (args.checkpoint / "onegen.json").is_file() and (args.index / "manifest.json").is_file() \
-            else "tiny"
+        kind = "default" if (args.checkpoint / "onegen.json").is_file() and current_manifest(args.index) else "tiny"
         if kind == "tiny":
             log(f"{args.checkpoint} or {args.index} not found: falling back to a tiny random model")
     setup = default_setup(args, device) if kind == "default" else tiny_setup(device)
@@ -779,7 +789,7 @@ def build_report(args: argparse.Namespace, kind: str, setup: Setup, ctx: dict[st
     cores = os.cpu_count() or 1
     peak = max([x for r in results for x in (r["loadavg_before"] or [0])[:1] + (r["loadavg_after"] or [0])[:1]]
                + [(load_start or [0])[0]])
-    manifest = json.loads((setup.index / "manifest.json").read_text())
+    manifest = current_manifest(setup.index) or {}
     desc = ("the trained default: SmolLM2-135M-Instruct + the OneGen LoRA adapter (server/default_model)"
             if kind == "default" else "tiny random Llama (fallback: the default checkpoint is missing)")
     return {
