@@ -34,6 +34,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated tokens (query RET tokens included)
     retrieved_tokens: int = 0  # inserted passage tokens
+    cached_tokens: int = 0  # of prompt_tokens, those whose K/V came from the prefix cache instead of a prefill
 
     @property
     def total_tokens(self) -> int:

@@ -8,6 +8,12 @@ waiting sequences. The budget bounds the work, and so the time, of any one step.
 full, the most recently admitted running sequence is preempted: its blocks are freed
 and it goes back to the front of the waiting queue with all its tokens (prompt,
 generated, inserted), to be recomputed later. Nothing is dropped.
+
+A waiting sequence is *admitted* when it gets its first chunk: it shares the blocks of its
+longest prefix found in the prefix cache (``BlockManager.lookup``) and computes from there,
+so a shared system prompt, a resent conversation or a preempted sequence's own blocks
+cost no budget. Every allocation registers the blocks its chunk fills, so a sequence
+admitted later in the same step already shares them.
 """
 
 from __future__ import annotations
@@ -70,21 +76,25 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 continue
-            self.blocks.allocate(seq.block_table, seq.num_cached_tokens + n)
+            self.blocks.allocate(seq, seq.num_cached_tokens + n)
             chunks.append(ScheduledChunk(seq, n, seq.num_cached_tokens))
             scheduled.add(seq)
             budget -= n
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                n = min(seq.num_uncached, budget)
-                if not self.blocks.can_allocate(seq.block_table, seq.num_cached_tokens + n):
+                hit = self.blocks.lookup(seq)  # its longest cached prefix: shared, not computed
+                start = len(hit) * self.blocks.block_size
+                n = min(seq.num_tokens - start, budget)
+                if not self.blocks.can_admit(hit, start + n):
                     break
                 self.waiting.popleft()
-                self.blocks.allocate(seq.block_table, seq.num_cached_tokens + n)
+                self.blocks.admit(seq, hit)
+                self.blocks.allocate(seq, start + n)
                 seq.status = SequenceStatus.RUNNING
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = time.monotonic()
+                    seq.num_cached_prompt_tokens = min(start, seq.num_prompt_tokens)
                 self.running.append(seq)
                 chunks.append(ScheduledChunk(seq, n, seq.num_cached_tokens))
                 budget -= n

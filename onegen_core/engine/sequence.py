@@ -3,7 +3,10 @@
 ``token_ids`` is the whole sequence as the model sees it: prompt, generated tokens,
 and inserted passages, each token with its role. ``num_cached_tokens`` counts the
 tokens whose K/V are in the cache; everything after it is scheduled next (a decode
-token, a prompt chunk, or an inserted passage as an *extend*).
+token, a prompt chunk, or an inserted passage as an *extend*). At admission it starts
+after the blocks found in the prefix cache (``kv_cache.py``): ``block_hashes`` holds the
+chained hashes of the sequence's full blocks, and ``num_cached_prompt_tokens`` how many
+prompt tokens its first admission found cached (its ``Usage.cached_tokens``).
 
 A query to encode (``/retrieve``) is a ``Sequence`` too, with ``search`` set: it is
 prefilled in chunks like a prompt, under the same token budget as everything else,
@@ -63,6 +66,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order (kv_cache.block_hash)
+    num_cached_prompt_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
     output_ids: list[int] = field(default_factory=list)  # generated tokens (query RET tokens included)
     logprobs: list[float] | None = None
     num_retrieved_tokens: int = 0
@@ -107,7 +112,8 @@ class Sequence:
         return self.retrieval.enabled and self.num_retrievals < (self.retrieval.max_retrievals or 0)
 
     def usage(self) -> Usage:
-        return Usage(self.num_prompt_tokens, len(self.output_ids), self.num_retrieved_tokens)
+        return Usage(self.num_prompt_tokens, len(self.output_ids), self.num_retrieved_tokens,
+                     cached_tokens=self.num_cached_prompt_tokens)
 
     def result(self) -> GenerationResult:
         return GenerationResult(

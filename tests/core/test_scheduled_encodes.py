@@ -43,7 +43,9 @@ def test_search_interleaves_with_decoding_under_the_token_budget(engine):
     streams = [engine.add_request(p, sampling=sampling, retrieval=off) for p in PROMPTS[:3]]
     for _ in range(3):  # prompts prefilled, decoding under way
         engine.step()
-    search = engine.add_search([LONG_QUERY] * 4, k=2)
+    # four different queries: the prefix cache would serve repeats of one (or of the query encoded before)
+    queries = [f"{n} {LONG_QUERY}" for n in ("One", "Two", "Three", "Four")]
+    search = engine.add_search(queries, k=2)
     results: dict[str, list[int]] = {}
     done = None
     encode_steps = 0
@@ -63,7 +65,7 @@ def test_search_interleaves_with_decoding_under_the_token_budget(engine):
             encode_steps += 1
             assert all(n == 1 for n in tokens.values()), tokens  # no stream waited for the encode
     assert done.request_id == search and done.error is None and len(done.hits) == 4
-    query_tokens = 4 * len(engine.prepare_queries([LONG_QUERY])[0])
+    query_tokens = sum(map(len, engine.prepare_queries(queries)))
     assert encode_steps >= query_tokens // engine.config.max_num_batched_tokens  # spread over many steps
     assert [results[r] for r in streams] == [r.token_ids for r in alone]
 
@@ -79,7 +81,7 @@ def test_search_hits_equal_brute_force_over_the_index(engine):
 
 
 def test_aborted_search_frees_its_cache_and_reports(engine):
-    rid = engine.add_search([LONG_QUERY] * 3, k=1)
+    rid = engine.add_search([f"{n} {LONG_QUERY}" for n in ("Five", "Six", "Seven")], k=1)  # not in the prefix cache
     engine.step()
     assert engine.block_manager.num_free < engine.block_manager.num_blocks
     assert engine.abort(rid, error="client went away")
