@@ -92,7 +92,8 @@ class Engine(BlockingCalls):
         self.model = self.runner.model
         self.max_model_len = self.runner.max_model_len
         self.transfers = self.runner.transfers
-        self.block_manager = BlockManager(self.runner.usable_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.usable_blocks, config.block_size,
+                                          enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         banned = [self.token_ids.document, self.token_ids.passage_open, self.token_ids.passage_close]
         banned += list(self.token_ids.follow_up.values())  # only ever forced
@@ -315,6 +316,11 @@ class Engine(BlockingCalls):
             "num_kv_blocks": self.block_manager.num_blocks,
             "num_free_kv_blocks": self.block_manager.num_free,
             "num_preemptions": self.scheduler.num_preemptions,
+            # prefix cache (kv_cache.py): tokens admissions found cached / had to compute, since start
+            "prefix_cache_hit_tokens": self.block_manager.num_hit_tokens,
+            "prefix_cache_miss_tokens": self.block_manager.num_miss_tokens,
+            "num_cached_kv_blocks": self.block_manager.num_cached,  # registered: reusable by a later request
+            "prefix_cache_evictions": self.block_manager.num_evictions,
             "num_steps": self.num_steps,
         }
 

@@ -57,6 +57,9 @@ class EngineConfig:
                                    "onednn on the CPU", choices=LINEAR_BACKENDS)
     seed: int = _setting(0, "seed of the engine's sampling RNG (requests with their own seed use theirs)", ge=0)
     cuda_graphs: bool = _setting(False, "replay CUDA graphs for decode steps (CUDA + flash backend)")
+    enable_prefix_caching: bool = _setting(
+        True, "automatic prefix caching: a request shares the KV cache blocks of the longest prefix (whole blocks) "
+        "already computed for an earlier one (a system prompt, a resent conversation) instead of prefilling it again")
 
     def __post_init__(self) -> None:
         for f in fields(self):
