@@ -5,7 +5,7 @@ The phases, each in its own module, share a work directory beside the output
 
 1. ``ingest`` — rank 0 reads the corpus into the staged docstore;
 2. encode (here) — every rank encodes its share of the pending shards into shard files;
-3. ``merge`` — rank 0 assembles the FAISS index, docstore and manifest, and publishes them.
+3. ``merge`` — rank 0 assembles the FAISS index, docstore, BM25 side index and manifest, and publishes them.
 
 Encoding goes through ``onegen_core.retrieval.encoder.Encoder``, the standalone encoder: the engine's
 native forward, rendering and normalisation, run without the engine. A document is rendered
@@ -17,6 +17,11 @@ and ``batch_size`` sequences, little padding) and puts the vectors back in order
 vectors do not depend on which rank or run encoded it, so an interrupted, resumed or
 distributed build gives the same index as an uninterrupted single-process one. The settings
 are ``BuildConfig`` (``index_builder.config``), the command line's flags derived from them.
+
+The BM25 side index (``bm25/``, for hybrid retrieval; ``onegen_core.retrieval.bm25`` says what it indexes) is
+written by default and needs ``bm25s`` (the ``default-model`` extra): without it the build stops before any
+work with one line naming the extra and ``--no-bm25``, rather than publish an index that cannot serve hybrid
+retrieval. It does not decide the vectors, so a build resumed with or without ``--no-bm25`` reuses its shards.
 
 Under ``torchrun`` the ranks share the work directory (one node, or a filesystem every node
 sees) and run every phase together (``onegen_core.distributed.RankContext.synced``): rank 0
@@ -43,6 +48,7 @@ from onegen_core.distributed import RankContext
 from onegen_core.formats.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from onegen_core.formats.index_store import Manifest, sqlite_uri
 from onegen_core.formats.spec import SpecError
+from onegen_core.retrieval.bm25 import import_bm25s
 from onegen_core.retrieval.encoder import Encoder
 from onegen_core.text.rendering import Renderer
 
@@ -79,6 +85,8 @@ def build_index(cfg: BuildConfig, *, dist: RankContext | None = None) -> BuildRe
     t0 = time.monotonic()
     work = WorkDir(cfg.out)
     ckpt = _load_checkpoint(cfg.checkpoint)
+    if cfg.bm25:
+        require_bm25s()
     dim = int(ckpt.config.hidden_size)
     max_length = int(ckpt.config.max_position_embeddings)
     try:  # the engine's resolvers (onegen_core.device); their messages start with the option's name
@@ -146,6 +154,14 @@ def _load_checkpoint(path: Path) -> Checkpoint:
         return load_checkpoint(path)
     except (CheckpointError, SpecError, OSError) as e:
         raise BuildError(f"--checkpoint {path}: {e}") from None
+
+
+def require_bm25s() -> None:
+    """Stop before any work when the BM25 side index cannot be written."""
+    try:
+        import_bm25s()
+    except ImportError as e:
+        raise BuildError(f"{e}, or pass --no-bm25 to do without it") from None
 
 
 def _settings(cfg: BuildConfig, ckpt: Checkpoint, device: str, dtype: str) -> dict[str, Any]:

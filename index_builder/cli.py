@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     u.add_argument("--dtype", default=None, help="encode dtype; must resolve to the index's (default: the index's)")
     u.add_argument("--restart", action="store_true", help="discard an interrupted update of another set of arguments")
+    u.add_argument("--no-bm25", dest="bm25", action="store_false",
+                   help="do not write the new version's BM25 side index (rebuilt from its docstore by default; "
+                   "hybrid retrieval needs it; bm25s is in the default-model extra)")
     u.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
 
     i = sub.add_parser("info", help="what is in an index directory", description="Show an index's manifest, "
@@ -242,7 +245,7 @@ def _update(args: argparse.Namespace) -> int:
     try:
         cfg = UpdateConfig(index=args.index, checkpoint=args.checkpoint, corpus=args.corpus, delete=args.delete,
                            keep=args.keep, device=args.device, dtype=args.dtype, restart=args.restart,
-                           progress=args.progress, log=log)
+                           bm25=args.bm25, progress=args.progress, log=log)
     except ValueError as e:
         raise BuildError(str(e)) from None
     r = update_index(cfg)

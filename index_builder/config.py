@@ -102,6 +102,8 @@ class BuildConfig:
                                         "fewer on a busy machine, where FAISS's spinning threads slow down sharply)",
                                         ge=1)
     seed: int = setting(0, "seed of the IVF/PQ training sample")
+    bm25: bool = setting(True, "do not write the BM25 side index (bm25/ in the index, which hybrid retrieval needs; "
+                         "written by default and needing bm25s, in the default-model extra)", flag="no-bm25")
     progress: bool = setting(True, "no progress bars", flag="quiet")
     log: Callable[[str], None] = field(default=lambda msg: None, repr=False, compare=False)
 

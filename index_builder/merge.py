@@ -2,7 +2,9 @@
 
 The shards' vectors go into one FAISS index (trained on a seeded sample for IVF / PQ
 factories, ``faiss_index.assemble``), the staged docstore's documents into
-``docstore.sqlite``, the rejected inputs (``--skip-invalid``) into ``rejected.jsonl``, and
+``docstore.sqlite``, the rejected inputs (``--skip-invalid``) into ``rejected.jsonl``, the
+docstore's texts into the BM25 side index ``bm25/`` (unless ``--no-bm25``;
+``onegen_core.retrieval.bm25.write_bm25``, through the checkpoint's document template), and
 the manifest records the checkpoint's fingerprint, the resolved encode dtype
 (``Manifest.encode_dtype``) and the builder's settings. The directory is assembled in the
 work directory's ``final/`` and renamed into place (``WorkDir.publish``).
@@ -27,6 +29,7 @@ from onegen_core.formats.index_store import (
     import_faiss,
     sqlite_uri,
 )
+from onegen_core.retrieval.bm25 import write_bm25
 
 from .faiss_index import assemble
 from .ingest import REJECTED_FILE
@@ -92,6 +95,7 @@ def _merge(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, 
         with open(work.final / REJECTED_FILE, "w") as f:
             for origin, doc_id, reason in rejected:
                 f.write(json.dumps({"origin": origin, "id": doc_id, "reason": reason}) + "\n")
+    bm25 = write_bm25(work.final, ckpt.spec.document_template, progress=cfg.progress) if cfg.bm25 else None
 
     manifest = Manifest(
         checkpoint_fingerprint=ckpt.fingerprint,
@@ -101,6 +105,7 @@ def _merge(work: WorkDir, cfg: BuildConfig, ckpt: Checkpoint, ingest: dict[str, 
         special_token_ids=dict(ckpt.token_ids.by_name),
         corpus_digest=ingest["digest"],
         encode_dtype=encode_dtype,
+        bm25=bm25,
         extra={
             "builder": {
                 "version": BUILDER_VERSION,

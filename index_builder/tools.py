@@ -110,6 +110,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"faiss        {m['factory']} ({info['faiss_type']})"
         + (f", trained on {extra['train_size']} vectors" if extra.get("train_size") else ""),
         f"search       {extra.get('search_defaults') or '-'}",
+        "bm25         " + (f"{bm25['documents']} documents, {bm25['terms']} terms (bm25s {bm25['bm25s']}), text "
+                           f"{bm25['document_template']!r}" if (bm25 := m.get("bm25")) else
+                           "none: hybrid retrieval is unavailable (built with --no-bm25 or before BM25 side indexes)"),
         f"checkpoint   {m['checkpoint_fingerprint']}",
         f"tokens       {m['special_token_ids']}",
         f"corpus       {m['corpus_digest']}",

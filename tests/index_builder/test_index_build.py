@@ -57,7 +57,8 @@ def test_manifest_contract(flat_index, small_corpus, tiny_checkpoint):
     assert m["corpus_digest"].startswith("sha256:") and m["build_time"].endswith("Z")
     assert m["extra"]["builder"]["shard_size"] == 16 and m["extra"]["train_size"] is None
     assert m["extra"]["corpus"]["source_documents"] == 60
-    assert sorted(p.name for p in flat_index.iterdir()) == ["docstore.sqlite", "index.faiss", "manifest.json"]
+    assert m["bm25"]["documents"] == 60 and m["bm25"]["path"] == "bm25"
+    assert sorted(p.name for p in flat_index.iterdir()) == ["bm25", "docstore.sqlite", "index.faiss", "manifest.json"]
     assert not flat_index.with_name(flat_index.name + ".building").exists()
 
 
