@@ -72,14 +72,16 @@ def missing_path(settings: ServerSettings) -> str | None:
     Checked before uvicorn starts, so that a typo is one line and status 2, not a bound port,
     a loading engine and a "could not start" later.
     """
-    paths: list[tuple[str, Path | None]] = [("--checkpoint", settings.checkpoint), ("--index", settings.index)]
+    paths: list[tuple[str, Path | None]] = [("--checkpoint", settings.checkpoint)]
+    paths += [("--index" if name == "default" else f"--index {name}=", path) for name, path in settings.index.items()]
     for flag, path in paths:
         if path is None:
             continue
+        where = f"{flag}{path}" if flag.endswith("=") else f"{flag} {path}"
         if not path.exists():
-            return f"{flag} {path}: does not exist"
+            return f"{where}: does not exist"
         if not path.is_dir():
-            return f"{flag} {path}: not a directory"
+            return f"{where}: not a directory"
     return None
 
 

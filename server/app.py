@@ -3,9 +3,10 @@
 The engine is built on the worker thread when the app starts (the lifespan starts
 the thread and returns at once), so the server answers ``/health/live`` and a 503
 ``/health/ready`` while a large model loads. A load failure calls ``on_fatal`` (the
-CLI then exits non-zero with the message). At shutdown the worker aborts what is
-left and is joined; uvicorn's graceful-shutdown timeout gives in-flight requests
-their drain period before that.
+CLI then exits non-zero with the message). The index reloader (``reloader.py``) polls
+the index directories from then on. At shutdown the reloader stops, then the worker
+aborts what is left and is joined; uvicorn's graceful-shutdown timeout gives in-flight
+requests their drain period before that.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from fastapi import FastAPI
 from . import __version__, playground
 from .demo import DEMO_MARKER
 from .errors import install_error_handlers
-from .metrics import Metrics
+from .metrics import Metrics, ServedIndex
 from .middleware import ApiKeyGate, BodyLimit, HeadAsGet, RequestContext
+from .reloader import IndexReloader
 from .settings import ServerSettings
 from .state import ServerState
 from .worker import EngineWorker
@@ -38,7 +40,7 @@ def engine_factory_for(settings: ServerSettings) -> Callable[[], Any]:
         from onegen_core.engine import Engine
 
         config = settings.engine_config()
-        return Engine.from_checkpoint(settings.checkpoint, index_dir=settings.index, config=config)
+        return Engine.from_checkpoint(settings.checkpoint, config=config, index_dirs=settings.index)
 
     return build
 
@@ -60,22 +62,26 @@ def create_app(
     metrics = Metrics(model_name)
     worker = EngineWorker(engine_factory or engine_factory_for(settings), metrics,
                           stall_timeout_s=settings.stall_timeout_s, on_fatal=on_fatal)
-    state = ServerState(settings=settings, worker=worker, metrics=metrics, model_name=model_name, demo=demo)
-    metrics.bind(worker.stats, lambda: state.in_flight)
+    reloader = IndexReloader(worker, metrics, settings.index_poll_s)
+    state = ServerState(settings=settings, worker=worker, metrics=metrics, model_name=model_name, demo=demo,
+                        reloader=reloader)
+    metrics.bind(worker.stats, lambda: state.in_flight, lambda: served_indexes(worker))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("loading the engine", extra={"checkpoint": str(settings.checkpoint),
-                                              "index": str(settings.index) if settings.index else None})
+                                              "index": {k: str(v) for k, v in settings.index.items()} or None})
         if state.demo:
             log.warning("serving the built-in DEMO checkpoint: a tiny model with random weights, "
                         "not a trained OneGen model; its outputs are meaningless")
         state.loop = asyncio.get_running_loop()
         worker.start(state.loop)
+        reloader.start()
         try:
             yield
         finally:
             state.end_drain()
+            await asyncio.to_thread(reloader.stop)
             await asyncio.to_thread(worker.stop, 15.0)
             log.info("engine stopped")
 
@@ -100,6 +106,14 @@ def create_app(
     app.add_middleware(HeadAsGet)
     app.add_middleware(RequestContext)  # outermost: every response (401s and 413s too) gets the request id
     return app
+
+
+def served_indexes(worker: EngineWorker) -> list[ServedIndex]:
+    """The gauges' view of the engine's indexes (none while it loads)."""
+    engine = worker.engine
+    if engine is None:
+        return []
+    return [ServedIndex(e.name, e.version, e.size, e.loaded_at) for e in engine.indexes.entries.values()]
 
 
 def public_paths(settings: ServerSettings, app: FastAPI) -> Callable[[str], bool]:

@@ -3,14 +3,15 @@
 Counters and histograms are fed by the engine worker thread as events come out of
 ``Engine.step()`` (prometheus_client is thread-safe), so a request that is aborted
 or whose client went away is still counted. Gauges (running / waiting / KV cache
-usage) are read from the worker's latest engine-stats snapshot at scrape time. Each
-app has its own ``CollectorRegistry``, so several apps in one process do not clash.
+usage) are read from the worker's latest engine-stats snapshot at scrape time, and the
+served indexes' gauges (version, documents, when it was loaded) from the engine's index
+registry. Each app has its own ``CollectorRegistry``, so several apps in one process do not clash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -22,6 +23,15 @@ _LATENCY_BUCKETS = (
 )
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 _SEARCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class ServedIndex(NamedTuple):
+    """What the index gauges show of one served index."""
+
+    name: str
+    version: int | None  # None: a plain directory (shown as 0)
+    documents: int
+    loaded_at: float  # Unix time
 
 
 class Metrics:
@@ -65,8 +75,19 @@ class Metrics:
         self.retrievals_per_request = Histogram("onegen_retrievals_per_request",
                                                 "Retrievals made by one finished request.", label,
                                                 buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32, 64), registry=r)
+        index = label + ["index"]
+        self.index_reloads = Counter("onegen_index_reloads", "Reloads of a new index version, by index and result "
+                                     "(success; failed: refused, the old version keeps serving).",
+                                     index + ["result"], registry=r)
+        self.index_version = Gauge("onegen_index_version", "Version number of the served index (0: a plain "
+                                   "directory, a single version).", index, registry=r)
+        self.index_documents = Gauge("onegen_index_documents", "Documents (vectors) in the served index version.",
+                                     index, registry=r)
+        self.index_loaded = Gauge("onegen_index_last_reload_timestamp_seconds", "Unix time the served index version "
+                                  "was loaded (at start, or by its last reload).", index, registry=r)
         self._stats_source: Callable[[], dict[str, Any]] | None = None
         self._in_flight_source: Callable[[], int] | None = None
+        self._indexes_source: Callable[[], Iterable[ServedIndex]] | None = None
 
     # ---------------------------------------------------------------- fed by the worker thread
     def on_tokens(self, n: int, gaps: list[float]) -> None:
@@ -102,10 +123,15 @@ class Metrics:
     def on_rejected(self, reason: str) -> None:
         self.requests_rejected.labels(self.model_name, reason).inc()
 
+    def on_index_reload(self, index: str, result: str) -> None:
+        self.index_reloads.labels(self.model_name, index, result).inc()
+
     # ---------------------------------------------------------------- scrape
-    def bind(self, stats: Callable[[], dict[str, Any]], in_flight: Callable[[], int]) -> None:
+    def bind(self, stats: Callable[[], dict[str, Any]], in_flight: Callable[[], int],
+             indexes: Callable[[], Iterable[ServedIndex]] | None = None) -> None:
         self._stats_source = stats
         self._in_flight_source = in_flight
+        self._indexes_source = indexes
 
     def render(self) -> bytes:
         m = self.model_name
@@ -116,4 +142,10 @@ class Metrics:
         self.num_preemptions.labels(m).set(stats.get("num_preemptions", 0))
         if self._in_flight_source:
             self.requests_in_flight.labels(m).set(self._in_flight_source())
+        for ix in self._indexes_source() if self._indexes_source else ():
+            self.index_version.labels(m, ix.name).set(ix.version or 0)
+            self.index_documents.labels(m, ix.name).set(ix.documents)
+            self.index_loaded.labels(m, ix.name).set(ix.loaded_at)
+            for result in ("success", "failed"):  # both series exist from the start, at 0
+                self.index_reloads.labels(m, ix.name, result)
         return generate_latest(self.registry)

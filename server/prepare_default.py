@@ -254,9 +254,9 @@ def serve_default(settings: Any) -> Any:
          f"OneGen adapter, Wikipedia sample) in {dtype}, prepared under {src.root}")
     ckpt, index = prepare_default(src.root, base_dir=src.base_dir, packaged=src.packaged, dump=src.dump,
                                   min_article_words=src.min_article_words, dtype=dtype, device=settings.device,
-                                  build=settings.index is None)
+                                  build=not settings.index)
     return settings.model_copy(update={
-        "checkpoint": ckpt, "index": settings.index or index, "dtype": dtype,
+        "checkpoint": ckpt, "index": settings.index or {"default": index}, "dtype": dtype,
         "served_model_name": settings.served_model_name or SERVED_MODEL_NAME,
     })
 

@@ -1,4 +1,5 @@
-"""Native routes: /generate (plain and SSE), /retrieve, /health/live, /health/ready, /info, /metrics.
+"""Native routes: /generate (plain and SSE), /retrieve, /health/live, /health/ready, /info, /metrics,
+and POST /admin/reload (check the index directories for a new version now; ``reloader.py``).
 
 SSE of /generate sends ``data:`` lines with a ``type``: ``token`` (text delta, token
 ids, logprobs), ``retrieval`` (one per search, with where it happened and the hits),
@@ -9,6 +10,7 @@ or ``error``, and then ``data: [DONE]``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -32,6 +34,8 @@ from .schemas import (
     LiveResponse,
     QueryResult,
     ReadyResponse,
+    ReloadRequest,
+    ReloadResponse,
     RetrieveRequest,
     RetrieveResponse,
 )
@@ -112,14 +116,48 @@ async def info(state: ServerState = Depends(get_state)) -> Any:
             "passage_open": {"token": spec.passage_open, "id": ckpt.token_ids.passage_open},
             "passage_close": {"token": spec.passage_close, "id": ckpt.token_ids.passage_close},
         },
-        retrieval_defaults={"k": spec.retrieval.k, "max_retrievals": spec.retrieval.max_retrievals},
+        retrieval_defaults={"k": spec.retrieval.k, "max_retrievals": spec.retrieval.max_retrievals,
+                            "index": engine.indexes.default},
     )
-    if engine.index is not None:
-        m = engine.index.manifest
-        out["index"] = IndexInfo(path=str(engine.index.path), type=m.factory, size=m.count, dimension=m.dim,
-                                 metric=m.metric, checkpoint_fingerprint=m.checkpoint_fingerprint,
-                                 build_time=m.build_time)
+    indexes = [_index_info(e) for e in _default_first(engine.indexes)]
+    out["indexes"] = [i for i in indexes if i is not None]
+    out["index"] = out["indexes"][0] if out["indexes"] else None
     return out
+
+
+def _default_first(registry: Any) -> list[Any]:
+    entries = dict(registry.entries)  # one snapshot: a reload replaces the mapping
+    default = registry.default
+    return [entries[default], *(e for n, e in entries.items() if n != default)] if default in entries else []
+
+
+def _index_info(entry: Any) -> IndexInfo | None:
+    store = entry.store
+    if store is None:  # a bare retriever (an engine built in code): no directory to describe
+        return None
+    m = store.manifest
+    loaded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.loaded_at))
+    return IndexInfo(name=entry.name, path=str(store.path), root=str(store.root), version=store.version,
+                     loaded_at=loaded, type=m.factory, size=m.count, dimension=m.dim, metric=m.metric,
+                     checkpoint_fingerprint=m.checkpoint_fingerprint, build_time=m.build_time)
+
+
+# ---------------------------------------------------------------------------- /admin/reload
+@api.post("/admin/reload", response_model=ReloadResponse, tags=["operations"])
+async def reload_indexes(body: ReloadRequest | None = None, state: ServerState = Depends(get_state)) -> Any:
+    """Look for a new current version of each index (or of ``index``) now, load it aside and swap it in; a
+    version that fails to load is refused and the served one keeps serving (``result``: failed, ``error``).
+    Returns once every changed index is reloaded or refused; requests are served meanwhile."""
+    name = body.index if body is not None else None
+    state.check_index(name, "index")
+    if state.reloader is None:
+        raise APIError(503, "this server has no index reloader", type="service_unavailable")
+    try:
+        outcomes = await asyncio.to_thread(state.reloader.check, [name] if name else None)
+    except EngineUnavailable as e:
+        raise APIError(503, str(e), type="service_unavailable",
+                       headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+    return ReloadResponse(indexes=[dataclasses.asdict(o) for o in outcomes])
 
 
 # ---------------------------------------------------------------------------- /generate
@@ -153,13 +191,15 @@ async def retrieve(body: RetrieveRequest, request: Request, state: ServerState =
                        f"{s.max_retrieve_batch} per request", param="queries")
     if body.k > s.max_retrieve_k:
         raise APIError(422, f"k: {body.k} is more than this server's limit of {s.max_retrieve_k}", param="k")
-    if state.engine is not None and state.engine.index is None:
+    if state.engine is not None and not state.engine.indexes:
         raise APIError(422, "this server has no index loaded (start it with --index)", type="no_index",
                        param="queries")
+    state.check_index(body.index, "index")
     with state.admitted():
         try:
             t0 = time.perf_counter()
-            hits = await until_disconnected(request, state.worker.search(queries, body.k, body.return_text))
+            hits = await until_disconnected(request, state.worker.search(queries, body.k, body.return_text,
+                                                                         body.index))
             search_ms = (time.perf_counter() - t0) * 1000
         except ClientDisconnected:
             return Response(status_code=499)

@@ -24,6 +24,7 @@ MAX_SEED = 2**63 - 1
 StopString = Annotated[str, Field(min_length=1, max_length=512)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=16)] | None
 QueryString = Annotated[str, Field(max_length=100_000)]
+IndexName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class _Strict(BaseModel):
@@ -44,6 +45,8 @@ class RetrievalOptions(_Strict):
         None, ge=0, le=1024, description="retrievals per request (default: the checkpoint's)"
     )
     return_passages: bool = Field(False, description="include the passage text in the retrieval trace")
+    index: IndexName | None = Field(None, description="the named index to search (see /info; default: the "
+                                    "server's default index)")
 
 
 class GenerateRequest(_Strict):
@@ -212,6 +215,8 @@ class RetrieveRequest(_Strict):
     )
     k: int = Field(5, ge=1, le=1000, description="documents per query")
     return_text: bool = Field(False, description="include document text")
+    index: IndexName | None = Field(None, description="the named index to search (see /info; default: the "
+                                    "server's default index)")
 
     def query_list(self) -> list[str]:
         return [self.queries] if isinstance(self.queries, str) else list(self.queries)
@@ -238,13 +243,36 @@ class ReadyResponse(BaseModel):
 
 
 class IndexInfo(BaseModel):
-    path: str
+    name: str = Field("default", description="what requests call it (retrieval.index, /retrieve's index)")
+    path: str = Field(description="the directory the served version was read from")
+    root: str | None = Field(None, description="the index directory the server was given (holds versions/)")
+    version: int | None = Field(None, description="the served version (None: a plain directory)")
+    loaded_at: str | None = Field(None, description="when the served version was loaded (UTC, ISO 8601)")
     type: str = Field(description="FAISS factory string")
-    size: int
+    size: int = Field(description="documents (vectors) in the served version")
     dimension: int
     metric: str
     checkpoint_fingerprint: str
     build_time: str
+
+
+class ReloadRequest(_Strict):
+    index: IndexName | None = Field(None, description="the index to check (default: all of them)")
+
+
+class ReloadResult(BaseModel):
+    index: str
+    result: Literal["reloaded", "unchanged", "failed"] = Field(
+        description="reloaded: a new version is served now; unchanged: the served version is current; "
+        "failed: the current version was refused (error says why) and the served one keeps serving")
+    version: int | None = Field(description="the version served now (None: a plain directory)")
+    previous_version: int | None = None
+    documents: int | None = Field(None, description="documents in the version served now")
+    error: str | None = None
+
+
+class ReloadResponse(BaseModel):
+    indexes: list[ReloadResult]
 
 
 class InfoResponse(BaseModel):
@@ -260,5 +288,6 @@ class InfoResponse(BaseModel):
     limits: dict[str, int | float]
     special_tokens: dict | None = None
     retrieval_defaults: dict | None = None
-    index: IndexInfo | None = None
+    index: IndexInfo | None = Field(None, description="the default index")
+    indexes: list[IndexInfo] = Field(default_factory=list, description="every served index, the default first")
     demo: bool = Field(False, description="true for the built-in random-weight demo checkpoint")

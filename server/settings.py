@@ -3,21 +3,70 @@
 Precedence: command-line flag > environment variable (``ONEGEN_PORT=8080``) > default.
 The command line is generated from the fields (``--max-num-seqs`` for ``max_num_seqs``),
 so a setting added here is reachable both ways with the same help text.
+
+``--index`` is repeatable: ``--index PATH`` serves the index named ``default``, ``--index NAME=PATH``
+one named NAME (``parse_index_specs``). Its variable takes one such value, or a JSON list of them:
+``ONEGEN_INDEX='["wiki=/data/wiki", "news=/data/news"]'``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, create_model, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "ONEGEN_"
+DEFAULT_INDEX = "default"  # onegen_core.retrieval.registry's name for a bare index directory (not imported: torch)
+INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def parse_index_specs(value: Any) -> dict[str, Path]:
+    """``--index`` values -> {name: directory}, in the order given (the first is the default when none is
+    named ``default``). A value is ``NAME=PATH`` when the text before its first ``=`` is a name (letters,
+    digits, ``_.-``, at most 64), else a bare PATH, named ``default`` (write ``default=a=b`` for a directory
+    called ``a=b``). Takes a value, a list of them, a JSON list (the environment variable) or a mapping.
+    Raises ``ValueError`` naming the value."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a JSON list of [NAME=]PATH values: {e.msg} at character {e.pos}") from None
+    if isinstance(value, str | os.PathLike):
+        value = [value]
+    items = list(value.items()) if isinstance(value, dict) else [_index_spec(v) for v in value]
+    out: dict[str, Path] = {}
+    for name, path in items:
+        if not isinstance(name, str) or not INDEX_NAME.fullmatch(name):
+            raise ValueError(f"index name {name!r}: use letters, digits, '_', '.' or '-' (at most 64, the first "
+                             "a letter or digit)")
+        if name in out:
+            raise ValueError(f"index name {name!r} is given twice ({out[name]} and {path})")
+        out[name] = Path(path)
+    return out
+
+
+def _index_spec(value: Any) -> tuple[str, str | os.PathLike]:
+    if isinstance(value, os.PathLike):
+        return DEFAULT_INDEX, value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected [NAME=]PATH, got {value!r}")
+    name, sep, path = value.partition("=")
+    if sep and INDEX_NAME.fullmatch(name):
+        if not path:
+            raise ValueError(f"{value!r}: no directory after '{name}='")
+        return name, path
+    return DEFAULT_INDEX, value
 
 
 def _engine_fields() -> dict[str, Any]:
@@ -51,7 +100,18 @@ class ServerSettings(EngineSettings):
         "embedded default model (SmolLM2-135M + the OneGen adapter over a Wikipedia sample), prepared on first start "
         "under $ONEGEN_DEFAULT_ROOT (default: .cache/onegen-default)"
     )
-    index: Path | None = Field(None, description="index directory built with this checkpoint (omit: no retrieval)")
+    index: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict, json_schema_extra={"repeatable": True},
+        description="index directory built with this checkpoint: PATH (the index named 'default') or NAME=PATH, "
+        "repeatable for several named indexes, which requests choose with retrieval.index (/retrieve: index); "
+        "the default is 'default', else the first given. The variable takes one value or a JSON list of them "
+        "(default: none, no retrieval)",
+    )
+    index_poll_s: float = Field(
+        1.0, ge=0, le=3600, description="seconds between two looks at each index directory's current version "
+        "(its CURRENT file); a new version is loaded aside and swapped in without downtime, a bad one refused "
+        "(logged, counted) while the old keeps serving. 0: only on POST /admin/reload"
+    )
     served_model_name: str | None = Field(
         None, description="model name reported by /info and the OpenAI routes (default: checkpoint dir name)"
     )
@@ -98,6 +158,11 @@ class ServerSettings(EngineSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or plain text")
     log_prompts: bool = Field(False, description="include prompts and outputs in the logs (off: never logged)")
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _index(cls, value: Any) -> dict[str, Path]:
+        return parse_index_specs(value)
 
     @field_validator("device")
     @classmethod
@@ -163,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         typ = _base_type(field.annotation)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if typ is bool:
+        if (field.json_schema_extra or {}).get("repeatable"):
+            parser.add_argument(flag, action="append", metavar="[NAME=]PATH", **kwargs)
+        elif typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(typ) is Literal:
             parser.add_argument(flag, choices=list(typing.get_args(typ)), **kwargs)

@@ -34,6 +34,7 @@ from onegen_core.engine.params import RetrievalParams, SamplingParams
 from .errors import APIError
 from .generation import Generation
 from .metrics import Metrics
+from .reloader import IndexReloader
 from .schemas import RetrievalOptions
 from .settings import ServerSettings
 from .worker import EngineWorker
@@ -55,6 +56,7 @@ class ServerState:
     in_flight: int = 0
     started_at: float = field(default_factory=time.time)
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, set when the app starts
+    reloader: IndexReloader | None = None  # polls the index directories, runs POST /admin/reload
     _drain_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -133,8 +135,19 @@ class ServerState:
         if o.k is not None and o.k > self.settings.max_retrieve_k:
             raise APIError(422, f"{param}.k: {o.k} is more than this server's limit of {self.settings.max_retrieve_k}",
                            param=f"{param}.k")
+        self.check_index(o.index, f"{param}.index")
         return RetrievalParams(enabled=o.enabled, k=o.k, max_retrievals=o.max_retrievals,
-                               return_passages=o.return_passages)
+                               return_passages=o.return_passages, index=o.index)
+
+    def check_index(self, name: str | None, param: str) -> None:
+        """422 naming ``param`` and the served indexes when ``name`` is not one of them (None: the default)."""
+        if name is None or self.engine is None:  # still loading: admission answers 503
+            return
+        known = self.engine.indexes.names
+        if name not in known:
+            served = ", ".join(repr(k) for k in known) if known else "none (start it with --index)"
+            raise APIError(422, f"{param}: unknown index {name!r}; this server serves: {served}", param=param,
+                           type="unknown_index")
 
     def admit(self, http_request: Request, id_prefix: str) -> Generation:
         """Admit one generating request, or raise 503 (loading / draining / stalled) or 429 (overloaded).

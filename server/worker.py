@@ -1,7 +1,8 @@
 """The engine's own thread: it builds the engine, steps it, and routes events to asyncio queues.
 
 The ``Engine`` is not thread-safe, so exactly one thread steps it: this one. The
-event loop talks to it through a command queue (add / abort / abort all / search / stop) and
+event loop talks to it through a command queue (add / abort / abort all / search / swap an
+index version in / stop) and
 gets events back on per-request ``asyncio.Queue``s, delivered with one
 ``loop.call_soon_threadsafe`` per engine step. Model work never runs on the event loop.
 
@@ -85,6 +86,15 @@ class _Search:
     k: int
     return_text: bool
     done: concurrent.futures.Future
+    index: str | None = None
+
+
+@dataclass
+class _SwapIndex:
+    """Serve a loaded index version from the next step on (``Engine.swap_index``); ``done`` gets the replaced one."""
+
+    entry: Any  # onegen_core.retrieval.registry.LoadedIndex
+    done: concurrent.futures.Future
 
 
 @dataclass
@@ -157,7 +167,7 @@ class EngineWorker:
             return f"the engine loop has made no progress for {self.seconds_since_progress():.0f} s"
         return None
 
-    def _submit(self, cmd: _Add | _Search) -> None:
+    def _submit(self, cmd: _Add | _Search | _SwapIndex) -> None:
         with self._state_lock:
             if self.state != "ready":
                 raise EngineUnavailable(self.unavailable_reason() or "engine unavailable")
@@ -202,15 +212,17 @@ class EngineWorker:
         """Abort every request in flight (the drain timeout expired); ``message`` becomes their results' error."""
         self._commands.put(_AbortAll(message))
 
-    async def search(self, queries: list[str], k: int, return_text: bool) -> list[list[RetrievalHit]]:
-        """Encode and search ``queries`` (tokenised here, off the engine thread; encoded by the scheduler).
+    async def search(self, queries: list[str], k: int, return_text: bool, index: str | None = None
+                     ) -> list[list[RetrievalHit]]:
+        """Encode and search ``queries`` (tokenised here, off the engine thread; encoded by the scheduler) in the
+        named ``index`` (None: the default).
 
         ``InputTooLong`` names a query that does not fit; a cancelled caller aborts the search."""
         t0 = time.perf_counter()
         ids = await self._prepare("prepare_queries", queries)
         done: concurrent.futures.Future = concurrent.futures.Future()
         request_id = f"search-{uuid.uuid4().hex}"
-        self._submit(_Search(request_id, ids, k, return_text, done))
+        self._submit(_Search(request_id, ids, k, return_text, done, index))
         try:
             hits = await asyncio.wrap_future(done)
         except asyncio.CancelledError:
@@ -218,6 +230,13 @@ class EngineWorker:
             raise
         self._metrics.on_search(time.perf_counter() - t0)
         return hits
+
+    def swap_index(self, entry: Any) -> concurrent.futures.Future:
+        """Have the engine thread serve a loaded index version between two steps (any thread) -> a future of the
+        replaced version, which the swap closes. Raises ``EngineUnavailable`` unless the engine is serving."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(_SwapIndex(entry, done))
+        return done
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort whatever is left, let the thread finish its last events, join it."""
@@ -307,6 +326,8 @@ class EngineWorker:
                 self.aborted_all_at = time.monotonic()
             elif isinstance(cmd, _Search):
                 self._add_search(cmd)
+            elif isinstance(cmd, _SwapIndex):
+                self._swap_index(cmd)
 
     def _add(self, cmd: _Add) -> None:
         if cmd.accepted.cancelled():
@@ -324,11 +345,19 @@ class EngineWorker:
             return
         try:
             self.engine.add_search(query_token_ids=cmd.query_token_ids, k=cmd.k, return_text=cmd.return_text,
-                                   request_id=cmd.request_id)
+                                   request_id=cmd.request_id, index=cmd.index)
         except Exception as e:  # noqa: BLE001 - handed to the awaiting request
             cmd.done.set_exception(e)
             return
         self._searches[cmd.request_id] = cmd.done
+
+    def _swap_index(self, cmd: _SwapIndex) -> None:
+        try:
+            old = self.engine.swap_index(cmd.entry)
+        except Exception as e:  # noqa: BLE001 - handed to the reloader, which refuses the version
+            cmd.done.set_exception(e)
+            return
+        cmd.done.set_result(old)
 
     def _search_done(self, ev: SearchDone) -> None:
         done = self._searches.pop(ev.request_id, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.settings import ServerSettings, build_parser, parse_settings
@@ -12,7 +14,7 @@ EXPECTED_FLAGS = (
     "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "kv_cache_memory_gb",
     "gpu_memory_utilization", "max_model_len", "retriever", "attention_backend", "linear_backend", "seed", "cuda_graphs",
     # the server's
-    "checkpoint", "index", "served_model_name", "host", "port", "api_key", "metrics_auth", "public_docs",
+    "checkpoint", "index", "index_poll_s", "served_model_name", "host", "port", "api_key", "metrics_auth", "public_docs",
     "header_timeout_s", "keep_alive_timeout_s", "max_header_bytes", "max_body_bytes", "max_pending_requests",
     "retry_after_s", "max_tokens_limit", "default_max_tokens", "max_retrieve_batch", "max_retrieve_k",
     "max_prompts_per_request", "drain_timeout_s", "stall_timeout_s", "log_level", "log_format", "log_prompts",
@@ -100,3 +102,29 @@ def test_engine_settings_are_declared_once_by_engine_config():
     assert parse_settings(["--checkpoint", "ck"]).engine_config() == EngineConfig()
     with pytest.raises(SystemExit):  # the engine's own bound, enforced by the flag
         parse_settings(["--checkpoint", "ck", "--gpu-memory-utilization", "1.5"])
+
+
+def test_index_names_and_paths(monkeypatch, tmp_path, capsys):
+    """--index PATH is the index named 'default', --index NAME=PATH one named NAME, repeatable; the variable takes
+    one value or a JSON list; a name given twice or a bad name fails naming --index."""
+    s = parse_settings(["--checkpoint", str(tmp_path), "--index", "/data/main", "--index", "news=/data/n=1"])
+    assert s.index == {"default": Path("/data/main"), "news": Path("/data/n=1")}
+    assert parse_settings(["--checkpoint", str(tmp_path), "--index", "/data/a=b"]).index == {"default": Path("/data/a=b")}
+    assert ServerSettings(checkpoint=tmp_path, index=tmp_path).index == {"default": tmp_path}  # the Python API
+    monkeypatch.setenv("ONEGEN_INDEX", str(tmp_path))
+    assert parse_settings([]).index == {"default": tmp_path}
+    monkeypatch.setenv("ONEGEN_INDEX", '["wiki=/w", "news=/n"]')
+    assert list(parse_settings([]).index) == ["wiki", "news"]
+    assert parse_settings(["--index", "only=/o"]).index == {"only": Path("/o")}  # a flag replaces the variable
+    for bad, says in ((["--index", "/a", "--index", "/b"], "'default' is given twice"),
+                      (["--index", "wiki="], "no directory after 'wiki='")):
+        with pytest.raises(SystemExit):
+            parse_settings(["--checkpoint", str(tmp_path), *bad])
+        err = capsys.readouterr().err
+        assert "--index" in err and says in err, err
+    monkeypatch.setenv("ONEGEN_INDEX", '["wiki=/w",')
+    with pytest.raises(SystemExit):
+        parse_settings([])
+    assert "not a JSON list" in capsys.readouterr().err
+    monkeypatch.delenv("ONEGEN_INDEX")
+    assert parse_settings(["--index-poll-s", "0"]).index_poll_s == 0
