@@ -72,6 +72,8 @@ class IndexReloader:
             if self.worker.state == "ready":
                 try:
                     self.check(retry_refused=False)
+                except EngineUnavailable:  # stopped (or failed) meanwhile: the next look finds it not ready
+                    pass
                 except Exception:  # noqa: BLE001 - a poll that fails must not end the polling
                     log.exception("index poll failed")
 

@@ -119,16 +119,13 @@ async def info(state: ServerState = Depends(get_state)) -> Any:
         retrieval_defaults={"k": spec.retrieval.k, "max_retrievals": spec.retrieval.max_retrievals,
                             "index": engine.indexes.default},
     )
-    indexes = [_index_info(e) for e in _default_first(engine.indexes)]
-    out["indexes"] = [i for i in indexes if i is not None]
-    out["index"] = out["indexes"][0] if out["indexes"] else None
+    entries = engine.indexes.entries  # one snapshot: a reload replaces the mapping, never changes it
+    default = engine.indexes.default
+    first = [entries[default]] if default in entries else []
+    infos = [_index_info(e) for e in first + [e for n, e in entries.items() if n != default]]
+    out["indexes"] = [i for i in infos if i is not None]
+    out["index"] = infos[0] if infos else None
     return out
-
-
-def _default_first(registry: Any) -> list[Any]:
-    entries = dict(registry.entries)  # one snapshot: a reload replaces the mapping
-    default = registry.default
-    return [entries[default], *(e for n, e in entries.items() if n != default)] if default in entries else []
 
 
 def _index_info(entry: Any) -> IndexInfo | None:
