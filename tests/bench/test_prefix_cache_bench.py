@@ -28,6 +28,14 @@ def test_a_quick_or_partial_run_writes_elsewhere(argv, full):
     assert prefix_cache.parse_args([*argv, "--out", "/tmp/p"]).out == "/tmp/p"
 
 
+@pytest.mark.parametrize("usage,cached", [({"prompt_tokens": 9, "cached_tokens": 5}, 5),
+                                          ({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 3}}, 3),
+                                          ({"prompt_tokens": 9}, None), ({"prompt_tokens_details": None}, None),
+                                          (None, None)])
+def test_cached_tokens_are_read_from_either_usage_shape_or_are_absent(usage, cached):
+    assert prefix_cache._cached_of(usage) == cached
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     from onegen_core.formats.checkpoint import load_checkpoint
