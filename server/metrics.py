@@ -48,9 +48,20 @@ class Metrics:
                                     label, registry=r)
         self.num_preemptions = Gauge("onegen_num_preemptions", "Preemptions since start (engine counter).",
                                      label, registry=r)
+        # the prefix cache (engine counters since start, read at scrape time like num_preemptions)
+        self.prefix_cache_hits = Gauge("onegen_prefix_cache_hit_tokens", "Prompt tokens admissions found in the "
+                                       "prefix cache since start (engine counter).", label, registry=r)
+        self.prefix_cache_misses = Gauge("onegen_prefix_cache_miss_tokens", "Prompt tokens admissions had to "
+                                         "prefill since start (engine counter).", label, registry=r)
+        self.cached_kv_blocks = Gauge("onegen_num_cached_kv_blocks", "KV blocks registered in the prefix cache, "
+                                      "held by a request or not.", label, registry=r)
+        self.prefix_cache_evictions = Gauge("onegen_prefix_cache_evictions", "Cached KV blocks evicted to make "
+                                            "room since start (engine counter).", label, registry=r)
         self.requests_in_flight = Gauge("onegen_http_requests_in_flight",
                                         "Requests admitted by the HTTP layer and not yet answered.", label, registry=r)
         self.prompt_tokens = Counter("onegen_prompt_tokens", "Prompt tokens processed.", label, registry=r)
+        self.prompt_tokens_cached = Counter("onegen_prompt_tokens_cached", "Prompt tokens of finished requests "
+                                            "served from the prefix cache.", label, registry=r)
         self.generation_tokens = Counter("onegen_generation_tokens", "Tokens generated (query tokens included).",
                                          label, registry=r)
         self.retrieved_tokens = Counter("onegen_retrieved_tokens", "Passage tokens inserted by retrieval.",
@@ -104,6 +115,7 @@ class Metrics:
         m = self.model_name
         u = result.usage
         self.prompt_tokens.labels(m).inc(u.prompt_tokens)
+        self.prompt_tokens_cached.labels(m).inc(u.cached_tokens)
         if u.completion_tokens > tokens_already_counted:  # tokens not seen as deltas (e.g. withheld by a stop)
             self.generation_tokens.labels(m).inc(u.completion_tokens - tokens_already_counted)
         self.retrieved_tokens.labels(m).inc(u.retrieved_tokens)
@@ -140,6 +152,10 @@ class Metrics:
         self.requests_waiting.labels(m).set(stats.get("num_waiting", 0))
         self.kv_cache_usage.labels(m).set(stats.get("kv_cache_usage", 0.0))
         self.num_preemptions.labels(m).set(stats.get("num_preemptions", 0))
+        self.prefix_cache_hits.labels(m).set(stats.get("prefix_cache_hit_tokens", 0))
+        self.prefix_cache_misses.labels(m).set(stats.get("prefix_cache_miss_tokens", 0))
+        self.cached_kv_blocks.labels(m).set(stats.get("num_cached_kv_blocks", 0))
+        self.prefix_cache_evictions.labels(m).set(stats.get("prefix_cache_evictions", 0))
         if self._in_flight_source:
             self.requests_in_flight.labels(m).set(self._in_flight_source())
         for ix in self._indexes_source() if self._indexes_source else ():

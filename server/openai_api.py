@@ -145,10 +145,15 @@ class ChatRequest(_Common):
             raise APIError(422, "tools are not supported by this server", param="tools")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens served from the prefix cache")
+
+
 class UsageOAI(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
     retrieved_tokens: int = Field(description="OneGen: passage tokens inserted by retrieval")
 
 
@@ -233,7 +238,9 @@ def _usage(results: list[GenerationResult]) -> UsageOAI:
     p = sum(r.usage.prompt_tokens for r in results)
     c = sum(r.usage.completion_tokens for r in results)
     rt = sum(r.usage.retrieved_tokens for r in results)
-    return UsageOAI(prompt_tokens=p, completion_tokens=c, total_tokens=p + c + rt, retrieved_tokens=rt)
+    cached = PromptTokensDetails(cached_tokens=sum(r.usage.cached_tokens for r in results))
+    return UsageOAI(prompt_tokens=p, completion_tokens=c, total_tokens=p + c + rt, prompt_tokens_details=cached,
+                    retrieved_tokens=rt)
 
 
 def _token_strings(state: ServerState, ids: list[int]) -> list[str]:

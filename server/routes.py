@@ -109,6 +109,7 @@ async def info(state: ServerState = Depends(get_state)) -> Any:
     out.update(
         checkpoint=str(ckpt.path), checkpoint_fingerprint=fingerprint, architecture=ckpt.model_type,
         dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device), max_model_len=engine.max_model_len,
+        kv_cache={"block_size": engine.config.block_size, "prefix_caching": engine.config.enable_prefix_caching},
         special_tokens={
             "query": [{"token": q.token, "id": ckpt.token_ids.by_name[q.token], "action": q.action,
                        "follow_up": q.follow_up} for q in spec.query_tokens],

@@ -103,6 +103,7 @@ class UsageOut(BaseModel):
     completion_tokens: int
     retrieved_tokens: int
     total_tokens: int
+    cached_tokens: int = Field(0, description="prompt tokens whose KV came from the prefix cache (not prefilled)")
 
 
 class Timings(BaseModel):
@@ -127,7 +128,7 @@ def usage_of(result: GenerationResult) -> UsageOut:
     u = result.usage
     return UsageOut(
         prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-        retrieved_tokens=u.retrieved_tokens, total_tokens=u.total_tokens,
+        retrieved_tokens=u.retrieved_tokens, total_tokens=u.total_tokens, cached_tokens=u.cached_tokens,
     )
 
 
@@ -285,6 +286,8 @@ class InfoResponse(BaseModel):
     dtype: str | None = None
     device: str | None = None
     max_model_len: int | None = None
+    kv_cache: dict[str, int | bool] | None = Field(None, description="block_size (tokens per KV block) and "
+                                                  "prefix_caching (whether prompts reuse cached blocks)")
     limits: dict[str, int | float]
     special_tokens: dict | None = None
     retrieval_defaults: dict | None = None
