@@ -30,13 +30,13 @@ import json
 import os
 import shutil
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..formats.index_store import DOCSTORE, IndexError_, IndexStore, Manifest, sqlite_uri
+from ..formats.index_store import DOCSTORE, Document, IndexError_, IndexStore, Manifest, sqlite_uri
 from ..text.rendering import template_segments
 from .retriever import RetrievalHit
 
@@ -70,7 +70,6 @@ def write_bm25(index_dir: str | os.PathLike, document_template: str, *, progress
     record of 0 terms and no directory: searching it finds nothing. Memory: every text at once (``bm25s``
     indexes in memory).
     """
-    bm25s = import_bm25s()
     index_dir = Path(index_dir)
     con = sqlite3.connect(sqlite_uri(index_dir / DOCSTORE), uri=True)
     try:
@@ -80,22 +79,35 @@ def write_bm25(index_dir: str | os.PathLike, document_template: str, *, progress
     if [r[0] for r in rows] != list(range(len(rows))):
         raise AssertionError(f"{index_dir / DOCSTORE}: vector ids are not 0..{len(rows) - 1}")
     texts = [document_text(document_template, text, title) for _, title, text in rows]
-    tokens = bm25s.tokenize(texts, **TOKENIZER, show_progress=progress)
+    model, terms = _index_texts(texts, progress)
     out = index_dir / BM25_DIR
     shutil.rmtree(out, ignore_errors=True)
-    if tokens.vocab:  # bm25s cannot index a corpus without a term
-        model = bm25s.BM25()
-        model.index(tokens, show_progress=progress)
+    if model is not None:
         model.save(out, show_progress=False)
-    return {"path": BM25_DIR, "documents": len(texts), "terms": len(tokens.vocab),
-            "document_template": document_template, "tokenizer": dict(TOKENIZER), "bm25s": bm25s.__version__}
+    return _record(len(texts), terms, document_template)
+
+
+def _index_texts(texts: list[str], progress: bool = False) -> tuple[Any, int]:
+    """-> (the ``bm25s.BM25`` model of ``texts``, row i = text i, or None when they hold no term; the term count)."""
+    bm25s = import_bm25s()
+    tokens = bm25s.tokenize(texts, **TOKENIZER, show_progress=progress)
+    if not tokens.vocab:  # bm25s cannot index a corpus without a term
+        return None, 0
+    model = bm25s.BM25()
+    model.index(tokens, show_progress=progress)
+    return model, len(tokens.vocab)
+
+
+def _record(documents: int, terms: int, document_template: str) -> dict[str, Any]:
+    return {"path": BM25_DIR, "documents": documents, "terms": terms, "document_template": document_template,
+            "tokenizer": dict(TOKENIZER), "bm25s": import_bm25s().__version__}
 
 
 class BM25Index:
     """A version's ``bm25/`` opened for search: query strings -> (vector id, score) per query."""
 
-    def __init__(self, path: Path, record: dict[str, Any], model: Any):
-        self.path = path
+    def __init__(self, path: Path | None, record: dict[str, Any], model: Any):
+        self.path = path  # None: built in memory (``from_texts``)
         self.record = record
         self.model = model  # None for a corpus without a term
         self._tokenize = import_bm25s().tokenize if model is not None else None
@@ -128,6 +140,13 @@ class BM25Index:
                               f"{record['documents']} (and {manifest.count} vectors)")
         return cls(path, record, model)
 
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], document_template: str = "{text}") -> BM25Index:
+        """Index ``texts`` in memory (vector id = position), as ``write_bm25`` indexes a docstore: for a pool of
+        documents that is not an index directory's (the quality bench's held-out pool)."""
+        model, terms = _index_texts(list(texts))
+        return cls(None, _record(len(texts), terms, document_template), model)
+
     def __len__(self) -> int:
         return int(self.record["documents"])
 
@@ -152,14 +171,29 @@ class BM25Index:
 
 
 class BM25Retriever:
-    """BM25 search of an opened index, returning the dense retrievers' ``RetrievalHit`` (documents from the docstore).
+    """BM25 search returning the dense retrievers' ``RetrievalHit`` (documents looked up by vector id).
 
-    Unlike the dense ``Retriever`` protocol it takes query strings, not vectors.
+    Unlike the dense ``Retriever`` protocol it takes query strings, not vectors. ``open`` searches an index
+    version's ``bm25/`` with its docstore; ``over`` a list of documents indexed in memory.
     """
 
-    def __init__(self, store: IndexStore, *, mmap: bool = False):
-        self.store = store
-        self.index = BM25Index.open(store.path, store.manifest, mmap=mmap)
+    def __init__(self, index: BM25Index, docs_for: Callable[[list[int]], list[Document | None]]):
+        self.index = index
+        self.docs_for = docs_for  # vector ids -> their documents (None: no such row)
+
+    @classmethod
+    def open(cls, store: IndexStore, *, mmap: bool = False) -> BM25Retriever:
+        """The BM25 side index of an opened version (``BM25UnavailableError`` when it has none); its documents
+        come from the version's docstore, so closing the store closes this too."""
+        return cls(BM25Index.open(store.path, store.manifest, mmap=mmap), store.docstore.get)
+
+    @classmethod
+    def over(cls, documents: Sequence[Document], document_template: str = "{text}") -> BM25Retriever:
+        """BM25 over ``documents`` in memory, vector id = position (``TorchRetriever``'s numbering)."""
+        docs = list(documents)
+        index = BM25Index.from_texts([document_text(document_template, d.text, d.title) for d in docs],
+                                     document_template)
+        return cls(index, lambda ids: [docs[i] if 0 <= i < len(docs) else None for i in ids])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -167,7 +201,7 @@ class BM25Retriever:
     def search(self, queries: Sequence[str], k: int) -> list[list[RetrievalHit]]:
         out: list[list[RetrievalHit]] = []
         for pairs in self.index.search(queries, k):
-            docs = self.store.docstore.get([v for v, _ in pairs])
+            docs = self.docs_for([v for v, _ in pairs])
             out.append([
                 RetrievalHit(doc_id=d.id, score=s, vector_id=v, title=d.title, text=d.text, metadata=d.metadata)
                 for (v, s), d in zip(pairs, docs, strict=True) if d is not None

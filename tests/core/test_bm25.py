@@ -65,7 +65,7 @@ def test_files_are_arrays_and_json_and_load_without_pickle(tmp_path):
 
 
 def test_search_finds_by_word_breaks_ties_by_vector_id_and_skips_non_matches(tmp_path):
-    retriever = BM25Retriever(IndexStore.open(_index(tmp_path, DOCS)))
+    retriever = BM25Retriever.open(IndexStore.open(_index(tmp_path, DOCS)))
     germany, harp, river, nothing, stop = retriever.search(
         ["capital of Germany", "who plays the harp", "river", "zorblat quenta", "the of is"], k=2)
     assert [h.doc_id for h in germany] == ["berlin", "paris"]  # paris shares "capital"; the rest share nothing
@@ -86,17 +86,17 @@ def test_text_follows_the_document_template(tmp_path):
     assert document_text("{text}", "Body text.", "Head") == "Body text."
     assert document_text("Title: {title}. {text}", "Body", None) == "Title: . Body"
     store = IndexStore.open(_index(tmp_path, DOCS, template="{text}"))
-    assert BM25Retriever(store).search(["Paris"], k=5)[0][0].doc_id == "paris"  # in the text
+    assert BM25Retriever.open(store).search(["Paris"], k=5)[0][0].doc_id == "paris"  # in the text
     store = IndexStore.open(_index(tmp_path / "t", [Document("a", "alpha", title="Zorblat"), Document("b", "beta")],
                                    template="{text}"))
-    assert BM25Retriever(store).search(["zorblat"], k=5) == [[]]  # the title is not in "{text}"
+    assert BM25Retriever.open(store).search(["zorblat"], k=5) == [[]]  # the title is not in "{text}"
 
 
 def test_a_corpus_without_terms_finds_nothing(tmp_path):
     out = _index(tmp_path, [Document("a", "the of"), Document("b", "is a")])
     record = IndexStore.open(out).manifest.bm25
     assert record["terms"] == 0 and not (out / BM25_DIR).exists()
-    assert BM25Retriever(IndexStore.open(out)).search(["the", "anything"], k=2) == [[], []]
+    assert BM25Retriever.open(IndexStore.open(out)).search(["the", "anything"], k=2) == [[], []]
 
 
 def test_an_index_without_bm25_opens_and_says_hybrid_is_unavailable(tmp_path):
@@ -104,7 +104,7 @@ def test_an_index_without_bm25_opens_and_says_hybrid_is_unavailable(tmp_path):
     store = IndexStore.open(out)  # the dense layout as it was
     assert store.manifest.bm25 is None and "bm25" not in json.loads((out / MANIFEST).read_text())
     with pytest.raises(BM25UnavailableError, match="has no BM25 side index.*hybrid retrieval is unavailable"):
-        BM25Retriever(store)
+        BM25Retriever.open(store)
 
 
 def test_a_side_index_of_another_size_is_refused(tmp_path):

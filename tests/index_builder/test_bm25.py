@@ -38,7 +38,7 @@ def bm25_index(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 def _top(index_dir: Path, query: str, k: int = 3) -> list[str]:
-    return [h.doc_id for h in BM25Retriever(IndexStore.open(index_dir)).search([query], k)[0]]
+    return [h.doc_id for h in BM25Retriever.open(IndexStore.open(index_dir)).search([query], k)[0]]
 
 
 def test_build_writes_a_side_index_that_loads_without_pickle(bm25_index):
@@ -54,7 +54,7 @@ def test_build_writes_a_side_index_that_loads_without_pickle(bm25_index):
             json.loads(p.read_text())
     for doc_id, word in UNIQUE.items():
         assert _top(bm25_index, word) == [doc_id]
-    hits = BM25Retriever(store).search(["obsoletium"], 1)[0]
+    hits = BM25Retriever.open(store).search(["obsoletium"], 1)[0]
     assert store.docstore.get([hits[0].vector_id])[0].id == "u0", "a hit's vector id is its docstore row"
 
 
@@ -67,7 +67,7 @@ def test_no_bm25_skips_it(tiny_checkpoint, tmp_path, capsys):
     assert store.manifest.bm25 is None and not (out / BM25_DIR).exists()
     assert "bm25" not in json.loads((out / "manifest.json").read_text())
     with pytest.raises(BM25UnavailableError, match="no BM25 side index"):
-        BM25Retriever(store)
+        BM25Retriever.open(store)
     main(["info", str(out)])
     assert "hybrid retrieval is unavailable" in capsys.readouterr().out
 
@@ -101,7 +101,7 @@ def test_update_keeps_bm25_in_step(tiny_checkpoint, bm25_index, tmp_path):
     assert _top(idx, "obsoletium") == [], "a deleted document is never returned"
     assert _top(idx, "quillfeather") == [] and _top(idx, "saltmere") == ["u1"]
     assert _top(idx, "zanzibarite") == ["new0"] and _top(idx, "marrowgate") == ["u2"]
-    hits = BM25Retriever(store).search(["saltmere zanzibarite marrowgate"], 5)[0]
+    hits = BM25Retriever.open(store).search(["saltmere zanzibarite marrowgate"], 5)[0]
     assert all(store.docstore.get([h.vector_id])[0].id == h.doc_id for h in hits) and len(hits) == 3
     # the plain directory became version 1, side index included, and lost its plain files
     v1, _ = resolve_version(idx / "versions" / "000001")
@@ -125,4 +125,4 @@ def test_update_with_and_without_bm25(tiny_checkpoint, tmp_path):
     store = IndexStore.open(idx)
     assert store.version == 3 and store.manifest.bm25 is None and not (store.path / BM25_DIR).exists()
     with pytest.raises(BM25UnavailableError):
-        BM25Retriever(store)
+        BM25Retriever.open(store)
