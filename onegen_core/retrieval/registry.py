@@ -2,7 +2,9 @@
 
 An engine serves zero or more *named* indexes (``default`` is what a bare index directory is
 called). Each entry is a ``LoadedIndex``: one version of an index directory, opened
-(``IndexStore``) and wrapped in its retriever. A request names the index it searches
+(``IndexStore``) and wrapped in its retriever, with its BM25 side index (hybrid retrieval's
+lexical half, ``bm25.py``) when the version has one: the two are loaded, checked and swapped
+together, so a search never fuses one version's dense hits with another's BM25 hits. A request names the index it searches
 (``RetrievalParams.index``); ``IndexRegistry.name_for`` resolves a name, ``None`` meaning the
 registry's default: ``default`` when there is one, else the first index given.
 
@@ -10,7 +12,8 @@ Reloading without downtime is two halves on two threads:
 
 * ``load_index`` — open the current version of a directory and check it against what the
   engine serves (checkpoint fingerprint, model dimension, encode dtype, docstore rows against the
-  manifest), then build its retriever. Slow (it reads the files), pure, any thread: the server
+  manifest; a BM25 side index that does not load or does not match the manifest), then build its
+  retriever. Slow (it reads the files), pure, any thread: the server
   runs it on a background thread while the engine goes on stepping.
 * ``IndexRegistry.swap`` — replace an entry, on the engine's own thread between two steps. A
   search runs inside one step, so the searches already running finished on the old version and
@@ -24,6 +27,7 @@ directory rebuilt in place (``index_builder build`` replaces it) counts as chang
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -33,9 +37,11 @@ from pathlib import Path
 import torch
 
 from ..formats.index_store import INDEX_FILE, MANIFEST, IndexError_, IndexStore, resolve_version
+from .bm25 import BM25Retriever, BM25UnavailableError
 from .retriever import Retriever, make_retriever
 
 DEFAULT_INDEX = "default"
+log = logging.getLogger(__name__)
 
 
 class UnknownIndex(ValueError):
@@ -76,10 +82,17 @@ class LoadedIndex:
     store: IndexStore | None = None
     stamp: VersionStamp | None = None
     loaded_at: float = field(default_factory=time.time)  # wall-clock time it was loaded
+    bm25: BM25Retriever | None = None  # the version's BM25 side index (hybrid retrieval); None: it has none
 
     @property
     def version(self) -> int | None:
         return self.store.version if self.store is not None else None
+
+    def require_bm25(self) -> BM25Retriever:
+        """Its BM25 side index, or ``BM25UnavailableError`` saying how to get one (what a hybrid search needs)."""
+        if self.bm25 is None:
+            raise BM25UnavailableError(no_bm25_message(self.name, self.store))
+        return self.bm25
 
     @property
     def size(self) -> int:
@@ -92,13 +105,17 @@ class LoadedIndex:
 
 
 def load_index(name: str, root: str | os.PathLike, *, fingerprint: str, dim: int, retriever: str,
-               device: torch.device, accepted_dtypes: tuple[str, ...] = ()) -> LoadedIndex:
-    """Open the current version of ``root`` as index ``name``, checked against the engine, with its retriever.
+               device: torch.device, accepted_dtypes: tuple[str, ...] = (), require_bm25: bool = False
+               ) -> LoadedIndex:
+    """Open the current version of ``root`` as index ``name``, checked against the engine, with its retriever
+    and its BM25 side index when it has one.
 
     Raises ``IndexError_`` (``FingerprintMismatchError`` among them) naming what does not match:
     another checkpoint's fingerprint, vectors of another dimension than the model's hidden size, an
     encode dtype outside ``accepted_dtypes`` (empty: any), a docstore whose row count is not the
-    manifest's, or files FAISS / SQLite cannot read. Any thread.
+    manifest's, files FAISS / SQLite cannot read, a BM25 side index that cannot be read or does not
+    match the manifest; and ``BM25UnavailableError`` for a version without one when ``require_bm25``
+    (an engine whose default mode is hybrid). Any thread.
     """
     root = Path(root)
     stamp = VersionStamp.of(root)
@@ -109,10 +126,38 @@ def load_index(name: str, root: str | os.PathLike, *, fingerprint: str, dim: int
     try:
         _check(store, dim, accepted_dtypes)
         searcher = make_retriever(store, retriever, device)
+        lexical = _open_bm25(name, store, require_bm25)
     except BaseException:
         store.close()
         raise
-    return LoadedIndex(name, searcher, store, stamp)
+    return LoadedIndex(name, searcher, store, stamp, bm25=lexical)
+
+
+def _open_bm25(name: str, store: IndexStore, required: bool) -> BM25Retriever | None:
+    """The version's BM25 side index, None when it has none (or ``bm25s`` is missing and it is not required)."""
+    if store.manifest.bm25 is None:
+        if required:
+            raise BM25UnavailableError(no_bm25_message(name, store))
+        return None
+    try:
+        return BM25Retriever.open(store)
+    except ImportError as e:  # bm25s: an optional dependency; dense retrieval serves without it
+        if required:
+            raise IndexError_(f"{store.path}: {e}") from None
+        log.warning("index %r: %s; it serves dense retrieval only", name, e)
+        return None
+
+
+def no_bm25_message(name: str, store: IndexStore | None) -> str:
+    """Why index ``name`` cannot serve hybrid retrieval, and what to run."""
+    if store is None:
+        return f"index {name!r} has no BM25 side index (a retriever built in code), so it cannot serve hybrid retrieval"
+    if store.manifest.bm25 is not None:  # it has one, but it could not be opened
+        return (f"index {name!r} ({store.path}) has a BM25 side index, but this server cannot read it: "
+                "pip install 'onegen[default-model]' (bm25s)")
+    return (f"index {name!r} ({store.root}) has no BM25 side index, so it cannot serve hybrid retrieval: publish "
+            f"a version with one (python -m index_builder update --index {store.root} --checkpoint CHECKPOINT "
+            "with --corpus and/or --delete writes it), or rebuild the index without --no-bm25")
 
 
 def _check(store: IndexStore, dim: int, accepted_dtypes: tuple[str, ...]) -> None:
