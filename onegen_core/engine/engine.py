@@ -24,7 +24,10 @@ keeps the ``/retrieve`` jobs, ``insertion.py`` searches and inserts or annotates
 Indexes: the engine serves named indexes (``retrieval.registry``; a bare index directory is
 ``default``) and a sequence searches the one its ``RetrievalParams.index`` names. A new version is
 loaded off the engine's thread (``load_index``) and swapped in on it between two steps
-(``swap_index``), so a search never sees half of one.
+(``swap_index``), so a search never sees half of one. A sequence retrieves in its
+``RetrievalParams.mode`` (default ``EngineConfig.retrieval_mode``): ``dense``, or ``hybrid``, where
+BM25 searches its last user turn plus the output since its last passage and the two rankings are
+fused (``retrieval.hybrid``); hybrid needs the index's BM25 side index, checked at admission.
 
 Not thread-safe: one thread owns an engine (the server's worker thread).
 """
@@ -52,7 +55,7 @@ from ..retrieval.retriever import Retriever
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.rendering import Rendered, Renderer
 from .blocking import BlockingCalls
-from .engine_config import EngineConfig, step_token_budget
+from .engine_config import RETRIEVAL_MODES, EngineConfig, step_token_budget
 from .inputs import ContextLengthExceeded, InputChecker, RequestInput
 from .insertion import PassageInserter
 from .kv_cache import BlockManager
@@ -111,6 +114,8 @@ class Engine(BlockingCalls):
         self.last_step_tokens = 0  # tokens in the last step's forward (at most max_num_batched_tokens)
         for entry in self.indexes.entries.values():
             self._warn_index_dtype(entry)
+            if config.retrieval_mode == "hybrid":
+                entry.require_bm25()  # BM25UnavailableError: an engine that would fail its default requests
         log.info("engine ready: %s %s on %s, %d KV blocks x %d, max_model_len %d, attention %s, linear %s",
                  checkpoint.model_type, self.dtype, self.device, self.runner.num_blocks, config.block_size,
                  self.max_model_len, self.runner.backend, self.model.linear_backend)
@@ -134,7 +139,8 @@ class Engine(BlockingCalls):
         device = resolve_device(config.device)
         for name, root in dirs.items():
             registry.add(load_index(name, root, fingerprint=ckpt.fingerprint, dim=ckpt.config.hidden_size,
-                                    retriever=config.retriever, device=device))
+                                    retriever=config.retriever, device=device,
+                                    require_bm25=config.retrieval_mode == "hybrid"))
         return cls(ckpt, config, indexes=registry)
 
     # ------------------------------------------------------------------ indexes
@@ -160,14 +166,15 @@ class Engine(BlockingCalls):
     def load_index(self, name: str) -> LoadedIndex:
         """Load the current version of index ``name``'s directory, checked like the one it would replace (same
         fingerprint and dimension; encoded in the served dtype or in the replaced version's). Any thread: it
-        reads files and builds the retriever while the engine steps; ``swap_index`` then serves it."""
+        reads files and builds the retriever while the engine steps; ``swap_index`` then serves it. With hybrid
+        as the default mode, a version without a BM25 side index is refused too."""
         old = self.indexes.entries.get(name)
         if old is None or old.store is None:
             raise ValueError(f"index {name!r} was not loaded from a directory: there is nothing to reload")
         accepted = tuple(dict.fromkeys(d for d in (self._served_dtype, old.store.manifest.encode_dtype) if d))
         return load_index(name, old.store.root, fingerprint=self.checkpoint.fingerprint,
                           dim=self.model.hidden_size, retriever=self.config.retriever, device=self.device,
-                          accepted_dtypes=accepted)
+                          accepted_dtypes=accepted, require_bm25=self.config.retrieval_mode == "hybrid")
 
     def swap_index(self, entry: LoadedIndex) -> LoadedIndex:
         """Serve ``entry`` from the next step on (the engine's thread, between steps) and close the version it
@@ -234,7 +241,11 @@ class Engine(BlockingCalls):
             max_retrievals=self.default_max_retrievals if retrieval.max_retrievals is None else retrieval.max_retrievals,
             return_passages=retrieval.return_passages,
             index=self.indexes.name_for(retrieval.index),  # UnknownIndex (a ValueError) names the served ones
+            mode=self._mode(retrieval.mode, retrieval.index) if retrieval.enabled and self.indexes else "dense",
         )
+        user_text = rendered.user_text
+        if user_text is None and resolved.mode == "hybrid":  # token ids: what they say, as BM25 text
+            user_text = self.tokenizer.decode(rendered.ids, skip_special_tokens=True)
         gen = None
         if sampling.seed is not None:
             gen = torch.Generator(device=self.device)
@@ -247,6 +258,7 @@ class Engine(BlockingCalls):
             retrieval=resolved,
             detok=IncrementalDetokenizer(self.tokenizer, sampling.stop),
             generator=gen,
+            user_text=user_text or "",
         )
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
@@ -261,24 +273,44 @@ class Engine(BlockingCalls):
         return_text: bool = False,
         request_id: str | None = None,
         index: str | None = None,
+        mode: str | None = None,
     ) -> str:
         """Queue queries to encode and search (``searches.py``). Each query is scheduled like a prompt (chunked
         under the step's token budget, interleaved with decoding); its vector is the hidden state at its query RET
         token. Ends with one ``SearchDone``. ``k=0`` returns the vectors only. ``query_token_ids`` from
-        ``prepare_queries``. ``index``: the named index to search (None: the default)."""
-        if (queries is None) == (query_token_ids is None):
+        ``prepare_queries`` (given with ``queries``: theirs, not tokenised again). ``index``: the named index to
+        search (None: the default). ``mode``: dense or hybrid, where BM25 searches each query string (None: the
+        engine's default; hybrid needs ``queries``)."""
+        if queries is None and query_token_ids is None:
             raise ValueError("give queries or query_token_ids")
         if query_token_ids is None:
             query_token_ids = self.prepare_queries(list(queries or []))
+        elif queries is not None and len(queries) != len(query_token_ids):
+            raise ValueError(f"{len(queries)} queries but {len(query_token_ids)} query_token_ids")
         if k > 0 and not self.indexes:
             raise ValueError("no index is loaded: start the engine with an index directory")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        texts = None
+        if k > 0 and self._mode(mode, index) == "hybrid":
+            if queries is None:
+                raise ValueError("a hybrid search needs the query strings (BM25 searches them), not only their ids")
+            texts = list(queries)
         index = self.indexes.name_for(index)
         request_id = self._new_request_id(request_id)
-        for seq in self.searches.start(request_id, query_token_ids, k, return_text, index):
+        for seq in self.searches.start(request_id, query_token_ids, k, return_text, index, texts):
             self.scheduler.add(seq)
         return request_id
+
+    def _mode(self, mode: str | None, index: str | None) -> str:
+        """The retrieval mode a request gets: its own or the engine's default; ``BM25UnavailableError`` (a
+        ``ValueError``) names the index and what to run when it is hybrid and the index has no BM25 side index."""
+        mode = mode or self.config.retrieval_mode
+        if mode not in RETRIEVAL_MODES:
+            raise ValueError(f"mode must be one of {', '.join(RETRIEVAL_MODES)}, got {mode!r}")
+        if mode == "hybrid":
+            self.indexes.get(index).require_bm25()  # UnknownIndex first for an unknown name
+        return mode
 
     def _new_request_id(self, request_id: str | None) -> str:
         request_id = request_id or uuid.uuid4().hex
@@ -366,7 +398,7 @@ class Engine(BlockingCalls):
         """Encoded ``/retrieve`` queries: free them, hand their vectors to their jobs, queue the jobs' next queries."""
         for seq in seqs:
             self.scheduler.finish(seq)
-        done, to_schedule = self.searches.store(seqs, vectors, self.indexes.retriever)
+        done, to_schedule = self.searches.store(seqs, vectors, self.indexes.get)
         for seq in to_schedule:
             self.scheduler.add(seq)
         return done
@@ -379,7 +411,7 @@ class Engine(BlockingCalls):
             rows = [i for i, s in enumerate(seqs) if s.retrieval.index == name]
             group = [seqs[i] for i in rows]
             vectors = queries if len(rows) == len(seqs) else queries[torch.tensor(rows, dtype=torch.long)]
-            events += self.inserter.retrieve(group, vectors, self.indexes.retriever(name))
+            events += self.inserter.retrieve(group, vectors, self.indexes.get(name))
         for seq in seqs:
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)

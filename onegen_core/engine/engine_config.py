@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 LINEAR_BACKENDS = ("auto", "aten", "onednn")
+# How a request retrieves (``RetrievalParams.mode``; ``onegen_core.retrieval.hybrid``): the model's query vector
+# alone, or that and BM25 fused by reciprocal rank. Here, not there: this module loads without torch.
+RETRIEVAL_MODES = ("dense", "hybrid")
 # The step token budget when none is given. A GPU runs a 2048-token step in milliseconds; a CPU takes seconds
 # (SmolLM2-135M, 2 cores, bf16: 3.4 s), and every running stream waits that long for its next token. In
 # 512-token chunks the same CPU prefills a 3,278-token prompt faster (time to first token 5.2-5.4 s against
@@ -51,6 +54,10 @@ class EngineConfig:
     max_model_len: int | None = _setting(None, "context length limit (default: the model's)", ge=16)
     retriever: str = _setting("auto", "search backend: faiss, or torch (exact matmul on the model's device); auto "
                               "picks torch for a flat index on a GPU", choices=("auto", "faiss", "torch"))
+    retrieval_mode: str = _setting(
+        "dense", "retrieval mode of requests that choose none (retrieval.mode; /retrieve: mode): dense (the model's "
+        "query vector) or hybrid (dense and BM25 fused by reciprocal rank; every index must have its BM25 side "
+        "index, which index_builder build and update write)", choices=RETRIEVAL_MODES)
     attention_backend: str = _setting("auto", "attention kernels (auto: flash on a GPU with flash-attn, else sdpa)",
                                       choices=("auto", "sdpa", "flash"))
     linear_backend: str = _setting("auto", "projection kernels: onednn (prepacked weights, CPU) or aten; auto picks "

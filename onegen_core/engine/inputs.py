@@ -36,6 +36,16 @@ class RequestInput:
         if sum(x is not None for x in (self.prompt, self.messages, self.prompt_token_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
 
+    @property
+    def user_text(self) -> str | None:
+        """The last user turn as typed: the raw prompt, or the last user message's content ("" when no message
+        is the user's); None for token ids. A hybrid retrieval's BM25 query starts with it."""
+        if self.prompt is not None:
+            return self.prompt
+        if self.messages is not None:
+            return next((str(m.get("content") or "") for m in reversed(self.messages) if m.get("role") == "user"), "")
+        return None
+
     @classmethod
     def of(cls, prompt: str | RequestInput | None = None, **fields: Any) -> RequestInput:
         """The input that ``prompt`` (text or a ``RequestInput``) and / or ``fields`` (``messages=``,
@@ -82,6 +92,7 @@ class InputChecker:
                 f"the prompt has {len(rendered)} tokens; this model's context is {self.max_model_len} tokens "
                 "(prompt plus at least one generated token)"
             )
+        rendered.user_text = given.user_text
         return rendered
 
     def queries(self, queries: list[str]) -> list[list[int]]:

@@ -1,7 +1,8 @@
 """Retrieval inside the decode loop: search with a step's query vectors, then insert or annotate.
 
 Every sequence that reached a query RET token in the same step is searched at once (one
-batched ``Retriever.search``). An ``insert`` token gets the passages that fit the
+batched dense search per index; ``retrieval.hybrid.search``, which also runs BM25 and fuses for
+the sequences in hybrid mode, with ``Sequence.bm25_query`` as their text). An ``insert`` token gets the passages that fit the
 context, rendered ``open + passage + close`` and appended as CTX: the scheduler prefills
 them next as an *extend*, and sampling resumes after the last one. An ``annotate`` token
 records its hits and inserts nothing, optionally forcing a follow-up token. Each
@@ -21,7 +22,9 @@ import torch
 
 from ..formats.checkpoint import SpecialTokenIds
 from ..formats.roles import Role
-from ..retrieval.retriever import Retriever
+from ..retrieval import hybrid
+from ..retrieval.bm25 import BM25UnavailableError
+from ..retrieval.registry import LoadedIndex, no_bm25_message
 from ..text.rendering import Renderer
 from .outputs import RetrievalEvent, RetrievalHit, RetrievalRecord
 from .sequence import Sequence
@@ -35,28 +38,36 @@ class PassageInserter:
         self.token_ids = token_ids
         self.max_model_len = max_model_len
 
-    def retrieve(self, seqs: list[Sequence], queries: torch.Tensor, retriever: Retriever | None
+    def retrieve(self, seqs: list[Sequence], queries: torch.Tensor, index: LoadedIndex | None
                  ) -> list[RetrievalEvent]:
-        """Search with each sequence's query vector ([n, d], the normalised final-layer hidden state at its query
-        token), batched, and insert or annotate what was found. A failed search (FAISS, a corrupt docstore row)
-        fails its batch only: those sequences end with ``finish_reason="error"``."""
+        """Search ``index`` with each sequence's query vector ([n, d], the normalised final-layer hidden state at
+        its query token), batched, in each sequence's mode, and insert or annotate what was found. A failed
+        search (FAISS, a corrupt docstore row, a hybrid search of a version without BM25) fails its batch only:
+        those sequences end with ``finish_reason="error"``."""
         if not seqs:
             return []
-        assert retriever is not None
-        k = max(s.retrieval.k for s in seqs)
+        assert index is not None
+        if index.bm25 is None and any(s.retrieval.mode == "hybrid" for s in seqs):
+            # the version swapped in since these were admitted has no BM25 side index: fail them, not the rest
+            keep = [i for i, s in enumerate(seqs) if s.retrieval.mode != "hybrid"]
+            self._fail([s for s in seqs if s.retrieval.mode == "hybrid"], BM25UnavailableError(
+                no_bm25_message(index.name, index.store)))
+            seqs, queries = [seqs[i] for i in keep], queries[torch.tensor(keep, dtype=torch.long)]
+            if not seqs:
+                return []
+        texts = [s.bm25_query() if s.retrieval.mode == "hybrid" else None for s in seqs]
         t0 = time.perf_counter()
         try:
-            all_hits = retriever.search(queries, k)
-            if len(all_hits) != len(seqs):
-                raise RuntimeError(f"the retriever returned {len(all_hits)} hit lists for {len(seqs)} queries")
+            all_hits = hybrid.search(index, queries, [s.retrieval.k for s in seqs], texts)
         except Exception as e:  # noqa: BLE001 - a failed search fails its batch, never the engine
             self._fail(seqs, e)
             return []
         search_ms = (time.perf_counter() - t0) * 1000.0
-        return [RetrievalEvent(seq.request_id, self._apply(seq, hits[: seq.retrieval.k], search_ms))
-                for seq, hits in zip(seqs, all_hits, strict=True)]
+        return [RetrievalEvent(seq.request_id, self._apply(seq, hits, search_ms, text))
+                for seq, hits, text in zip(seqs, all_hits, texts, strict=True)]
 
-    def _apply(self, seq: Sequence, hits: list[RetrievalHit], search_ms: float) -> RetrievalRecord:
+    def _apply(self, seq: Sequence, hits: list[RetrievalHit], search_ms: float, bm25_query: str | None
+               ) -> RetrievalRecord:
         """Insert (or annotate) one sequence's hits at its pending query token and record the retrieval."""
         qid = seq.pending_query
         qdef = self.token_ids.query[qid]
@@ -64,6 +75,7 @@ class PassageInserter:
         record = RetrievalRecord(
             query_token=qdef.token, action=qdef.action, output_token_index=len(seq.output_ids) - 1,
             output_text_offset=len(seq.detok.text), search_ms=search_ms,
+            mode=seq.retrieval.mode or "dense", bm25_query=bm25_query,
         )
         if qdef.action == "insert":
             inserted: list[int] = []

@@ -27,6 +27,8 @@ class RetrievalRecord:
     hits: list[RetrievalHit] = field(default_factory=list)
     inserted_tokens: int = 0
     search_ms: float = 0.0
+    mode: str = "dense"  # "hybrid": hits are the dense and BM25 rankings fused, scores the fused ones
+    bm25_query: str | None = None  # the text BM25 searched (hybrid only)
 
 
 @dataclass

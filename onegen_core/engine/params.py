@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .engine_config import RETRIEVAL_MODES
+
 
 @dataclass
 class SamplingParams:
@@ -44,8 +46,14 @@ class RetrievalParams:
     max_retrievals: int | None = None  # per request; None = the checkpoint's default
     return_passages: bool = False  # include passage text in the trace
     index: str | None = None  # the named index to search; None = the engine's default index
+    # "dense" (the query token's hidden state) or "hybrid" (that and BM25 fused: retrieval.hybrid); None = the
+    # engine's default (EngineConfig.retrieval_mode)
+    mode: str | None = None
 
     def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in RETRIEVAL_MODES:
+            raise ValueError(f"mode must be one of {', '.join(RETRIEVAL_MODES)} (or None for the engine's default), "
+                             f"got {self.mode!r}")
         if self.index is not None and not self.index:
             raise ValueError("index must be a non-empty index name (or None for the default index)")
         if self.k is not None and self.k < 1:

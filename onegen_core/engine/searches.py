@@ -5,7 +5,8 @@ about one step's token budget at a time, so a big job keeps the engine busy when
 alone yet takes its turn with the requests that arrive after it (they are queued between
 its queries) instead of holding the waiting queue for all of them. Each query's last
 hidden state comes back as its vector; when a job's last vector arrives the job is
-searched and ends with exactly one ``SearchDone``.
+searched and ends with exactly one ``SearchDone``. A hybrid job (``mode`` hybrid) is searched by
+``retrieval.hybrid.search`` with each query string as its BM25 text.
 
 ``SearchJobs`` keeps the bookkeeping and never touches the scheduler: each call returns
 what the engine must do — the query sequences to queue, the sequences to free, the
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from ..formats.roles import Role
-from ..retrieval.retriever import Retriever
+from ..retrieval import hybrid
+from ..retrieval.registry import LoadedIndex
 from .outputs import SearchDone
 from .params import RetrievalParams, SamplingParams
 from .sequence import SearchRequest, Sequence
@@ -44,10 +46,11 @@ class SearchJobs:
         return len(self.jobs)
 
     def start(self, request_id: str, query_token_ids: list[list[int]], k: int, return_text: bool,
-              index: str | None = None) -> list[Sequence]:
-        """Open a job searching the named ``index`` -> the query sequences to schedule now (the others follow as
-        these are encoded)."""
-        job = SearchRequest(request_id, k, return_text, [None] * len(query_token_ids), index=index)
+              index: str | None = None, bm25_texts: list[str] | None = None) -> list[Sequence]:
+        """Open a job searching the named ``index`` (hybrid when ``bm25_texts``, one per query, are given) -> the
+        query sequences to schedule now (the others follow as these are encoded)."""
+        job = SearchRequest(request_id, k, return_text, [None] * len(query_token_ids), index=index,
+                            bm25_texts=bm25_texts)
         self.jobs[request_id] = job
         if not query_token_ids:
             self.ended.append(self._done(job))
@@ -59,10 +62,10 @@ class SearchJobs:
                 sampling=no_sampling, retrieval=no_retrieval, detok=None, search=job, search_slot=i))
         return self._feed(job)
 
-    def store(self, seqs: list[Sequence], vectors: torch.Tensor, retriever_for: Callable[[str | None], Retriever | None]
+    def store(self, seqs: list[Sequence], vectors: torch.Tensor, index_for: Callable[[str | None], LoadedIndex | None]
               ) -> tuple[list[SearchDone], list[Sequence]]:
         """Vectors of encoded queries ([n, d] float32 unit vectors on the host, one per sequence of ``seqs``)
-        -> (the ``SearchDone`` of each job this completes, searched with ``retriever_for(job.index)``: the
+        -> (the ``SearchDone`` of each job this completes, searched in ``index_for(job.index)``: the
         version served when its last vector arrives; the next queries to schedule)."""
         done: list[SearchDone] = []
         to_schedule: list[Sequence] = []
@@ -73,7 +76,7 @@ class SearchJobs:
             job.vectors[seq.search_slot] = vec
             job.queued_tokens -= seq.num_tokens
             if job.complete:
-                done.append(self._done(job, retriever=retriever_for(job.index)))
+                done.append(self._done(job, index=index_for(job.index)))
             else:
                 to_schedule += self._feed(job)
         return done, to_schedule
@@ -100,7 +103,7 @@ class SearchJobs:
             out.append(seq)
         return out
 
-    def _done(self, job: SearchRequest, error: str | None = None, retriever: Retriever | None = None) -> SearchDone:
+    def _done(self, job: SearchRequest, error: str | None = None, index: LoadedIndex | None = None) -> SearchDone:
         """Close a job: search its vectors (unless it asked for the vectors only, or failed)."""
         self.jobs.pop(job.request_id, None)
         encode_ms = (time.monotonic() - job.arrival_time) * 1000.0
@@ -111,7 +114,8 @@ class SearchJobs:
             return SearchDone(job.request_id, hits=[] if job.k else None, vectors=vectors, encode_ms=encode_ms)
         t0 = time.perf_counter()
         try:
-            hits = retriever.search(vectors, job.k)
+            n = len(vectors)
+            hits = hybrid.search(index, vectors, [job.k] * n, job.bm25_texts or [None] * n)
         except Exception as e:  # noqa: BLE001 - a failed search fails its request, never the engine
             log.error("search failed for request %s: %s: %s", job.request_id, type(e).__name__, e, exc_info=e)
             return SearchDone(job.request_id, error=f"retrieval failed: {type(e).__name__}: {e}", encode_ms=encode_ms)

@@ -24,6 +24,7 @@ from enum import Enum
 import torch
 
 from ..formats.roles import Role
+from ..retrieval.fusion import bm25_query_text
 from ..text.detokenizer import IncrementalDetokenizer
 from .outputs import FinishReason, GenerationResult, RetrievalRecord, Usage
 from .params import RetrievalParams, SamplingParams
@@ -44,6 +45,7 @@ class SearchRequest:
     return_text: bool
     vectors: list[torch.Tensor | None]  # one [d] float32 unit vector per query, as they complete
     index: str | None = None  # the named index searched (resolved by the engine: None only when there is none)
+    bm25_texts: list[str] | None = None  # hybrid: each query's BM25 text (its string); None: dense
     sequences: list[Sequence] = field(default_factory=list)  # one per query, in order
     next_query: int = 0  # sequences[:next_query] have been handed to the scheduler
     queued_tokens: int = 0  # tokens of those not encoded yet
@@ -60,7 +62,7 @@ class Sequence:
     token_ids: list[int]
     roles: list[Role]
     sampling: SamplingParams
-    retrieval: RetrievalParams  # k / max_retrievals resolved against the checkpoint's defaults
+    retrieval: RetrievalParams  # k / max_retrievals / index / mode resolved against the engine's defaults
     detok: IncrementalDetokenizer | None  # None for a query encode
     generator: torch.Generator | None = None  # per-request RNG when a seed is given
     status: SequenceStatus = SequenceStatus.WAITING
@@ -82,6 +84,7 @@ class Sequence:
     finish_time: float | None = None
     search: SearchRequest | None = None  # set for a query encode: this sequence's last hidden state is a vector
     search_slot: int = 0  # which of ``search``'s queries
+    user_text: str = ""  # the last user turn (or the raw prompt): what a hybrid retrieval's BM25 query starts with
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -107,6 +110,12 @@ class Sequence:
     def append(self, ids: list[int], role: Role) -> None:
         self.token_ids.extend(ids)
         self.roles.extend([role] * len(ids))
+
+    def bm25_query(self) -> str:
+        """The text BM25 searches at this query token in hybrid mode (``fusion.bm25_query_text``): the last user
+        turn, then the output since the last inserted passage (the whole output when none was)."""
+        since = max((r.output_text_offset for r in self.trace if r.inserted_tokens), default=0)
+        return bm25_query_text(self.user_text, self.detok.text[since:] if self.detok is not None else "")
 
     def may_retrieve(self) -> bool:
         return self.retrieval.enabled and self.num_retrievals < (self.retrieval.max_retrievals or 0)

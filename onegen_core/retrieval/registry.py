@@ -4,8 +4,8 @@ An engine serves zero or more *named* indexes (``default`` is what a bare index 
 called). Each entry is a ``LoadedIndex``: one version of an index directory, opened
 (``IndexStore``) and wrapped in its retriever, with its BM25 side index (hybrid retrieval's
 lexical half, ``bm25.py``) when the version has one: the two are loaded, checked and swapped
-together, so a search never fuses one version's dense hits with another's BM25 hits. A request names the index it searches
-(``RetrievalParams.index``); ``IndexRegistry.name_for`` resolves a name, ``None`` meaning the
+together, so a search never fuses one version's dense hits with another's BM25 hits. A request
+names the index it searches (``RetrievalParams.index``); ``IndexRegistry.name_for`` resolves a name, ``None`` meaning the
 registry's default: ``default`` when there is one, else the first index given.
 
 Reloading without downtime is two halves on two threads:

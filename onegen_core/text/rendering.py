@@ -68,6 +68,9 @@ class RenderError(ValueError):
 class Rendered:
     ids: list[int] = field(default_factory=list)
     roles: list[Role] = field(default_factory=list)
+    # A request's last user turn as typed (a raw prompt, a chat's last user message), where a hybrid retrieval's
+    # BM25 query starts (onegen_core.retrieval.fusion); set by the engine's input checker, None otherwise.
+    user_text: str | None = field(default=None, compare=False)
 
     def extend(self, ids: list[int], role: Role) -> Rendered:
         self.ids.extend(ids)

@@ -13,7 +13,8 @@ EXPECTED_FLAGS = (
     # the engine's (EngineConfig)
     "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "kv_cache_memory_gb",
     "enable_prefix_caching",
-    "gpu_memory_utilization", "max_model_len", "retriever", "attention_backend", "linear_backend", "seed", "cuda_graphs",
+    "gpu_memory_utilization", "max_model_len", "retriever", "retrieval_mode", "attention_backend", "linear_backend",
+    "seed", "cuda_graphs",
     # the server's
     "checkpoint", "index", "index_poll_s", "served_model_name", "host", "port", "api_key", "metrics_auth", "public_docs",
     "header_timeout_s", "keep_alive_timeout_s", "max_header_bytes", "max_body_bytes", "max_pending_requests",
