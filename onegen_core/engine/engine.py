@@ -140,7 +140,7 @@ class Engine(BlockingCalls):
         for name, root in dirs.items():
             registry.add(load_index(name, root, fingerprint=ckpt.fingerprint, dim=ckpt.config.hidden_size,
                                     retriever=config.retriever, device=device,
-                                    require_bm25=config.retrieval_mode == "hybrid"))
+                                    require_bm25=config.retrieval_mode == "hybrid", mmap=config.index_mmap))
         return cls(ckpt, config, indexes=registry)
 
     # ------------------------------------------------------------------ indexes
@@ -174,7 +174,8 @@ class Engine(BlockingCalls):
         accepted = tuple(dict.fromkeys(d for d in (self._served_dtype, old.store.manifest.encode_dtype) if d))
         return load_index(name, old.store.root, fingerprint=self.checkpoint.fingerprint,
                           dim=self.model.hidden_size, retriever=self.config.retriever, device=self.device,
-                          accepted_dtypes=accepted, require_bm25=self.config.retrieval_mode == "hybrid")
+                          accepted_dtypes=accepted, require_bm25=self.config.retrieval_mode == "hybrid",
+                          mmap=self.config.index_mmap)
 
     def swap_index(self, entry: LoadedIndex) -> LoadedIndex:
         """Serve ``entry`` from the next step on (the engine's thread, between steps) and close the version it

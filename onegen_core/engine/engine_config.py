@@ -67,6 +67,10 @@ class EngineConfig:
     enable_prefix_caching: bool = _setting(
         True, "automatic prefix caching: a request shares the KV cache blocks of the longest prefix (whole blocks) "
         "already computed for an earlier one (a system prompt, a resent conversation) instead of prefilling it again")
+    index_mmap: bool = _setting(
+        True, "memory-map each index's index.faiss instead of reading it: replicas on one host share its pages "
+        "through the page cache instead of each holding a copy (every index type with faiss-cpu 1.15; an older FAISS "
+        "maps IVF inverted lists only; --retriever torch copies the vectors to the model's device anyway)")
 
     def __post_init__(self) -> None:
         for f in fields(self):

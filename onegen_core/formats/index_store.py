@@ -23,12 +23,22 @@ version; ``IndexStore.open`` (hence the engine, the server and the tools) goes t
 A reader that has opened a version keeps reading it even when a later update removes its
 directory: FAISS holds the index in memory (or an mmap of a file whose name alone is gone) and
 POSIX keeps an unlinked file readable through the descriptors already open.
+
+Memory-mapping (``IndexStore.open(mmap=True)``, the server's ``--index-mmap``). Replicas on one host
+that map the same ``index.faiss`` share its pages through the page cache instead of each holding a
+private copy. With a FAISS that has ``IO_FLAG_MMAP_IFC`` (measured with faiss-cpu 1.15) every index
+type we build is mapped with clean, file-backed pages: flat vectors, an HNSW graph and its vectors, IVF
+inverted lists and PQ codes alike (``mmap_read_flags``); an older FAISS maps only a bare IVF index's
+inverted lists. A mapped file is read through once when it is opened, so its pages are in the page
+cache before the first search (which runs on the engine's thread) instead of coming from the disk
+during it. A file must never change in place while mapped; versions never do (see above).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -249,6 +259,32 @@ def insert_documents(con: sqlite3.Connection, first_vector_id: int, docs: list[D
     )
 
 
+_IVF = re.compile(r"IVF\d+(_HNSW\d+)?,.+")  # a factory string of a bare IVF index (no IDMap, no pre-transform)
+
+
+def mmap_read_flags(factory: str) -> int:
+    """``faiss.read_index`` flags that memory-map an index of ``factory`` (its manifest's factory string) with clean
+    pages, which every process reading the same file shares; 0 where this FAISS can only read it into memory.
+
+    A FAISS with ``IO_FLAG_MMAP_IFC`` (1.15 is measured) maps every type we build, vectors and codes, an HNSW
+    graph and IVF inverted lists included; an older one maps only a bare IVF index's inverted lists (``IO_FLAG_MMAP``)."""
+    faiss = import_faiss()
+    if hasattr(faiss, "IO_FLAG_MMAP_IFC"):
+        return faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    if _IVF.fullmatch(factory):
+        return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    return 0
+
+
+def warm_page_cache(path: Path, chunk: int = 8 << 20) -> None:
+    """Read ``path`` once and drop what was read: its pages land in the page cache (shared, reclaimable), so
+    a mapping of it faults them in from memory, not from the disk."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        while f.readinto(buf):
+            pass
+
+
 class IndexStore:
     """An opened index directory: FAISS index + docstore + manifest. ``path`` is the directory the files
     were read from (a versioned directory's current version), ``root`` the one asked for, ``version``
@@ -262,9 +298,12 @@ class IndexStore:
         self.docstore = docstore
         self.root = root if root is not None else path
         self.version = version
+        self.mmapped = False  # index.faiss memory-mapped (open(mmap=True) on a type FAISS maps), not read
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, expected_fingerprint: str | None = None, mmap: bool = False) -> IndexStore:
+        """Open the current version of ``path``; ``mmap``: memory-map ``index.faiss`` where FAISS can share its
+        pages (``mmap_read_flags``; other types are read), never for a reader that changes the index."""
         faiss = import_faiss()
         root = Path(path)
         path, version = resolve_version(root)
@@ -275,14 +314,24 @@ class IndexStore:
                 f"but the checkpoint being served has fingerprint {expected_fingerprint}; rebuild the index "
                 "with this checkpoint (python -m index_builder build)"
             )
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(path / INDEX_FILE), flags)
+        flags = mmap_read_flags(manifest.factory) if mmap else 0
+        index = None
+        if flags:
+            warm_page_cache(path / INDEX_FILE)
+            try:
+                index = faiss.read_index(str(path / INDEX_FILE), flags)
+            except RuntimeError:  # a type this FAISS cannot map: read it (a broken file fails the read too)
+                flags = 0
+        if index is None:
+            index = faiss.read_index(str(path / INDEX_FILE))
         if index.d != manifest.dim or index.ntotal != manifest.count:
             raise IndexError_(
                 f"{path}: index.faiss has dim {index.d} and {index.ntotal} vectors but the manifest says "
                 f"dim {manifest.dim} and {manifest.count}"
             )
-        return cls(path, manifest, index, DocStore(path / DOCSTORE), root=root, version=version)
+        store = cls(path, manifest, index, DocStore(path / DOCSTORE), root=root, version=version)
+        store.mmapped = bool(flags)
+        return store
 
     def close(self) -> None:
         """Close the docstore (the FAISS index is freed with the object)."""

@@ -105,8 +105,8 @@ class LoadedIndex:
 
 
 def load_index(name: str, root: str | os.PathLike, *, fingerprint: str, dim: int, retriever: str,
-               device: torch.device, accepted_dtypes: tuple[str, ...] = (), require_bm25: bool = False
-               ) -> LoadedIndex:
+               device: torch.device, accepted_dtypes: tuple[str, ...] = (), require_bm25: bool = False,
+               mmap: bool = False) -> LoadedIndex:
     """Open the current version of ``root`` as index ``name``, checked against the engine, with its retriever
     and its BM25 side index when it has one.
 
@@ -115,12 +115,12 @@ def load_index(name: str, root: str | os.PathLike, *, fingerprint: str, dim: int
     encode dtype outside ``accepted_dtypes`` (empty: any), a docstore whose row count is not the
     manifest's, files FAISS / SQLite cannot read, a BM25 side index that cannot be read or does not
     match the manifest; and ``BM25UnavailableError`` for a version without one when ``require_bm25``
-    (an engine whose default mode is hybrid). Any thread.
+    (an engine whose default mode is hybrid). ``mmap``: ``IndexStore.open``'s. Any thread.
     """
     root = Path(root)
     stamp = VersionStamp.of(root)
     try:
-        store = IndexStore.open(root, expected_fingerprint=fingerprint)
+        store = IndexStore.open(root, expected_fingerprint=fingerprint, mmap=mmap)
     except RuntimeError as e:  # FAISS' reader: a truncated or foreign index.faiss
         raise IndexError_(f"{stamp.directory}: cannot read {INDEX_FILE}: {str(e).strip().splitlines()[0]}") from None
     try:

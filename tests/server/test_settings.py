@@ -12,7 +12,7 @@ from server.settings import ServerSettings, build_parser, parse_settings
 EXPECTED_FLAGS = (
     # the engine's (EngineConfig)
     "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "kv_cache_memory_gb",
-    "enable_prefix_caching",
+    "enable_prefix_caching", "index_mmap",
     "gpu_memory_utilization", "max_model_len", "retriever", "retrieval_mode", "attention_backend", "linear_backend",
     "seed", "cuda_graphs",
     # the server's
