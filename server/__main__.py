@@ -10,7 +10,8 @@ be sent ``state.DRAIN_FINISH_S`` after that (``ServerState.shutdown_overdue``).
 Without ``--checkpoint`` the embedded default model is served, prepared on first start
 (``server.prepare_default``: base import, adapter, prebuilt or built index) before the port is bound.
 A checkpoint or index path that does not exist ends the process with status 2 and one
-line naming it, before the port is bound; a model or index that fails to load ends it
+line naming it, before the port is bound, and so does ``--retrieval-mode hybrid`` with an index
+whose current version has no BM25 side index; a model or index that fails to load ends it
 with status 1 and the reason.
 Connections are bounded too: request headers must arrive within ``--header-timeout-s``
 (``http_protocol``) and be at most ``--max-header-bytes``; idle keep-alive connections
@@ -85,6 +86,25 @@ def missing_path(settings: ServerSettings) -> str | None:
     return None
 
 
+def hybrid_unavailable(settings: ServerSettings) -> str | None:
+    """With ``--retrieval-mode hybrid``, why an index cannot serve it (its current version has no BM25 side
+    index: every request would be refused); else None. Reads one manifest per index."""
+    if settings.retrieval_mode != "hybrid":
+        return None
+    from onegen_core.formats.index_store import MANIFEST, IndexError_, Manifest, resolve_version
+    from onegen_core.retrieval.registry import no_bm25_message
+
+    for name, path in settings.index.items():
+        try:
+            version_dir, _ = resolve_version(path)
+            manifest = Manifest.from_file(version_dir / MANIFEST)
+        except (IndexError_, OSError, ValueError):  # not an index: the engine's load says why, in full
+            continue
+        if manifest.bm25 is None:
+            return f"--retrieval-mode hybrid: {no_bm25_message(name, path)}; or serve with --retrieval-mode dense"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     problem = missing_path(settings)
@@ -99,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, RuntimeError, OSError) as e:
             print(f"onegen server: could not prepare the default model: {e}", file=sys.stderr)
             return 2
+    problem = hybrid_unavailable(settings)
+    if problem is not None:
+        print(f"onegen server: {problem}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     fatal: list[BaseException] = []
     server: _DrainingServer | None = None

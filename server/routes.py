@@ -118,7 +118,7 @@ async def info(state: ServerState = Depends(get_state)) -> Any:
             "passage_close": {"token": spec.passage_close, "id": ckpt.token_ids.passage_close},
         },
         retrieval_defaults={"k": spec.retrieval.k, "max_retrievals": spec.retrieval.max_retrievals,
-                            "index": engine.indexes.default},
+                            "index": engine.indexes.default, "mode": engine.config.retrieval_mode},
     )
     entries = engine.indexes.entries  # one snapshot: a reload replaces the mapping, never changes it
     default = engine.indexes.default
@@ -137,7 +137,8 @@ def _index_info(entry: Any) -> IndexInfo | None:
     loaded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.loaded_at))
     return IndexInfo(name=entry.name, path=str(store.path), root=str(store.root), version=store.version,
                      loaded_at=loaded, type=m.factory, size=m.count, dimension=m.dim, metric=m.metric,
-                     checkpoint_fingerprint=m.checkpoint_fingerprint, build_time=m.build_time)
+                     checkpoint_fingerprint=m.checkpoint_fingerprint, build_time=m.build_time,
+                     bm25=entry.bm25 is not None)
 
 
 # ---------------------------------------------------------------------------- /admin/reload
@@ -193,11 +194,12 @@ async def retrieve(body: RetrieveRequest, request: Request, state: ServerState =
         raise APIError(422, "this server has no index loaded (start it with --index)", type="no_index",
                        param="queries")
     state.check_index(body.index, "index")
+    state.check_mode(body.mode, body.index, "mode")
     with state.admitted():
         try:
             t0 = time.perf_counter()
             hits = await until_disconnected(request, state.worker.search(queries, body.k, body.return_text,
-                                                                         body.index))
+                                                                         body.index, body.mode))
             search_ms = (time.perf_counter() - t0) * 1000
         except ClientDisconnected:
             return Response(status_code=499)

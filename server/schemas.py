@@ -25,6 +25,7 @@ StopString = Annotated[str, Field(min_length=1, max_length=512)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=16)] | None
 QueryString = Annotated[str, Field(max_length=100_000)]
 IndexName = Annotated[str, Field(min_length=1, max_length=64)]
+RetrievalMode = Literal["dense", "hybrid"]
 
 
 class _Strict(BaseModel):
@@ -47,6 +48,10 @@ class RetrievalOptions(_Strict):
     return_passages: bool = Field(False, description="include the passage text in the retrieval trace")
     index: IndexName | None = Field(None, description="the named index to search (see /info; default: the "
                                     "server's default index)")
+    mode: RetrievalMode | None = Field(
+        None, description="dense: the model's query vector; hybrid: that and BM25 fused by reciprocal rank, BM25 "
+        "searching the last user turn plus what was generated since the last inserted passage (needs the index's "
+        "BM25 side index, see /info; default: the server's --retrieval-mode)")
 
 
 class GenerateRequest(_Strict):
@@ -85,16 +90,17 @@ class Retrieval(BaseModel):
     action: str
     output_token_index: int
     output_text_offset: int = Field(description="character offset in the output text where the query token was")
-    hits: list[Hit]
+    hits: list[Hit] = Field(description="best first; in hybrid mode the fused ranking, score the fused score")
     inserted_tokens: int
     search_ms: float
+    mode: RetrievalMode = Field("dense", description="how it searched (retrieval.mode)")
 
     @classmethod
     def of(cls, r: RetrievalRecord) -> Retrieval:
         return cls(
             query_token=r.query_token, action=r.action, output_token_index=r.output_token_index,
             output_text_offset=r.output_text_offset, hits=[Hit.of(h) for h in r.hits],
-            inserted_tokens=r.inserted_tokens, search_ms=float(r.search_ms),
+            inserted_tokens=r.inserted_tokens, search_ms=float(r.search_ms), mode=r.mode,
         )
 
 
@@ -218,6 +224,10 @@ class RetrieveRequest(_Strict):
     return_text: bool = Field(False, description="include document text")
     index: IndexName | None = Field(None, description="the named index to search (see /info; default: the "
                                     "server's default index)")
+    mode: RetrievalMode | None = Field(
+        None, description="dense: the model's query vectors; hybrid: those and BM25 over each query string, fused "
+        "by reciprocal rank, scores the fused ones (needs the index's BM25 side index; default: the server's "
+        "--retrieval-mode)")
 
     def query_list(self) -> list[str]:
         return [self.queries] if isinstance(self.queries, str) else list(self.queries)
@@ -255,6 +265,7 @@ class IndexInfo(BaseModel):
     metric: str
     checkpoint_fingerprint: str
     build_time: str
+    bm25: bool = Field(False, description="whether the served version has a BM25 side index (hybrid retrieval)")
 
 
 class ReloadRequest(_Strict):

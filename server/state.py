@@ -136,8 +136,20 @@ class ServerState:
             raise APIError(422, f"{param}.k: {o.k} is more than this server's limit of {self.settings.max_retrieve_k}",
                            param=f"{param}.k")
         self.check_index(o.index, f"{param}.index")
+        if o.enabled:
+            self.check_mode(o.mode, o.index, f"{param}.mode")
         return RetrievalParams(enabled=o.enabled, k=o.k, max_retrievals=o.max_retrievals,
-                               return_passages=o.return_passages, index=o.index)
+                               return_passages=o.return_passages, index=o.index, mode=o.mode)
+
+    def check_mode(self, mode: str | None, index: str | None, param: str) -> None:
+        """422 naming ``param`` when the request would retrieve in hybrid mode (its own or the server's default)
+        from an index without a BM25 side index; the message names the index and what to run."""
+        engine = self.engine
+        if engine is None or (mode or engine.config.retrieval_mode) != "hybrid":
+            return
+        entry = engine.indexes.get(index)  # one snapshot: the version a request would search now
+        if entry is not None and entry.bm25 is None:
+            raise APIError(422, f"{param}: {entry.no_bm25_message()}", param=param, type="hybrid_unavailable")
 
     def check_index(self, name: str | None, param: str) -> None:
         """422 naming ``param`` and the served indexes when ``name`` is not one of them (None: the default)."""

@@ -87,6 +87,8 @@ class _Search:
     return_text: bool
     done: concurrent.futures.Future
     index: str | None = None
+    queries: list[str] | None = None  # the strings, which a hybrid search's BM25 half searches
+    mode: str | None = None
 
 
 @dataclass
@@ -212,17 +214,17 @@ class EngineWorker:
         """Abort every request in flight (the drain timeout expired); ``message`` becomes their results' error."""
         self._commands.put(_AbortAll(message))
 
-    async def search(self, queries: list[str], k: int, return_text: bool, index: str | None = None
-                     ) -> list[list[RetrievalHit]]:
+    async def search(self, queries: list[str], k: int, return_text: bool, index: str | None = None,
+                     mode: str | None = None) -> list[list[RetrievalHit]]:
         """Encode and search ``queries`` (tokenised here, off the engine thread; encoded by the scheduler) in the
-        named ``index`` (None: the default).
+        named ``index`` (None: the default), ``mode`` dense or hybrid (None: the engine's default).
 
         ``InputTooLong`` names a query that does not fit; a cancelled caller aborts the search."""
         t0 = time.perf_counter()
         ids = await self._prepare("prepare_queries", queries)
         done: concurrent.futures.Future = concurrent.futures.Future()
         request_id = f"search-{uuid.uuid4().hex}"
-        self._submit(_Search(request_id, ids, k, return_text, done, index))
+        self._submit(_Search(request_id, ids, k, return_text, done, index, queries, mode))
         try:
             hits = await asyncio.wrap_future(done)
         except asyncio.CancelledError:
@@ -344,8 +346,9 @@ class EngineWorker:
         if cmd.done.cancelled():
             return
         try:
-            self.engine.add_search(query_token_ids=cmd.query_token_ids, k=cmd.k, return_text=cmd.return_text,
-                                   request_id=cmd.request_id, index=cmd.index)
+            self.engine.add_search(cmd.queries, query_token_ids=cmd.query_token_ids, k=cmd.k,
+                                   return_text=cmd.return_text, request_id=cmd.request_id, index=cmd.index,
+                                   mode=cmd.mode)
         except Exception as e:  # noqa: BLE001 - handed to the awaiting request
             cmd.done.set_exception(e)
             return

@@ -24,7 +24,7 @@ from ..formats.checkpoint import SpecialTokenIds
 from ..formats.roles import Role
 from ..retrieval import hybrid
 from ..retrieval.bm25 import BM25UnavailableError
-from ..retrieval.registry import LoadedIndex, no_bm25_message
+from ..retrieval.registry import LoadedIndex
 from ..text.rendering import Renderer
 from .outputs import RetrievalEvent, RetrievalHit, RetrievalRecord
 from .sequence import Sequence
@@ -50,8 +50,7 @@ class PassageInserter:
         if index.bm25 is None and any(s.retrieval.mode == "hybrid" for s in seqs):
             # the version swapped in since these were admitted has no BM25 side index: fail them, not the rest
             keep = [i for i, s in enumerate(seqs) if s.retrieval.mode != "hybrid"]
-            self._fail([s for s in seqs if s.retrieval.mode == "hybrid"], BM25UnavailableError(
-                no_bm25_message(index.name, index.store)))
+            self._fail([s for s in seqs if s.retrieval.mode == "hybrid"], BM25UnavailableError(index.no_bm25_message()))
             seqs, queries = [seqs[i] for i in keep], queries[torch.tensor(keep, dtype=torch.long)]
             if not seqs:
                 return []

@@ -91,8 +91,15 @@ class LoadedIndex:
     def require_bm25(self) -> BM25Retriever:
         """Its BM25 side index, or ``BM25UnavailableError`` saying how to get one (what a hybrid search needs)."""
         if self.bm25 is None:
-            raise BM25UnavailableError(no_bm25_message(self.name, self.store))
+            raise BM25UnavailableError(self.no_bm25_message())
         return self.bm25
+
+    def no_bm25_message(self) -> str:
+        """Why it cannot serve hybrid retrieval, and what to run."""
+        if self.store is None:
+            return (f"index {self.name!r} has no BM25 side index (a retriever built in code), so it cannot serve "
+                    "hybrid retrieval")
+        return no_bm25_message(self.name, self.store.root, unreadable=self.store.manifest.bm25 is not None)
 
     @property
     def size(self) -> int:
@@ -137,7 +144,7 @@ def _open_bm25(name: str, store: IndexStore, required: bool) -> BM25Retriever | 
     """The version's BM25 side index, None when it has none (or ``bm25s`` is missing and it is not required)."""
     if store.manifest.bm25 is None:
         if required:
-            raise BM25UnavailableError(no_bm25_message(name, store))
+            raise BM25UnavailableError(no_bm25_message(name, store.root))
         return None
     try:
         return BM25Retriever.open(store)
@@ -148,15 +155,14 @@ def _open_bm25(name: str, store: IndexStore, required: bool) -> BM25Retriever | 
         return None
 
 
-def no_bm25_message(name: str, store: IndexStore | None) -> str:
-    """Why index ``name`` cannot serve hybrid retrieval, and what to run."""
-    if store is None:
-        return f"index {name!r} has no BM25 side index (a retriever built in code), so it cannot serve hybrid retrieval"
-    if store.manifest.bm25 is not None:  # it has one, but it could not be opened
-        return (f"index {name!r} ({store.path}) has a BM25 side index, but this server cannot read it: "
+def no_bm25_message(name: str, root: str | os.PathLike, *, unreadable: bool = False) -> str:
+    """Why index ``name`` (directory ``root``) cannot serve hybrid retrieval, and what to run. ``unreadable``: its
+    version has a BM25 side index that this process cannot open (``bm25s`` is missing)."""
+    if unreadable:
+        return (f"index {name!r} ({root}) has a BM25 side index, but this server cannot read it: "
                 "pip install 'onegen[default-model]' (bm25s)")
-    return (f"index {name!r} ({store.root}) has no BM25 side index, so it cannot serve hybrid retrieval: publish "
-            f"a version with one (python -m index_builder update --index {store.root} --checkpoint CHECKPOINT "
+    return (f"index {name!r} ({root}) has no BM25 side index, so it cannot serve hybrid retrieval: publish "
+            f"a version with one (python -m index_builder update --index {root} --checkpoint CHECKPOINT "
             "with --corpus and/or --delete writes it), or rebuild the index without --no-bm25")
 
 
