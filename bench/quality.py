@@ -35,7 +35,11 @@ Sections and columns:
    answers during which the model emitted ``[RQ]`` and got a passage; ``retrieved positive``: fraction
    where that passage was the positive. Rows: *one-pass* (chat question, the model retrieves itself,
    k=1, at most one retrieval; with ``--pool heldout`` it searches the held-out passages only, like
-   section 1); *no retrieval* (same, retrieval off: ``[RQ]`` is masked out of
+   section 1); *one-pass hybrid* (the same with ``retrieval.mode`` hybrid, as the server runs it: at ``[RQ]``
+   the dense ranking and BM25 over the question plus what the model wrote before ``[RQ]`` are fused by
+   reciprocal rank; BM25 is the index's side index, or one built in memory over the same passages by the
+   builder's rule when the index has none or ``--pool heldout`` restricts it; ``--skip-hybrid-answers``
+   leaves the row out); *no retrieval* (same, retrieval off: ``[RQ]`` is masked out of
    sampling); *pipeline* (MiniLM top-1 from the pool pasted into the user message,
    ``"{title}\\n{text}\\n\\nQuestion: {question}"``, retrieval off). Two reference rows (no targets;
    ``--no-reference-rows`` skips them) put a passage in the ``[RQ]`` slot exactly as the engine inserts
@@ -84,7 +88,7 @@ How long, on the 2-core dev CPU (SmolLM2-135M, fp32; measured with a training jo
 base-model encode of all ~6,300 passages is the slow part (~0.25 s per passage on one contended core,
 so roughly 15-30 minutes, once: cached afterwards, and ``--pool heldout`` encodes only ~1,200); MiniLM
 over the passages about 3 minutes (cached too); the 400 trained queries, BM25 and the ranking about a
-minute; answers 1-3 minutes per row of 100 questions (5 rows, batched up to 64 at a time); the LM loss
+minute; answers 1-3 minutes per row of 100 questions (6 rows, batched up to 64 at a time); the LM loss
 2-5 minutes. First run about 30-45 minutes, a rerun about 15; ``--skip-base`` saves the slow encode. Section 4 generates
 about 1,300 answers (9 rows over the three sets) and scores the chat answers twice: roughly 20-40 minutes;
 ``--limit-sets 40`` for a quicker look.
@@ -146,6 +150,7 @@ READING_F1 = 0.50  # F1 with the gold passage pasted in the prompt, at least
 GENERAL_GOOD = 0.75  # general questions answered correctly or "not found", at least
 WRONG_REFUSALS = 0.10  # "not found" although the gold passage was retrieved, at most
 CHAT_KEPT_TOLERANCE = 0.10  # loss on the base's own chat answers, at most base x (1 + this)
+ONE_PASS_ROWS = ("one_pass", "one_pass_hybrid")  # answer rows where the model retrieves itself
 # The full report's sample sizes (the flags' defaults): a run with fewer writes under bench/results/quick/.
 FULL = {"limit_retrieval": 400, "limit_answers": 100, "lm_passages": 200}
 
@@ -693,9 +698,9 @@ def engine_config(args: argparse.Namespace) -> Any:
     return EngineConfig(device="cpu", dtype="float32", max_num_seqs=64, kv_cache_memory_gb=2.0, seed=args.seed)
 
 
-def answer_engine(inp: Inputs) -> tuple[Any, dict[int, str]]:
+def answer_engine(inp: Inputs) -> tuple[Any, dict[str, str]]:
     """The engine of section 2 (with ``--pool heldout`` searching the same pool as section 1) and the corpus
-    passage of each of its vector ids."""
+    passage of each of its documents (docstore id -> passage id)."""
     from onegen_core.engine import Engine
     from onegen_core.retrieval.retriever import TorchRetriever
 
@@ -705,12 +710,28 @@ def answer_engine(inp: Inputs) -> tuple[Any, dict[int, str]]:
         if args.pool != "all":
             log("warning: the index cannot hand out its vectors: one-pass retrieval searches the whole index")
         engine = Engine.from_checkpoint(inp.ckpt, args.index, cfg)
-        pid_of_vector = {int(v): pid for v, pid in zip(units.vector_ids, units.passage_ids, strict=True)}
+        rows = list(range(len(units.documents)))
     else:  # one-pass retrieval restricted to the same pool as section 1
-        retr = TorchRetriever(units.vectors[keep], [units.documents[i] for i in keep])
-        engine = Engine(inp.ckpt, cfg, retriever=retr, index=units.store)
-        pid_of_vector = {j: units.passage_ids[i] for j, i in enumerate(keep)}  # TorchRetriever numbers them 0..n-1
-    return engine, pid_of_vector
+        rows = keep
+        engine = Engine(inp.ckpt, cfg, retriever=TorchRetriever(units.vectors[keep], [units.documents[i] for i in keep]),
+                        index=units.store)
+    if not args.skip_hybrid_answers:
+        log(f"one-pass hybrid: {with_bm25(engine, [units.documents[i] for i in rows], restricted=args.pool != 'all')}")
+    # by document id: a hit BM25 alone found is numbered by its position in what BM25 indexed, not the index's id
+    return engine, {units.documents[i].id: units.passage_ids[i] for i in rows}
+
+
+def with_bm25(engine: Any, documents: list[Any], *, restricted: bool = False) -> str:
+    """Make the engine's default index able to serve hybrid retrieval: its own BM25 side index when it has one
+    and searches the whole index, else BM25 over ``documents`` (the passages its retriever searches) built in
+    memory by the builder's rule (the checkpoint's document template) -> which one."""
+    from onegen_core.retrieval.bm25 import BM25Retriever
+
+    entry = engine.indexes.get(None)
+    if entry.bm25 is not None and not restricted:
+        return "the index's BM25 side index"
+    entry.bm25 = BM25Retriever.over(documents, engine.checkpoint.spec.document_template)
+    return f"BM25 over its {len(documents)} passages, built in memory"
 
 
 def answer_rows(inp: Inputs, engine: Any, mpass: list[Passage]) -> list[tuple[str, str, list[dict[str, Any]], Any]]:
@@ -718,7 +739,8 @@ def answer_rows(inp: Inputs, engine: Any, mpass: list[Passage]) -> list[tuple[st
     from onegen_core.engine.params import RetrievalParams
 
     qs = inp.a_questions
-    on = RetrievalParams(enabled=True, k=1, max_retrievals=1)
+    on = RetrievalParams(enabled=True, k=1, max_retrievals=1, mode="dense")
+    hybrid = RetrievalParams(enabled=True, k=1, max_retrievals=1, mode="hybrid")
     off = RetrievalParams(enabled=False)
     rq = inp.ckpt.token_ids.by_name[inp.ckpt.spec.query_tokens[0].token]
 
@@ -729,8 +751,11 @@ def answer_rows(inp: Inputs, engine: Any, mpass: list[Passage]) -> list[tuple[st
         ids = engine.renderer.chat([{"role": "user", "content": q.question}]).ids
         return {"prompt_token_ids": list(ids) + [rq] + engine.renderer.passage(psg.text, psg.title)}
 
-    rows = [
-        ("one_pass", "one-pass (OneGen retrieves, k=1)", [chat(q.question) for q in qs], on),
+    rows = [("one_pass", "one-pass (OneGen retrieves, k=1)", [chat(q.question) for q in qs], on)]
+    if not inp.args.skip_hybrid_answers:
+        rows.append(("one_pass_hybrid", "one-pass hybrid (OneGen + BM25 fused, k=1)", [chat(q.question) for q in qs],
+                     hybrid))
+    rows += [
         ("no_retrieval", "no retrieval", [chat(q.question) for q in qs], off),
         ("pipeline", "pipeline: MiniLM top-1 in the prompt",
          [chat(f"{p_.title}\n{p_.text}\n\nQuestion: {q.question}") for q, p_ in zip(qs, mpass, strict=True)], off),
@@ -747,7 +772,7 @@ def answer_rows(inp: Inputs, engine: Any, mpass: list[Passage]) -> list[tuple[st
 def retrieved_columns(key: str, got: list[str | None], qs: list[Question], mpass: list[Passage]) -> dict[str, float]:
     """The row's ``retrieved`` / ``retrieved positive``: what one-pass retrieved (``got``), MiniLM's top 1 for
     the pipeline and its slot row, the gold passage for its slot row; none for no retrieval."""
-    if key == "one_pass":
+    if key in ONE_PASS_ROWS:
         return {"retrieved": sum(g is not None for g in got) / len(got),
                 "retrieved_positive": sum(g in q.positives for g, q in zip(got, qs, strict=True)) / len(got)}
     if key in ("pipeline", "minilm_slot"):
@@ -766,7 +791,7 @@ def answers_table(inp: Inputs, minilm: MiniLMPool, timings: dict[str, float]
 
     qs = inp.a_questions
     t0 = time.perf_counter()
-    engine, pid_of_vector = answer_engine(inp)
+    engine, pid_of_doc = answer_engine(inp)
     timings["answers: engine load"] = time.perf_counter() - t0
     sampling = SamplingParams(max_tokens=inp.args.max_tokens, temperature=0.0)
     spec, markers = inp.ckpt.spec, list(inp.ckpt.token_ids.by_name)
@@ -779,15 +804,15 @@ def answers_table(inp: Inputs, minilm: MiniLMPool, timings: dict[str, float]
         results = run_batch(engine, reqs, sampling, rp, desc=name)
         preds = [strip_generated(r.text, passage_open=spec.passage_open, passage_close=spec.passage_close,
                                  markers=markers) for r in results]
-        got = [pid_of_vector.get(h.vector_id, h.doc_id) if (h := first_hit(r)) else None for r in results]
+        got = [pid_of_doc.get(h.doc_id, h.doc_id) if (h := first_hit(r)) else None for r in results]
         row = {"name": name, **answer_summary(preds, [q.answer for q in qs]), **retrieved_columns(key, got, qs, mpass)}
         row["generated_tokens"] = sum(len(r.token_ids) for r in results)
         row["finish_reasons"] = dict(Counter(r.finish_reason for r in results))
         timings[f"answers: {name}"] = row["seconds"] = time.perf_counter() - t0
         answers[key] = row
         for d, g, pred in zip(details, got, preds, strict=True):
-            if key == "one_pass":
-                d["one_pass_retrieved"] = g
+            if key in ONE_PASS_ROWS:
+                d[f"{key}_retrieved"] = g
             d[key] = pred
             d[f"{key}_f1"] = round(token_f1(pred, d["reference"]), 4)
             d[f"{key}_em"] = exact_match(pred, d["reference"])
@@ -1197,6 +1222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lm-passages", type=int, default=FULL["lm_passages"],
                    help=f"held-out passages for the LM loss (0 skips; default {FULL['lm_passages']})")
     p.add_argument("--no-reference-rows", action="store_true", help="skip the two [RQ]-slot reference answer rows")
+    p.add_argument("--skip-hybrid-answers", action="store_true",
+                   help="skip the one-pass hybrid answer row (retrieval.mode hybrid)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT / "bench", help="cached base/MiniLM document vectors")
     p.add_argument("--sets-dir", type=Path, default=QUALITY_SETS,
                    help="the hand-written evaluation sets of section 4 (default bench/quality_sets)")
@@ -1229,7 +1256,7 @@ def is_reduced(args: argparse.Namespace) -> bool:
     """A run that leaves part of the full report out: fewer questions or passages than the defaults, a row or a
     section skipped, a sample of the hand-written sets."""
     return (any(getattr(args, k) < v for k, v in FULL.items()) or args.skip_base or args.no_reference_rows
-            or args.sets_only or args.limit_sets is not None)
+            or args.skip_hybrid_answers or args.sets_only or args.limit_sets is not None)
 
 
 def core_sections(args: argparse.Namespace, timings: dict[str, float]) -> dict[str, Any]:
