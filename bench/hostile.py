@@ -42,7 +42,8 @@ runs the scenarios in this order against that one process, and ends it with SIGT
   key (413 / 422 / 200). The server's RSS (psutil) is recorded before, at its peak during, and after.
 * **drain** — with streams (native and OpenAI), plain requests and a heavy ``/retrieve`` in flight,
   SIGTERM; the server runs with a short ``--drain-timeout-s`` (3 s). Every request must end cleanly (a
-  final event, or an ``error`` event then ``[DONE]``; a complete JSON answer or a JSON 503);
+  final event, or an ``error`` event then ``[DONE]``; a complete JSON answer, a JSON 503, or the JSON 500
+  ``server_shutdown`` of a request aborted at the drain timeout);
   ``/health/ready`` is polled on fresh connections every 20 ms for 1 s, then every 0.2 s until the
   process exits: each must answer 503 or be refused (uvicorn stops listening within ~0.1 s of the
   signal); new ``/generate`` requests likewise. The server must exit with no traceback in its log.
@@ -59,10 +60,11 @@ tests it):
 * **ok** — a 2xx with a complete body: for SSE, a final event (native ``final``; OpenAI: a chunk with
   a ``finish_reason``) and then ``data: [DONE]``.
 * **clean error** — a documented JSON error, ``{"error": {"message", "type", "code"}}`` with the HTTP
-  status in ``code``, status 4xx or 503, with an ``X-Request-Id`` header; for SSE an ``error`` event
-  (code 4xx or 503) then ``[DONE]``, on a response with an ``X-Request-Id``.
+  status in ``code``, status 4xx or 503 (or 500 of type ``server_shutdown``: a request the drain timeout
+  aborted after it had run, which a load balancer must not run again), with an ``X-Request-Id`` header; for
+  SSE an ``error`` event (code 4xx, 503 or that 500) then ``[DONE]``, on a response with an ``X-Request-Id``.
 * **5xx** — any other 5xx: a 500, a 503 without the JSON shape or request id, an SSE error with a 5xx
-  code other than 503.
+  code other than those.
 * **hung** — no complete answer within the bound (``--hung-s``; 10 s for health probes).
 * **lost** — a stream cut without an error event or ``[DONE]``, a connection reset, a body cut short,
   or a refused connection while the server should be listening (after SIGTERM a refused connection
@@ -1164,7 +1166,7 @@ class Bench:
         """The in-flight requests, the readiness probes and the new requests after the signal."""
         t_sig, probes = run.t_sig, run.probes
         row = Row(f"{title}: SIGTERM with streams, plain requests and a /retrieve in flight",
-                  Expect.of("ok", "clean", clean=[503]), run.outcomes)
+                  Expect.of("ok", "clean", clean=[500, 503]), run.outcomes)
         row.notes.append("; ".join(f"{n} {w}" for w, n in sorted(run.endings().items())))
         early_end = sum(1 for o in run.outcomes if o.t_end < t_sig)
         row.notes.append(f"all ended {run.t_all_done - t_sig:.1f} s after SIGTERM"
@@ -1198,11 +1200,17 @@ class Bench:
         text = self.srv.log_text()
         errors = [r for r in records if r.get("level") in ("ERROR", "CRITICAL", "error", "critical")]
         warnings = [r for r in records if r.get("level") in ("WARNING", "warning")]
-        status_5xx = [r for r in records if isinstance(r.get("status"), int) and r["status"] >= 500
-                      and r["status"] != 503]
+        # a 500 after the drain timeout expired is the server_shutdown of an aborted request (the access log
+        # has no error type): counted apart
+        expired = next((i for i, r in enumerate(records) if "drain timeout expired" in str(r.get("msg", ""))),
+                       len(records))
+        shutdown_500 = [r for r in records[expired:] if r.get("status") == 500]
+        status_5xx = [r for i, r in enumerate(records) if isinstance(r.get("status"), int) and r["status"] >= 500
+                      and r["status"] != 503 and not (i >= expired and r["status"] == 500)]
         status_503 = [r for r in records if r.get("status") == 503]
         return {"lines": len(text.splitlines()), "errors": errors[:20], "warnings": [r.get("msg") for r in warnings][:20],
                 "access_5xx": status_5xx[:20], "access_503": len(status_503),
+                "access_500_after_drain_timeout": len(shutdown_500),
                 "access_503_paths": sorted({f"{r.get('method')} {r.get('path')}" for r in status_503}),
                 "traceback": "Traceback" in text}
 
@@ -1264,7 +1272,8 @@ def render_markdown(bench: Bench, meta: dict[str, Any]) -> str:
         lines.append(
             f"- {which}: {logscan.get('lines', 0)} lines; errors {len(logscan.get('errors', []))}, 5xx other than 503 "
             f"in the access log {len(logscan.get('access_5xx', []))}, 503s {logscan.get('access_503', 0)} "
-            f"({', '.join(logscan.get('access_503_paths', []))}: while loading and draining), traceback "
+            f"({', '.join(logscan.get('access_503_paths', []))}: while loading and draining), 500s after the drain "
+            f"timeout (server_shutdown) {logscan.get('access_500_after_drain_timeout', 0)}, traceback "
             f"{logscan.get('traceback')}; errors: "
             f"{'; '.join(sorted({str(e.get('msg', '')).splitlines()[0][:120] for e in logscan.get('errors', [])})) or 'none'}; "
             f"warnings: {', '.join(sorted({str(w) for w in logscan.get('warnings', [])}))[:600] or 'none'}.")

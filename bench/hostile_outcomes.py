@@ -5,9 +5,10 @@
 ``classify`` puts it in exactly one category (definitions in ``bench/hostile.py``'s docstring):
 
     ok       2xx with a complete body (SSE: a final event, then ``data: [DONE]``)
-    clean    a documented JSON error (4xx, or 503) with an X-Request-Id; for SSE an ``error`` event
-             (4xx/503) then ``[DONE]`` on a response with an X-Request-Id
-    5xx      any other 5xx (a 500, a bare 503, an SSE error event with a 5xx code other than 503)
+    clean    a documented JSON error (4xx, 503, or the 500 of type ``server_shutdown`` that ends a request the
+             drain timeout aborted) with an X-Request-Id; for SSE an ``error`` event (4xx, 503 or that
+             500) then ``[DONE]`` on a response with an X-Request-Id
+    5xx      any other 5xx (a 500, a bare 503, an SSE error event with a 5xx code other than these)
     hung     no complete answer within the bench's bound
     lost     a stream cut without an error event or ``[DONE]``, a connection reset, a body cut short
     refused  the connection was refused (no server listening); ``lost`` except where a scenario
@@ -29,6 +30,7 @@ from typing import Any
 
 CATEGORIES = ("ok", "clean", "5xx", "hung", "lost", "refused", "other")
 DONE = "[DONE]"
+SHUTDOWN = "server_shutdown"  # the error type of a request the server aborted at its drain timeout (a 500)
 
 
 @dataclass
@@ -68,6 +70,14 @@ def is_error_payload(payload: Any, status: int | None = None) -> bool:
         return False
     code = err.get("code")
     return isinstance(code, int) and (status is None or code == status)
+
+
+def is_clean_5xx(payload: Any, status: int | None) -> bool:
+    """A documented 5xx: a 503 (refused before any work: loading, draining), or the 500 ``server_shutdown`` of a
+    request that ran and was aborted at the drain timeout (not a 503: a proxy would run it again)."""
+    if status == 503:
+        return is_error_payload(payload, 503)
+    return status == 500 and is_error_payload(payload, 500) and payload["error"]["type"] == SHUTDOWN
 
 
 def _last_event(events: Sequence[Any]) -> Any:
@@ -110,9 +120,8 @@ def classify(o: Outcome) -> tuple[str, str]:
     has_id = bool(o.headers.get("x-request-id"))
     streaming = o.kind in ("sse", "oai_sse") and o.headers.get("content-type", "").startswith("text/event-stream")
     if o.status >= 500:
-        if (o.status == 503 and o.transport_error is None and has_id and not streaming
-                and is_error_payload(o.json_body(), 503)):
-            return "clean", "JSON 503"
+        if o.transport_error is None and has_id and not streaming and is_clean_5xx(o.json_body(), o.status):
+            return "clean", f"JSON {o.status}"
         return "5xx", f"HTTP {o.status}"
     if o.transport_error is not None:
         return "lost", f"HTTP {o.status}, then {o.transport_error}: {o.error_text[:120]}"
@@ -132,9 +141,9 @@ def classify(o: Outcome) -> tuple[str, str]:
         if err is not None:
             payload = {"error": err["error"]}
             code = err["error"].get("code") if isinstance(err["error"], dict) else None
-            if isinstance(code, int) and code >= 500 and code != 503:
+            if isinstance(code, int) and code >= 500 and not is_clean_5xx(payload, code):
                 return "5xx", f"SSE error event {code}"
-            if has_id and is_error_payload(payload) and isinstance(code, int) and (400 <= code < 500 or code == 503):
+            if has_id and is_error_payload(payload) and isinstance(code, int) and code >= 400:
                 return "clean", f"SSE error event {code} + [DONE]"
             return "other", "SSE error event without the error shape or X-Request-Id"
         if (_is_final(last) if o.kind == "sse" else _oai_finished(o.events)):

@@ -3,10 +3,11 @@
 SIGTERM / SIGINT: /health/ready turns 503 at once, uvicorn stops accepting
 connections and waits up to ``--drain-timeout-s`` for in-flight requests (streams
 included) to finish; what is still running then is aborted by the app, so that each
-request ends with its documented error (JSON 503; an SSE ``error`` event, then
-``[DONE]``), and the engine is stopped. The abort takes effect at the end of the engine
-step under way, however long it takes; uvicorn cancels only the responses that could not
-be sent ``state.DRAIN_FINISH_S`` after that (``ServerState.shutdown_overdue``).
+request ends with its documented error (a JSON 500 ``server_shutdown``, which nginx does not
+retry: the work was done; an SSE ``error`` event, then ``[DONE]``), and the engine is stopped.
+The abort takes effect at the end of the engine step under way, however long it takes; uvicorn
+cancels only the responses that could not be sent ``state.DRAIN_FINISH_S`` after that
+(``ServerState.shutdown_overdue``).
 Without ``--checkpoint`` the embedded default model is served, prepared on first start
 (``server.prepare_default``: base import, adapter, prebuilt or built index) before the port is bound.
 A checkpoint or index path that does not exist ends the process with status 2 and one

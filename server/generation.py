@@ -84,8 +84,9 @@ class Generation:
 
     # ------------------------------------------------------------------ stream or wait -> respond
     async def respond(self, shapes: ResponseShapes, *, stream: bool) -> Any:
-        """The answer: SSE in ``shapes`` as events come, or the body once all results are in (500 / 503 if one
-        failed or was aborted by the server); 499 when the client disconnected first. Closes this generation."""
+        """The answer: SSE in ``shapes`` as events come, or the body once all results are in (a 500 if one failed
+        or was aborted by the server, ``finish_error``); 499 when the client disconnected first. Closes this
+        generation."""
         if stream:
             return EventStream(self._sse(shapes), on_close=self.close)
         try:
@@ -171,14 +172,18 @@ class Generation:
 def finish_error(r: GenerationResult) -> tuple[int, str, str] | None:
     """The HTTP error a result that did not complete stands for, as (status, message, type); None if it did.
 
-    ``error``: the engine failed it (500). ``abort``: the server itself aborted it while the client
-    was still there (the drain timeout expired, or the server is stopping): 503. Requests aborted
-    because their client went away never reach a response.
+    ``error``: the engine failed it (500, ``engine_error``). ``abort``: the server itself aborted it while
+    the client was still there (the drain timeout expired, or the server is stopping): 500,
+    ``server_shutdown``. Not 503: a 503 says the request was refused before any work (loading, draining),
+    which a load balancer may safely run again on another replica, and nginx does
+    (``deploy/nginx/onegen.conf``); this one was admitted and has run, so a retry by the proxy would do its
+    work twice (a client may still retry it). Requests aborted because their client went away never
+    reach a response.
     """
     if r.finish_reason == "error":
         return 500, r.error or "the engine failed this request", "engine_error"
     if r.finish_reason == "abort":
-        return 503, r.error or "the request was aborted: the server is shutting down", "service_unavailable"
+        return 500, r.error or "the request was aborted: the server is shutting down", "server_shutdown"
     return None
 
 

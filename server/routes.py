@@ -40,7 +40,7 @@ from .schemas import (
     RetrieveResponse,
 )
 from .state import ServerState, get_state
-from .worker import EngineUnavailable, SearchFailed
+from .worker import EngineUnavailable, SearchAborted, SearchFailed
 
 # One server-sent event (OpenAPI 3.1: the schema of a text/event-stream entry describes each event).
 SSE_EVENT_SCHEMA = {
@@ -203,8 +203,11 @@ async def retrieve(body: RetrieveRequest, request: Request, state: ServerState =
             search_ms = (time.perf_counter() - t0) * 1000
         except ClientDisconnected:
             return Response(status_code=499)
-        except EngineUnavailable as e:
-            raise APIError(503, str(e), type="service_unavailable") from None
+        except EngineUnavailable as e:  # refused before any work (stopping, failed): another replica may take it
+            raise APIError(503, str(e), type="service_unavailable",
+                           headers={"Retry-After": str(s.retry_after_s)}) from None
+        except SearchAborted as e:  # accepted, then aborted: not a 503, which a proxy would run again (finish_error)
+            raise APIError(500, str(e), type="server_shutdown") from None
         except SearchFailed as e:
             raise APIError(500, str(e), type="engine_error") from None
         except ValueError as e:

@@ -141,7 +141,10 @@ class ServerSettings(EngineSettings):
     max_pending_requests: int = Field(
         256, ge=1, description="requests admitted at once (running + waiting); beyond it: 429 with Retry-After"
     )
-    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with a 429")
+    retry_after_s: int = Field(
+        1, ge=1, le=3600, description="Retry-After seconds sent with a 429 (overloaded) and a 503 (loading, draining: "
+        "refused before any work, so a load balancer may send it to another replica)"
+    )
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of /generate and chat when not given")
     max_retrieve_batch: int = Field(64, ge=1, description="most queries in one /retrieve request")

@@ -9,12 +9,14 @@ holds its place until it is closed, when its response is fully sent (streams inc
 ``max_pending_requests`` new requests get 429 with Retry-After instead of joining an
 unbounded queue.
 
-Draining (SIGTERM): ``begin_drain`` turns ``/health/ready`` and admission to 503 at once
-and, when the drain timeout expires with requests still in flight, aborts them all, so
-that each one ends with its documented error (a JSON 503, or an SSE ``error`` event and
-``[DONE]``). The abort takes effect between two engine steps, so the shutdown then waits on
-the engine, not on a clock (``shutdown_overdue``): responses still being sent are cut off
-only ``DRAIN_FINISH_S`` after the engine ran the abort, however long its step was.
+Draining (SIGTERM): ``begin_drain`` turns ``/health/ready`` and admission to 503 (with
+Retry-After) at once: a request refused so has had no work done, and a load balancer may run
+it on another replica. When the drain timeout expires with requests still in flight, it aborts
+them all, so that each one ends with its documented error (a JSON 500 ``server_shutdown``,
+never a 503 that a load balancer would run again, or an SSE ``error`` event and ``[DONE]``;
+``generation.finish_error``). The abort takes effect between two engine steps, so the shutdown
+then waits on the engine, not on a clock (``shutdown_overdue``): responses still being sent are
+cut off only ``DRAIN_FINISH_S`` after the engine ran the abort, however long its step was.
 """
 
 from __future__ import annotations

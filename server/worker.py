@@ -59,6 +59,10 @@ class SearchFailed(RuntimeError):
     """The index search of a ``/retrieve`` request failed (the engine goes on serving)."""
 
 
+class SearchAborted(RuntimeError):
+    """The server aborted a ``/retrieve`` search it had accepted (its drain timeout expired, or it is stopping)."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -371,7 +375,7 @@ class EngineWorker:
         elif ev.error.startswith("retrieval failed"):
             done.set_exception(SearchFailed(ev.error))
         else:  # aborted: draining past its timeout, shutting down
-            done.set_exception(EngineUnavailable(ev.error))
+            done.set_exception(SearchAborted(ev.error))
 
     def _dispatch(self, events: list[EngineEvent]) -> None:
         now = time.monotonic()

@@ -143,6 +143,7 @@
       case 503:
         return `The server cannot answer right now (it is loading, shutting down or stalled): ${sentence(msg)}`;
       case 500:
+        if (error.type === "server_shutdown") return `The server stopped before this answer was finished: ${sentence(msg)}`;
         return `The server failed on this request: ${sentence(msg)}`;
       default:
         return `The server answered HTTP ${status}: ${sentence(msg)}`;
@@ -408,7 +409,7 @@
     } else if (ev.type === "error") {
       const error = ev.error || {};
       current.error = error;
-      const words = error.code === 503
+      const words = error.type === "server_shutdown" || error.code === 503
         ? "The server ended this answer early because it is shutting down"
         : "The server failed while writing this answer";
       showError($("generate-error"), `${words}: ${sentence(error.message)} The text above is what arrived.`);

@@ -35,8 +35,8 @@ TOKEN = {"type": "token", "text": "a", "token_ids": [1]}
 FINAL = {"type": "final", "text": "a", "finish_reason": "length", "usage": {}, "retrievals": []}
 
 
-def sse_error(code: int) -> dict:
-    return {"type": "error", "error": {"message": "aborted", "type": "service_unavailable", "code": code}}
+def sse_error(code: int, type_: str = "service_unavailable") -> dict:
+    return {"type": "error", "error": {"message": "aborted", "type": type_, "code": code}}
 
 
 @pytest.mark.parametrize(("outcome", "category"), [
@@ -55,6 +55,8 @@ def sse_error(code: int) -> dict:
     (out(503, b"Service Unavailable", headers={"content-type": "text/plain"}), "5xx"),  # a bare 503
     (out(503, err(503), headers={"x-request-id": ""}), "5xx"),
     (out(500, err(500, "internal_error")), "5xx"),  # documented shape, still a 5xx
+    (out(500, err(500, "server_shutdown")), "clean"),  # admitted, then aborted at the drain timeout
+    (out(500, err(500, "server_shutdown"), headers={"x-request-id": ""}), "5xx"),
     (out(502, b""), "5xx"),
     (out(302, b""), "other"),
     # the transport
@@ -69,6 +71,7 @@ def sse_error(code: int) -> dict:
     (sse([TOKEN, TOKEN, FINAL, "[DONE]"]), "ok"),
     (sse([TOKEN, sse_error(503), "[DONE]"]), "clean"),
     (sse([TOKEN, sse_error(500), "[DONE]"]), "5xx"),
+    (sse([TOKEN, sse_error(500, "server_shutdown"), "[DONE]"]), "clean"),
     (sse([TOKEN, sse_error(503), "[DONE]"], headers={"x-request-id": ""}), "other"),
     (sse([TOKEN, TOKEN]), "lost"),  # cut without [DONE]
     (sse([TOKEN, sse_error(503)]), "lost"),  # an error event but no [DONE]

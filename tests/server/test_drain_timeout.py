@@ -1,9 +1,10 @@
 """SIGTERM with requests that outlast ``--drain-timeout-s``: each ends with its documented error, nothing crashes.
 
-A stream must end with an SSE ``error`` event (503) and then ``data: [DONE]``; a plain request
-gets a JSON 503 with its X-Request-Id; the log has no traceback (uvicorn's own cancellation
-used to cut streams mid-body, answer plain requests with a bare text/plain 500 and log
-"Exception in ASGI application").
+A stream must end with an SSE ``error`` event (500, ``server_shutdown``) and then ``data: [DONE]``; a
+plain request gets a JSON 500 ``server_shutdown`` with its X-Request-Id, not a 503: a 503 means "refused
+before any work" and nginx runs such a request again on another replica, which would do this one's work
+twice (issue #22); the log has no traceback (uvicorn's own cancellation used to cut streams mid-body,
+answer plain requests with a bare text/plain 500 and log "Exception in ASGI application").
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def long_context_checkpoint(tiny_checkpoint_factory):
 
 def _drain_past_the_timeout(checkpoint: Path, tmp_path: Path, env: dict[str, str] | None = None,
                             on_signal: Callable[[], None] = lambda: None) -> None:
-    """A stream and a plain request in flight, SIGTERM, then ``on_signal``; both must end with their 503s."""
+    """A stream and a plain request in flight, SIGTERM, then ``on_signal``; both must end with their 500s."""
     srv = ServerProcess(["--checkpoint", str(checkpoint), "--drain-timeout-s", str(DRAIN_TIMEOUT_S),
                          "--max-tokens-limit", "8000", "--log-format", "json"], tmp_path / "drain.log", env=env)
     plain: list[httpx.Response | BaseException] = []
@@ -67,16 +68,16 @@ def _drain_past_the_timeout(checkpoint: Path, tmp_path: Path, env: dict[str, str
         assert rest[-1] == "[DONE]", rest[-3:]
         error = rest[-2]
         assert error["type"] == "error", error
-        assert error["error"]["code"] == 503 and error["error"]["type"] == "service_unavailable"
+        assert error["error"]["code"] == 500 and error["error"]["type"] == "server_shutdown"
         assert f"drain timeout of {DRAIN_TIMEOUT_S} s expired" in error["error"]["message"]
         assert all(e["type"] == "token" for e in rest[:-2])
 
         [resp] = plain
         assert isinstance(resp, httpx.Response), resp
-        assert resp.status_code == 503, resp.text
+        assert resp.status_code == 500, resp.text
         assert resp.headers["content-type"].startswith("application/json") and resp.headers.get("x-request-id")
         body = resp.json()["error"]
-        assert body["type"] == "service_unavailable" and "drain timeout" in body["message"]
+        assert body["type"] == "server_shutdown" and "drain timeout" in body["message"]
 
         assert srv.proc.wait(60) == -signal.SIGTERM
         log = srv.log_text()
@@ -110,7 +111,7 @@ Engine.step = step
 
 def test_drain_waits_for_an_engine_step_longer_than_the_finish_grace(long_context_checkpoint, tmp_path):
     """The drain timeout expires during one engine step that outlasts it by more than DRAIN_FINISH_S:
-    the abort takes effect after that step, and the requests still end with their 503s (with a fixed
+    the abort takes effect after that step, and the requests still end with their 500s (with a fixed
     grace, uvicorn cancelled them first: a cut stream and a bare 500)."""
     hook = tmp_path / "hook"
     hook.mkdir()

@@ -178,12 +178,20 @@ def test_ready_503_while_loading_then_200(demo_assets):
 
     app = create_app(ServerSettings(checkpoint=ckpt, index=index), engine_factory=factory)
 
+    async def refused_before_any_work(ac: httpx.AsyncClient, why: str) -> None:
+        """Every working route answers 503 + Retry-After, which nginx retries on another replica (issue #22)."""
+        for path, body in (("/generate", {"prompt": "x", "max_tokens": 2}), ("/retrieve", {"queries": "x"}),
+                           ("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})):
+            r = await ac.post(path, json=body)
+            assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", (path, r.text)
+            assert why in r.json()["error"]["message"] and r.headers["retry-after"] == "1", (path, r.headers)
+
     async def check(ac: httpx.AsyncClient) -> None:
         r = await ac.get("/health/ready")
         assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
         assert (await ac.get("/health/live")).status_code == 200
-        r = await ac.post("/generate", json={"prompt": "x", "max_tokens": 2})
-        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        await refused_before_any_work(ac, "loading")
         assert (await ac.get("/info")).json()["state"] == "loading"
         gate.set()
         for _ in range(300):
@@ -195,7 +203,7 @@ def test_ready_503_while_loading_then_200(demo_assets):
         app.state.onegen.draining = True  # what the SIGTERM handler of `python -m server` sets
         r = await ac.get("/health/ready")
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
-        assert (await ac.post("/generate", json={"prompt": "x", "max_tokens": 2})).status_code == 503
+        await refused_before_any_work(ac, "shutting down")
 
     asyncio.run(_with_app(app, check))
 

@@ -297,7 +297,7 @@ def test_playground_explains_what_went_wrong(live_server, browser):
 
     # the server ending a stream with an error event (a drain timeout)
     events = _sse({"type": "token", "text": "Half", "token_ids": [1]},
-                  {"type": "error", **error_payload(503, "the server is shutting down", "service_unavailable")},
+                  {"type": "error", **error_payload(500, "the server is shutting down", "server_shutdown")},
                   "[DONE]")
     assert answer_with(200, events).startswith("The server ended this answer early because it is shutting down")
 
