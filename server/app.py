@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -104,7 +105,8 @@ def create_app(
     app.add_middleware(ApiKeyGate, key=settings.api_key_value(), public=public,
                        on_reject=lambda: metrics.on_rejected("unauthorized"))
     app.add_middleware(HeadAsGet)
-    app.add_middleware(RequestContext)  # outermost: every response (401s and 413s too) gets the request id
+    # outermost: every response (401s and 413s too) gets the request id, and the replica's name
+    app.add_middleware(RequestContext, served_by=f"{socket.gethostname()}:{settings.port}")
     return app
 
 

@@ -4,8 +4,10 @@ Pure ASGI (not ``BaseHTTPMiddleware``) so that streaming responses and client
 disconnects pass straight through. From the outside in:
 
 * ``RequestContext``: takes ``X-Request-Id`` from the client (if it is a sane token)
-  or makes one, echoes it on the response, logs one access line per request, and
-  answers any unhandled exception with the ``{"error": ...}`` shape.
+  or makes one, echoes it on the response, names the replica that answered in
+  ``X-Served-By`` (host name and port: which of several replicas behind a load balancer
+  served a request), logs one access line per request, and answers any unhandled
+  exception with the ``{"error": ...}`` shape.
 * ``HeadAsGet``: a HEAD request is routed as the GET of the same path and answered
   without its body (load balancers and health probes use HEAD).
 * ``ApiKeyGate``: 401 from the headers alone, before anything reads the body — an
@@ -44,8 +46,9 @@ async def _send_error(send: Send, status: int, message: str, type: str, headers:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, served_by: str | None = None):
         self.app = app
+        self.served_by = [(b"x-served-by", served_by.encode("latin-1", "replace"))] if served_by else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,6 +58,7 @@ class RequestContext:
         request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
+        headers = [id_header, *self.served_by]
         t0 = time.perf_counter()
         status = 0
 
@@ -62,7 +66,7 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), id_header]
+                message["headers"] = [*message.get("headers", []), *headers]
             await send(message)
 
         try:
@@ -71,8 +75,7 @@ class RequestContext:
             log.exception("unhandled error", extra={"request_id": request_id, "path": scope.get("path")})
             if status == 0:
                 status = 500
-                await _send_error(send, 500, f"internal error (request id {request_id})", "internal_error",
-                                  [id_header])
+                await _send_error(send, 500, f"internal error (request id {request_id})", "internal_error", headers)
         finally:
             access_log.info(
                 "%s %s %s", scope.get("method"), scope.get("path"), status,

@@ -240,6 +240,17 @@ def test_request_id_echoed_or_generated(client):
     assert client.get("/nope", headers={"X-Request-Id": "on-errors-too"}).headers["x-request-id"] == "on-errors-too"
 
 
+def test_the_replica_that_answered_is_named(client, live_server):
+    """X-Served-By: host name and port, on every answer (errors too), so that behind a load balancer one can
+    tell the replicas apart (tests/server/test_replicas.py counts the load on each by it)."""
+    import socket
+
+    name = f"{socket.gethostname()}:{live_server.port}"
+    assert client.get("/health/live").headers["x-served-by"] == name
+    assert client.get("/nope").headers["x-served-by"] == name
+    assert client.post("/generate", json={"prompt": "x", "max_tokens": 1}).headers["x-served-by"] == name
+
+
 def test_info(client, demo_assets):
     info = client.get("/info").json()
     assert info["state"] == "ready" and info["demo"] is True and info["model"] == "onegen-demo-random-weights"
