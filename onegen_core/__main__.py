@@ -20,7 +20,7 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=args.stop or [])
     retrieval = RetrievalParams(enabled=not args.no_retrieval, k=args.k, max_retrievals=args.max_retrievals,
-                                return_passages=True)
+                                return_passages=True, mode=args.mode)
     for prompt in args.prompt:
         if args.chat:
             (res,) = engine.generate(None, sampling, retrieval, messages=[[{"role": "user", "content": prompt}]])
@@ -33,7 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
             continue
         print(res.text)
         for r in res.retrievals:
-            hits = ", ".join(f"{h.doc_id} ({h.score:.3f})" for h in r.hits)
+            hits = ", ".join(f"{h.doc_id} ({h.score:.3f})" for h in r.hits) + (" [hybrid]" if r.mode == "hybrid" else "")
             print(f"  [retrieval at char {r.output_text_offset}, token {r.output_token_index}] {hits}", file=sys.stderr)
         u = res.usage
         print(f"  [{res.finish_reason}; prompt {u.prompt_tokens}, completion {u.completion_tokens}, "
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--k", type=int, default=None, help="passages per retrieval (default: the checkpoint's)")
     g.add_argument("--max-retrievals", type=int, default=None, help="retrievals per request (default: the checkpoint's)")
     g.add_argument("--no-retrieval", action="store_true", help="mask the query token: plain generation")
+    g.add_argument("--mode", choices=["dense", "hybrid"], default="dense",
+                   help="retrieval mode: dense, or hybrid (dense and BM25 fused; the index needs its BM25 side "
+                   "index) (default: dense)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
