@@ -133,21 +133,22 @@ def load_index(name: str, root: str | os.PathLike, *, fingerprint: str, dim: int
     try:
         _check(store, dim, accepted_dtypes)
         searcher = make_retriever(store, retriever, device)
-        lexical = _open_bm25(name, store, require_bm25)
+        lexical = _open_bm25(name, store, require_bm25, mmap)
     except BaseException:
         store.close()
         raise
     return LoadedIndex(name, searcher, store, stamp, bm25=lexical)
 
 
-def _open_bm25(name: str, store: IndexStore, required: bool) -> BM25Retriever | None:
-    """The version's BM25 side index, None when it has none (or ``bm25s`` is missing and it is not required)."""
+def _open_bm25(name: str, store: IndexStore, required: bool, mmap: bool) -> BM25Retriever | None:
+    """The version's BM25 side index, None when it has none (or ``bm25s`` is missing and it is not required);
+    ``mmap`` maps its arrays, as the FAISS index is, so replicas on one host share their pages."""
     if store.manifest.bm25 is None:
         if required:
             raise BM25UnavailableError(no_bm25_message(name, store.root))
         return None
     try:
-        return BM25Retriever.open(store)
+        return BM25Retriever.open(store, mmap=mmap)
     except ImportError as e:  # bm25s: an optional dependency; dense retrieval serves without it
         if required:
             raise IndexError_(f"{store.path}: {e}") from None

@@ -348,3 +348,17 @@ def test_a_hybrid_request_whose_index_lost_bm25_fails_alone(retrieving_checkpoin
 def _hybrid(engine: Engine, query: str):
     rid = engine.add_search([query], k=3, mode="hybrid")
     return _until(engine, rid).hits[0]
+
+
+def test_a_pruned_version_serves_hybrid_until_it_is_swapped_out(retrieving_checkpoint, ckpt, tmp_path):
+    """Its BM25 arrays are memory-mapped like its FAISS index (``index_mmap``, on by default) and its docstore is
+    open, so removing its directory (``update --keep``) does not break its hybrid searches."""
+    import shutil
+
+    root = tmp_path / "idx"
+    _publish(root, 1, ckpt, [*_documents("d", CORPUS), Document("rare", RARE_DOC, title="R")])
+    engine = Engine.from_checkpoint(retrieving_checkpoint, root, CONFIG)
+    assert engine.config.index_mmap
+    _publish(root, 2, ckpt, _documents("d", CORPUS))
+    shutil.rmtree(root / VERSIONS / version_name(1))
+    assert _hybrid(engine, RARE)[0].doc_id == "rare"
