@@ -21,6 +21,7 @@ import pytest
 from server_harness import API_KEY, RETRIEVING_PROMPT, ServerProcess, metric, scrape, sse_events, wait_for
 
 from onegen_core.formats.index_store import CURRENT, INDEX_FILE, VERSIONS, version_name
+from onegen_core.retrieval.bm25 import BM25_DIR
 from server.demo import DEMO_CORPUS, corpus_text
 
 POLL_S = 0.1
@@ -206,11 +207,14 @@ def test_a_stream_runs_across_a_reload_and_the_next_request_sees_the_new_version
 
 
 def _publish_copy(index: Path, number: int, *, corrupt: bool) -> Path:
-    """``index``'s plain files as ``versions/NNNNNN`` (with half of index.faiss when ``corrupt``), made current."""
+    """``index``'s plain files as ``versions/NNNNNN`` (with half of index.faiss when ``corrupt``), made current.
+    The BM25 side index comes along: its manifest names it, and a version without the files it names is refused."""
     version = index / VERSIONS / version_name(number)
     version.mkdir(parents=True)
     for name in ("manifest.json", INDEX_FILE, "docstore.sqlite"):
         shutil.copy2(index / name, version / name)
+    if (index / BM25_DIR).is_dir():
+        shutil.copytree(index / BM25_DIR, version / BM25_DIR)
     if corrupt:
         data = (version / INDEX_FILE).read_bytes()
         (version / INDEX_FILE).write_bytes(data[: len(data) // 2])
