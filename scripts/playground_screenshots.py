@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--index", type=Path, default=DEFAULT_ROOT / "index", help="(default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", help="(default: %(default)s)")
     p.add_argument("--served-model-name", default="onegen-smollm2-wiki", help="(default: %(default)s)")
-    p.add_argument("--question", default="Where was Aldous Huxley born?", help="(default: %(default)s)")
+    p.add_argument("--question", default="Tell me about the climate of Alaska.", help="(default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=48, help="(default: %(default)s)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "images", help="(default: docs/images)")
     return p.parse_args(argv)
