@@ -1,5 +1,5 @@
 """Helpers the bench scripts share: the machine a result was measured on, where the default model is, where a
-run writes, the hand-written evaluation sets of ``quality.py``.
+run writes, the hand-written evaluation sets of ``quality.py``, the timestamped progress line.
 
 Scripts run as ``python bench/NAME.py``, so this module is importable as ``common``. It imports no torch
 at module level (``hostile.py`` drives a server in another process and does not need it).
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,11 @@ RESULTS = REPO / "bench" / "results"
 QUICK_RESULTS = RESULTS / "quick"  # git-ignored: quick runs never overwrite the committed full results
 QUALITY_SETS = REPO / "bench" / "quality_sets"  # hand-written evaluation sets (their README says how)
 SET_NAMES = ("knowledge", "no_corpus", "general")
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr, stamped with the wall-clock time (stdout carries the results)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def cpu_name(fallback: str | None = None) -> str:

@@ -111,7 +111,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # ServerProcess: the test suite's launcher of `python -m server`
 
-from common import DEFAULT_ROOT, QUICK_RESULTS, RESULTS, cpu_name  # noqa: E402
+from common import DEFAULT_ROOT, QUICK_RESULTS, RESULTS, cpu_name, log  # noqa: E402
 from hostile_outcomes import (  # noqa: E402
     Expect,
     Outcome,
@@ -149,10 +149,6 @@ WORDS = ("history city river valley people king war empire science music languag
          "built founded named moved wrote painted ruled fought signed opened closed grew became remained").split()
 SCENARIOS = ("stall", "injection", "auth", "drain", "drain-long-step")
 GEN = {"max_tokens": 8, "temperature": 0}  # the injection scenario's generation settings
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- requests

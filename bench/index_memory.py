@@ -43,15 +43,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # ServerProcess: the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, cpu_name  # noqa: E402
+from common import QUICK_RESULTS, cpu_name, log  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
 
 SETUPS = ("no index", "read (--no-index-mmap)", "mapped (--index-mmap)")
 MB = 1024 * 1024
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- /proc

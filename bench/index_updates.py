@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, read_set  # noqa: E402
+from common import QUICK_RESULTS, RESULTS, cpu_name, log, read_set  # noqa: E402
 from hostile import call  # noqa: E402
 from hostile_outcomes import Outcome, classify  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
@@ -75,10 +75,6 @@ DEFAULTS = {"duration": 60.0, "updates": 5, "clients": 8, "max_tokens": 64}
 QUICK = {"duration": 15.0, "updates": 3, "max_tokens": 32}
 VISIBLE_TIMEOUT_S = 60.0  # a change not visible this long after publishing is reported as never seen
 CURRENT_POLL_S = 0.01
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- the changes

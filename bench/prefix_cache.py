@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # ServerProcess: the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, read_set  # noqa: E402
+from common import QUICK_RESULTS, RESULTS, cpu_name, log, read_set  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
 
 CACHES = ("off", "on")
@@ -78,10 +78,6 @@ FOLLOW_UPS = ("Thank you. Can you say that again in one short sentence?",
 CALIBRATION_WORDS = (20, 60)  # few enough for a tiny test model's context
 DEFAULTS = {"repeats": 3, "concurrency": 16, "system_tokens": 1000, "max_tokens": 32, "turns": 8,
             "conv_system_tokens": 200, "conv_max_tokens": 64, "block_size": 16}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- requests

@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # the test suite's launchers of `python -m server` and nginx
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, read_set  # noqa: E402
+from common import QUICK_RESULTS, RESULTS, cpu_name, log, read_set  # noqa: E402
 from hostile import call  # noqa: E402
 from hostile_outcomes import Outcome, classify  # noqa: E402
 from index_memory import process_memory  # noqa: E402
@@ -87,10 +87,6 @@ QUICK = {"requests": 16, "max_tokens": 16, "conversations": 4, "turns": 3, "conv
          "system_words": 40, "update_docs": 4}
 WORDS = ("history city river valley people king war empire science music language island mountain century church "
          "school bridge market harbour railway station museum library university garden festival novel poet").split()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- one request

@@ -1,4 +1,4 @@
-"""Corpus and prompts shared by the engine tests."""
+"""Corpus, prompts and the step loop shared by the engine tests."""
 
 CORPUS = [
     "Paris is the capital of France.",
@@ -21,3 +21,14 @@ PROMPTS = [
     "Rome is the capital of Italy. Madrid is the capital of Spain. Who",
     "Entity mention linking",
 ]
+
+
+def step_until(engine, request_id: str):
+    """Step ``engine`` until the request's ``Finished`` / ``SearchDone`` comes out, and return that event."""
+    from onegen_core.engine.outputs import Finished, SearchDone
+
+    for _ in range(1000):
+        for ev in engine.step():
+            if isinstance(ev, Finished | SearchDone) and ev.request_id == request_id:
+                return ev
+    raise AssertionError(f"{request_id} did not finish in 1000 steps")

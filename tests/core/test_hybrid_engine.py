@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from core_test_data import CORPUS, PROMPTS
+from core_test_data import CORPUS, PROMPTS, step_until
 from naive_reference import brute_force_search, naive_generate
 from transformers import AutoModelForCausalLM
 
@@ -247,29 +247,19 @@ def test_dense_requests_are_unchanged_alone_and_batched_with_hybrid_ones(engine,
 def test_a_hybrid_search_fuses_with_the_query_string(engine, ckpt, index_dir):
     """``/retrieve`` in hybrid mode: BM25 searches the query itself; dense mode is the plain dense search."""
     rid = engine.add_search([RARE, "capital of Germany"], k=0)  # the vectors only
-    vectors = _until(engine, rid).vectors
+    vectors = step_until(engine, rid).vectors
     rid = engine.add_search([RARE, "capital of Germany"], k=4, mode="hybrid", return_text=True)
-    fused = _until(engine, rid).hits
+    fused = step_until(engine, rid).hits
     for row, q, vec in zip(fused, [RARE, "capital of Germany"], vectors, strict=True):
         expected = _reference_fused(index_dir, ckpt, vec, q)[:4]
         assert [(h.doc_id, round(h.score, 12)) for h in row] == [(d, round(s, 12)) for d, s in expected]
         assert all(h.text == DOCS[int(h.doc_id[1:])] for h in row)
     assert fused[0][0].doc_id == f"d{len(DOCS) - 1}"
     rid = engine.add_search([RARE], k=4, mode="dense")
-    dense = _until(engine, rid).hits[0]
+    dense = step_until(engine, rid).hits[0]
     assert [h.doc_id for h in dense] == [h.doc_id for h in engine.search([RARE], k=4)[0]]
     with pytest.raises(ValueError, match="needs the query strings"):
         engine.add_search(query_token_ids=engine.prepare_queries([RARE]), k=2, mode="hybrid")
-
-
-def _until(engine: Engine, request_id: str):
-    from onegen_core.engine.outputs import SearchDone
-
-    for _ in range(1000):
-        for ev in engine.step():
-            if isinstance(ev, Finished | SearchDone) and ev.request_id == request_id:
-                return ev
-    raise AssertionError(f"{request_id} did not finish")
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -347,7 +337,7 @@ def test_a_hybrid_request_whose_index_lost_bm25_fails_alone(retrieving_checkpoin
 
 def _hybrid(engine: Engine, query: str):
     rid = engine.add_search([query], k=3, mode="hybrid")
-    return _until(engine, rid).hits[0]
+    return step_until(engine, rid).hits[0]
 
 
 def test_a_pruned_version_serves_hybrid_until_it_is_swapped_out(retrieving_checkpoint, ckpt, tmp_path):

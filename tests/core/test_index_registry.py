@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from core_test_data import CORPUS, PROMPTS
+from core_test_data import CORPUS, PROMPTS, step_until
 
 from onegen_core.engine import Engine, EngineConfig
 from onegen_core.engine.params import RetrievalParams, SamplingParams
@@ -164,17 +164,6 @@ def _run(engine: Engine, prompts: list[str], indexes: list[str | None]):
     return [done[i] for i in ids]
 
 
-def _until(engine: Engine, request_id: str):
-    """Step until the request's ``Finished`` / ``SearchDone`` comes out."""
-    from onegen_core.engine.outputs import Finished, SearchDone
-
-    for _ in range(1000):
-        for ev in engine.step():
-            if isinstance(ev, Finished | SearchDone) and ev.request_id == request_id:
-                return ev
-    raise AssertionError(f"{request_id} did not finish in 1000 steps")
-
-
 def test_each_request_searches_the_index_it_names(retrieving_checkpoint, two_indexes):
     """A batch mixing two indexes gives each request the tokens and hits it gets alone (greedy)."""
     engine = Engine.from_checkpoint(retrieving_checkpoint, config=CONFIG, index_dirs=two_indexes)
@@ -203,7 +192,7 @@ def test_each_request_searches_the_index_it_names(retrieving_checkpoint, two_ind
     hits = engine.search(["Paris"], k=2)
     assert all(h.doc_id.startswith("a") for h in hits[0])
     rid = engine.add_search(["Paris"], k=2, index="second")
-    done = _until(engine, rid)
+    done = step_until(engine, rid)
     assert all(h.doc_id.startswith("b") for h in done.hits[0])
 
 
@@ -240,7 +229,7 @@ def test_a_new_version_is_swapped_in_between_steps(retrieving_checkpoint, encode
     assert old.version == 1 and engine.index.version == 2
     with pytest.raises(IndexError_, match="closed"):
         old.store.docstore.get([0])
-    result = _until(engine, rid).result
+    result = step_until(engine, rid).result
     assert result.finish_reason in ("stop", "length")
     assert all(h.doc_id.startswith("new") for h in engine.search(["Paris"], k=3)[0])
 
