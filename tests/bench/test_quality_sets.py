@@ -183,7 +183,7 @@ def _rule_questions(recs: list[dict]) -> set[str]:
         for s in split_sentences(r["text"]):
             out |= {q for q, _ in fact_questions(s, article)}
             for name in (article, ""):
-                out |= {q for i in range(40) if (q := cloze_question(s, name, _Nth(i)))}
+                out |= {made[0] for i in range(40) if (made := cloze_question(s, name, _Nth(i)))}
     return out
 
 
