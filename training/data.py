@@ -9,7 +9,8 @@ Files are read as OneGen published them (Contract 3):
   one is a single unit that renders exactly as ``Renderer.document`` renders it. So the vectors
   training shapes are the vectors the index holds.
 * ``train.jsonl`` — ``{"messages": [...]}``; each assistant message with query RET tokens
-  carries ``positive`` (and optionally ``negative``): one list of unit ids per RET token.
+  carries ``positive`` (and optionally ``negative``): one list of unit ids per RET token. A row
+  ``{"text": str}`` instead is plain text, learned as a language model (no template).
 
 Unit ids: a db ``uid`` names its unit 0; ``"<uid>-<k>"`` names unit *k* (OneGen's
 ``doc-sent`` ids). A reference is resolved by exact lookup, never by splitting at a
@@ -39,7 +40,7 @@ from onegen_core.text.conversation import render_conversation
 from onegen_core.text.documents import EntryError, parse_entry, render_units, split_units
 from onegen_core.text.rendering import Renderer, RenderError
 
-CACHE_VERSION = 3  # 3: db.jsonl read through onegen_core.text.documents
+CACHE_VERSION = 4  # 3: db.jsonl read through onegen_core.text.documents; 4: {"text"} rows
 MAX_REPORTED_ERRORS = 20
 MAX_NAMED_TRUNCATIONS = 5
 TRUNCATION_POLICIES = ("drop", "keep", "error")
@@ -258,8 +259,13 @@ def load_examples(path: Path, renderer: Renderer, corpus: Corpus, *, max_length:
             errors.add(err)
             continue
         where = f"{path}:{lineno}"
+        if isinstance(obj, dict) and "messages" not in obj and "text" in obj:
+            example = _plain_text_example(obj["text"], renderer, where, lineno, max_length, errors, stats)
+            if example is not None:
+                examples.append(example)
+            continue
         if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-            errors.add(f"{where}: expected an object with a 'messages' list")
+            errors.add(f"{where}: expected an object with a 'messages' list (or a 'text' string: plain text)")
             continue
         messages = obj["messages"]
         try:
@@ -310,6 +316,25 @@ def load_examples(path: Path, renderer: Renderer, corpus: Corpus, *, max_length:
     if not examples and not errors.total:
         errors.add(f"{path}: no conversations")
     return examples, stats
+
+
+def _plain_text_example(text: Any, renderer: Renderer, where: str, lineno: int, max_length: int, errors: _Errors,
+                        stats: dict[str, Any]) -> Example | None:
+    """A ``{"text": ...}`` row: plain text learned as a language model (no template, no special tokens parsed,
+    every token after the first a target). Longer than ``max_length`` it is cut: plain text has no answer to lose."""
+    if not isinstance(text, str) or not text.strip():
+        errors.add(f"{where}: 'text' must be a non-empty string")
+        return None
+    ids = renderer.text(text)
+    if len(ids) < 2:
+        errors.add(f"{where}: 'text' is {len(ids)} token(s); a language-model row needs at least 2")
+        return None
+    stats["plain_texts"] = stats.get("plain_texts", 0) + 1
+    ids = ids[:max_length]
+    targets = np.ones(len(ids), dtype=bool)
+    targets[0] = False
+    return Example(ids=np.asarray(ids, dtype=np.int32), targets=targets, query_positions=[], positives=[],
+                   negatives=[], line=lineno)
 
 
 def warn_truncation(stats: dict[str, Any], max_length: int, policy: str, warn: Any) -> None:

@@ -75,10 +75,14 @@ def test_the_mix_writes_every_task_with_the_query_token_where_it_belongs(tmp_pat
     summary = prepare(corpus, out, PrepareConfig(heldout=0.34, seed=1), MixConfig(base=str(base), **MIX))
     rows = _rows(out / "train.jsonl")
     tasks = Counter(r["task"] for r in rows)
-    assert set(tasks) == {"retrieve", "refusal", "general", "chat", "reading"}, tasks
+    assert set(tasks) == {"retrieve", "refusal", "general", "chat", "reading", "text"}, tasks
     assert summary["train_tasks"] == dict(tasks)
     passages = {r.id: r for r in read_passages(corpus)}
+    train_texts = {p.text for p in passages.values() if p.article not in summary["heldout_articles"]}
     for r in rows:
+        if r["task"] == "text":  # plain text of a training passage: no messages, no query token
+            assert "messages" not in r and r["text"] in train_texts
+            continue
         *context, answer = r["messages"]
         assert answer["role"] == "assistant" and all(m["role"] in ("user", "assistant") for m in context)
         assert all(RQ not in m["content"] for m in context)  # the user never types the query token
@@ -89,7 +93,12 @@ def test_the_mix_writes_every_task_with_the_query_token_where_it_belongs(tmp_pat
             assert len(answer["positive"]) == len(answer["negative"]) == 1
             if r["task"] == "retrieve":
                 assert answer["positive"] == [[slot_id := answer["positive"][0][0]]]
-                assert slot.endswith(passages[slot_id].text) and reply == r["answer"] and reply in slot
+                assert slot.endswith(passages[slot_id].text) and reply == r["answer"]
+                if r["kind"] == "cloze":  # the hidden term, short; never the question's own words again
+                    assert reply.removeprefix("In ").rstrip(".") in slot and len(reply.split()) <= 6
+                    assert not reply.startswith(context[0]["content"][:15])
+                else:
+                    assert reply in slot
             elif r["task"] == "refusal":  # a hard negative fills the slot; the query still learns the right passage
                 [[pos]] = answer["positive"]
                 assert not slot.endswith(passages[pos].text) and reply.startswith(REFUSAL)
@@ -110,6 +119,8 @@ def test_the_mix_writes_every_task_with_the_query_token_where_it_belongs(tmp_pat
     data = load_training_data(Renderer.for_checkpoint(load_checkpoint(base)), train_file=out / "train.jsonl",
                               db_file=out / "db.jsonl", max_length=1024, progress=False)
     assert len(data.train) == len(rows)
+    plain = [e for e in data.train if not e.targets[0] and e.targets[1:].all() and not e.query_positions]
+    assert len(plain) >= tasks["text"]  # a plain-text row is language modelling: every token after the first
     with_query = Counter(bool(e.query_positions) for e in data.train)
     assert with_query[True] == tasks["retrieve"] + tasks["refusal"] + tasks["general"]
     assert sum(1 for e in data.train if e.query_positions and not e.positives[0]) == tasks["general"]
@@ -184,6 +195,48 @@ def test_questions_on_a_corpus_that_is_not_wikipedia_read_like_questions(tmp_pat
         assert q.endswith("?"), q
         assert not any(t in q for t, _ in NEWS), q  # no headline pasted into a question
         assert not re.match(r"^(What is|Who was) [A-Z]\w+( \w+){4,}\?$", q), q
+
+
+def test_inverse_cloze_answers_name_the_hidden_term_not_the_question():
+    """Regression (issue #18): cloze answers were their whole sentence, which begins with the question's words;
+    43 of 196 evaluation answers of the model trained on them repeated the question."""
+    import random
+
+    from training.questions import cloze_question
+
+    def every(sentence):
+        return {cloze_question(sentence, "", random.Random(i)) for i in range(30)} - {None}
+
+    made = every("In 1648 the island passed to the Dutch after a long siege.")
+    assert ("In what year the island passed to the Dutch after a long siege?", "In 1648.") in made
+    assert ("In 1648 the island passed to the what after a long siege?", "The Dutch.") in made
+    counts = every("The prisoners may be held for as long as 168 hours without any charge in Alberta.")
+    assert ("The prisoners may be held for as long as how many hours without any charge in Alberta?", "168.") in counts
+    # no half terms: a number with a thousands separator, a hyphenated word, an abbreviation, an initial
+    for sentence, bad in (("The most common aboriginal language is Cree with 17,215 speakers in Alberta.", "215."),
+                          ("The Council may ask the Co-princes to dissolve the Council of Andorra.", "The Co."),
+                          ("The openly bisexual radical poet Edna St. Vincent Millay wrote it.", "Edna St."),
+                          ("The term was coined and defined by Adam F. Kollar in Vienna.", "Adam.")):
+        assert bad not in {a for _, a in every(sentence)}, sentence
+
+
+def test_plain_text_rows_are_language_modelling_and_bad_ones_are_named(tmp_path, base):
+    from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.text.rendering import Renderer
+    from training.data import DataError, load_training_data
+
+    renderer = Renderer.for_checkpoint(load_checkpoint(base))
+    db = tmp_path / "db.jsonl"
+    db.write_text(json.dumps({"id": "d1", "text": "Some passage."}) + "\n")
+    good = tmp_path / "train.jsonl"
+    good.write_text(json.dumps({"text": "The island passed to the Dutch in 1648."}) + "\n")
+    [ex] = load_training_data(renderer, train_file=good, db_file=db, max_length=64, progress=False).train
+    assert ex.ids.tolist() == renderer.text("The island passed to the Dutch in 1648.")
+    assert not ex.targets[0] and ex.targets[1:].all() and ex.query_positions == []
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "  "}) + "\n" + json.dumps({"text": 3}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 'text' must be a non-empty string"):
+        load_training_data(renderer, train_file=bad, db_file=db, max_length=64, progress=False)
 
 
 def test_chat_prompts_cover_the_kinds_and_are_distinct():

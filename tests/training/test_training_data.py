@@ -80,7 +80,7 @@ def test_bad_files_give_precise_errors(tmp_path, renderer):
         conv("q", "[RQ]", None),  # RET token without positive
         conv("q", "[RQ]<paragraph>x", [["paris"]]),  # unclosed passage
         conv("q", "[RQ]", [["multi-7"]]),  # no such unit
-        {"text": "no messages"},
+        {"content": "no messages"},
         conv("q", "fine", None),
     ])
     with pytest.raises(DataError) as e:
