@@ -25,9 +25,9 @@ python3 -m pip install -q torch==2.13.0 && python3 -m pip install -q -e ".[defau
 if [ ! -f "$base/config.json" ]; then
     python3 -m onegen_core import-smollm2 "$base"
 fi
-if [ ! -f "$root/wiki/split.json" ] || [ "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("settings", {}).get("recipe"))' "$root/wiki/split.json")" != mixed ]; then
-    python3 -m training prepare --wikipedia --out "$root/wiki" --base "$base" --distill-dtype bfloat16
-fi
+# Always run: seconds once the base model's answers are cached (wiki/distilled.jsonl), and its output is the same
+# bytes for the same code, so a rerun resumes training; after a change to the recipe it writes the new data.
+python3 -m training prepare --wikipedia --out "$root/wiki" --base "$base" --distill-dtype bfloat16
 exec python3 -m training train --config training/configs/default_smollm2_wiki.yaml \
     --base-model "$base" --train-file "$root/wiki/train.jsonl" --db-file "$root/wiki/db.jsonl" \
     --output-dir "$root/train/onegen-smollm2-wiki" "$@"
