@@ -28,6 +28,27 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def plain_args(args: Any) -> dict[str, Any]:
+    """An argparse namespace as JSON-ready values (paths as strings), for a result file."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def write_report(out: str | Path, md: str, result: dict[str, Any], *, also: str = "") -> Path:
+    """Print the table, then write ``OUT.md`` and ``OUT.json`` (each atomically: a crash leaves the old file).
+
+    ``also`` names other files the caller wrote next to them, for the closing log line."""
+    print(md)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", md), (".json", json.dumps(result, indent=1, default=str) + "\n")):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out.with_suffix(suffix))
+    runtime = result.get("runtime_s")
+    log(f"wrote {out.with_suffix('.md')}, .json{also}" + (f" in {runtime:.0f} s" if runtime is not None else ""))
+    return out
+
+
 def cpu_name(fallback: str | None = None) -> str:
     """The CPU's model name from /proc/cpuinfo, else ``fallback`` (default: platform's processor or machine)."""
     name = fallback if fallback is not None else (platform.processor() or platform.machine())

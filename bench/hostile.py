@@ -111,7 +111,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # ServerProcess: the test suite's launcher of `python -m server`
 
-from common import DEFAULT_ROOT, QUICK_RESULTS, RESULTS, cpu_name, log  # noqa: E402
+from common import DEFAULT_ROOT, QUICK_RESULTS, RESULTS, cpu_name, log, write_report  # noqa: E402
 from hostile_outcomes import (  # noqa: E402
     Expect,
     Outcome,
@@ -1367,18 +1367,12 @@ def main(argv: list[str] | None = None) -> int:
 def write_results(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
     """The table on stdout, OUT.md and OUT.json; the JSON's content."""
     args = bench.args
-    md = render_markdown(bench, meta)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
     result = {
         **meta, "info": bench.info, "args": vars(args), "details": bench.details, "checks": bench.checks,
         "rows": [r.summary() for r in bench.rows],
         "unexpected": [{"scenario": r.scenario, **outcome_record(o)} for r in bench.rows for o, _, _ in r.unexpected()],
     }
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    log(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')} in {meta['runtime_s']:.0f} s")
+    write_report(args.out, render_markdown(bench, meta), result)
     return result
 
 

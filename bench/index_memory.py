@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -43,7 +42,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # ServerProcess: the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, cpu_name, log  # noqa: E402
+from common import QUICK_RESULTS, cpu_name, log, plain_args, write_report  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
 
 SETUPS = ("no index", "read (--no-index-mmap)", "mapped (--index-mmap)")
@@ -214,14 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "runtime_s": time.perf_counter() - t0,
             "machine": {"cpu": cpu_name(platform.processor() or "?"), "cores": os.cpu_count()},
             "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    md = render(rows, summary, meta)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows, "summary": summary}, indent=1) + "\n")
-    log(f"wrote {out.with_suffix('.md')} and .json")
+            "args": plain_args(args)}
+    write_report(args.out, render(rows, summary, meta), {**meta, "rows": rows, "summary": summary})
     return 0
 
 

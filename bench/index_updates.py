@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, log, read_set  # noqa: E402
+from common import QUICK_RESULTS, RESULTS, cpu_name, log, plain_args, read_set, write_report  # noqa: E402
 from hostile import call  # noqa: E402
 from hostile_outcomes import Outcome, classify  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
@@ -529,19 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     meta["runtime_s"] = time.perf_counter() - t0
     meta["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     summary = summarize(bench)
-    md = render(bench, summary, meta)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
-    result = {**meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {**meta, "args": plain_args(args),
               "checkpoint": str(bench.checkpoint), "index": str(bench.source_index), "info": bench.info,
               "probe_mode": "hybrid" if bench.hybrid else "dense", "summary": summary,
               "updates": [{**asdict(u), "corpus": u.corpus.name, "delete": u.delete.name if u.delete else None}
                           for u in bench.updates],
               "versions": bench.run_.versions}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    log(f"wrote {out.with_suffix('.md')} and .json in {meta['runtime_s']:.0f} s")
+    write_report(args.out, render(bench, summary, meta), result)
     return 0
 
 

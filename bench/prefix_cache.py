@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # ServerProcess: the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, log, read_set  # noqa: E402
+from common import QUICK_RESULTS, RESULTS, cpu_name, log, plain_args, read_set, write_report  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
 
 CACHES = ("off", "on")
@@ -581,20 +581,16 @@ def main(argv: list[str] | None = None) -> int:
     meta["runtime_s"] = time.perf_counter() - t0
     meta["load_end"] = _uptime()
     summary = summarize(bench)
-    md = render_markdown(bench, summary, meta)
-    print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
     info = bench.info["on"]
     plot(summary, out.with_suffix(".png"), f"prefix caching: {info.get('model')}, {info.get('dtype')} on "
          f"{info.get('device')}; {meta['machine']['cpu']}, {meta['machine']['cores']} cores")
-    result = {**meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {**meta, "args": plain_args(args),
               "servers": {c: {"flags": bench.flags[c], "info": bench.info[c]} for c in CACHES},
               "tokens_per_word": bench.tokens_per_word, "summary": summary, "metrics": bench.metrics,
               "bursts": bench.bursts, "conversations": bench.conversations}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    log(f"wrote {out.with_suffix('.md')}, .json and .png in {meta['runtime_s']:.0f} s")
+    write_report(out, render_markdown(bench, summary, meta), result, also=" and .png")
     return 0
 
 

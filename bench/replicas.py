@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # the test suite's launchers of `python -m server` and nginx
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, log, read_set  # noqa: E402
+from common import QUICK_RESULTS, RESULTS, cpu_name, log, plain_args, read_set, write_report  # noqa: E402
 from hostile import call  # noqa: E402
 from hostile_outcomes import Outcome, classify  # noqa: E402
 from index_memory import process_memory  # noqa: E402
@@ -598,16 +598,10 @@ def main(argv: list[str] | None = None) -> int:
         bench.run()
     meta["runtime_s"] = time.perf_counter() - t0
     meta["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    md = render(bench, meta)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
-    result = {**meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {**meta, "args": plain_args(args),
               "checkpoint": str(bench.checkpoint), "index": str(bench.source_index), "info": bench.info,
               "results": bench.results}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    log(f"wrote {out.with_suffix('.md')} and .json in {meta['runtime_s']:.0f} s")
+    write_report(args.out, render(bench, meta), result)
     return 0
 
 

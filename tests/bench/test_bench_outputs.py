@@ -49,3 +49,19 @@ def test_hostile_demo_or_partial_run_writes_elsewhere(argv, full):
 
     args, _ = hostile.parse_args(argv)
     assert Path(args.out) == (common.RESULTS if full else common.QUICK_RESULTS) / "hostile"
+
+
+def test_a_report_is_the_table_and_its_json_each_replaced_whole(tmp_path, capsys):
+    import argparse
+    import json
+
+    out = tmp_path / "deep" / "bench"
+    (tmp_path / "deep").mkdir()
+    out.with_suffix(".md").write_text("old table")
+    args = argparse.Namespace(out=out, n=3)
+    common.write_report(out, "| a |\n", {"runtime_s": 1.5, "args": common.plain_args(args), "when": Path("/x")})
+    assert capsys.readouterr().out == "| a |\n\n"
+    assert out.with_suffix(".md").read_text() == "| a |\n"
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved == {"runtime_s": 1.5, "args": {"out": str(out), "n": 3}, "when": "/x"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json", "bench.md"]  # no .tmp left behind
