@@ -64,6 +64,9 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--recipe", default=d.recipe, choices=list(RECIPES),
                     help="mixed: retrieval QA + refusals + no-retrieval chat + passage reading, the chat answers "
                     "distilled from --base (docs/training.md); retrieval: retrieval QA only (default: mixed)")
+    sp.add_argument("--cloze-answer", default=d.cloze_answer, choices=["sentence", "term"],
+                    help="answer of an inverse-cloze question: its whole sentence, or the hidden term in a short "
+                    f"sentence (docs/training.md has what each taught the default model) (default: {d.cloze_answer})")
     add_mix_flags(sp)
     sp.add_argument("--passage-template", default=d.passage_template,
                     help="how the inserted passage reads after the query token; must equal the checkpoint spec's "
@@ -78,7 +81,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
     cfg = PrepareConfig(heldout=args.heldout, seed=args.seed, max_questions_per_passage=args.max_questions_per_passage,
                         negatives_per_question=args.negatives_per_question, passage_template=args.passage_template,
-                        recipe=args.recipe)
+                        recipe=args.recipe, cloze_answer=args.cloze_answer)
     mix = mix_config(args)
     if cfg.recipe == "mixed":
         mix.check_base()  # before minutes of corpus work

@@ -1,12 +1,12 @@
 """The mixed training recipe: one model that chats, decides when to retrieve, and answers the question.
 
-``python -m training prepare`` writes, by default, a mix of six tasks (the ``task`` field of each
+``python -m training prepare`` writes, by default, a mix of five tasks (six with ``--plain-text``) (the ``task`` field of each
 ``train.jsonl`` row), so that fine-tuning for retrieval does not cost the model its generator:
 
 * ``retrieve`` — a question about the corpus; the assistant emits the query token, the passage that
   answers it follows in the passage delimiters (what the engine inserts), then a short answer from
-  it: the sentence that states the fact, or for an inverse-cloze question the hidden term in a short
-  sentence (``training.questions`` makes the questions). ``positive`` / ``negative`` feed the
+  it: the sentence that states the fact (with ``--cloze-answer term``, an inverse-cloze question's hidden
+  term in a short sentence; ``training.questions`` makes the questions). ``positive`` / ``negative`` feed the
   contrastive loss.
 * ``refusal`` — the same question with a hard negative in the slot (a passage that does not contain
   the answer): the answer says so (``REFUSAL``) and then gives the base model's own answer, marked as
@@ -23,7 +23,7 @@
   base could do and learns when not to retrieve.
 * ``reading`` — a passage pasted into the prompt and a question about it, answered without the
   query token: the pipeline style (retrieve elsewhere, paste, ask) keeps working.
-* ``text`` — plain text of training articles' passages (``{"text": ...}`` rows, no chat template),
+* ``text`` (``--plain-text N``) — plain text of training articles' passages (``{"text": ...}`` rows, no chat template),
   learned as a language model: the rest of the mix is chat, and without these rows the model's
   loss on plain text drifted +15% over the base.
 
@@ -72,10 +72,10 @@ class MixConfig:
                              "examples distil (required by the mixed recipe)")
     chat_prompts: int = _f(900, "no-corpus prompts answered without retrieval (7 kinds in turn)")
     general_questions: int = _f(100, "general-knowledge questions outside the corpus (at most 102)")
-    refusal_fraction: float = _f(0.07, "fraction of the corpus questions also asked with a hard negative in the slot "
-                                       "(at 0.15 the model refused 23 in 100 answerable questions with the answer in hand)")
+    refusal_fraction: float = _f(0.15, "fraction of the corpus questions also asked with a hard negative in the slot")
     reading_fraction: float = _f(0.15, "fraction of the corpus questions also asked with the passage in the prompt")
-    plain_text: int = _f(800, "passages of training articles learned as plain text (language modelling, no template)")
+    plain_text: int = _f(0, "passages of training articles learned as plain text (language modelling, no template); "
+                            "800 held the plain-text loss 4 in 100 below the base's (docs/training.md)")
     distill_max_tokens: int = _f(160, "longest distilled answer; longer ones are left out (cut off)")
     distill_batch_size: int = _f(32, "conversations the engine generates at once while distilling")
     distill_dtype: str = _f("auto", "dtype of the engine that distils (auto: float32 on the CPU, bf16 on a GPU)")

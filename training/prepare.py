@@ -39,6 +39,7 @@ from onegen_core.wikipedia import write_jsonl
 from .data import _read_jsonl
 from .mix import MixConfig, build_mix, retrieval_rows
 from .questions import (  # the question rules, re-exported for callers that import them from here
+    CLOZE_ANSWERS,
     PAST,
     QUESTION_KINDS,
     SECTION_TEMPLATES,
@@ -147,10 +148,13 @@ class PrepareConfig:
     passage_close: str = "</paragraph>"
     passage_template: str = "{title}\n{text}"
     recipe: str = "mixed"  # "mixed" (training.mix: retrieval + refusal + chat + reading) or "retrieval" only
+    cloze_answer: str = "sentence"  # inverse-cloze answers: the whole sentence, or the hidden "term" (questions.py)
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"--recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
+        if self.cloze_answer not in CLOZE_ANSWERS:
+            raise ValueError(f"--cloze-answer must be one of {list(CLOZE_ANSWERS)}, got {self.cloze_answer!r}")
         if not 0.0 < self.heldout < 1.0:
             raise ValueError(f"--heldout must be in (0, 1), got {self.heldout}")
         if self.max_questions_per_passage < 1:
@@ -191,7 +195,8 @@ def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfi
     for split, articles in (("train", train_articles), ("eval", held_articles)):
         questions: list[Question] = []
         for a in sorted(articles):
-            questions += questions_for_article(by_article[a], rng, max_per_passage=cfg.max_questions_per_passage)
+            questions += questions_for_article(by_article[a], rng, max_per_passage=cfg.max_questions_per_passage,
+                                               cloze_answer=cfg.cloze_answer)
         rng.shuffle(questions)
         if split == "eval" and cfg.max_eval_questions is not None:
             questions = questions[: cfg.max_eval_questions]

@@ -183,7 +183,8 @@ def _rule_questions(recs: list[dict]) -> set[str]:
         for s in split_sentences(r["text"]):
             out |= {q for q, _ in fact_questions(s, article)}
             for name in (article, ""):
-                out |= {made[0] for i in range(40) if (made := cloze_question(s, name, _Nth(i)))}
+                out |= {made[0] for i in range(40) for how in ("sentence", "term")
+                        if (made := cloze_question(s, name, _Nth(i), how))}
     return out
 
 

@@ -66,8 +66,8 @@ def _rows(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
-MIX = dict(chat_prompts=21, general_questions=6, refusal_fraction=0.5, reading_fraction=0.3, distill_max_tokens=24,
-           distill_batch_size=8, distill_dtype="float32")
+MIX = dict(chat_prompts=21, general_questions=6, refusal_fraction=0.5, reading_fraction=0.3, plain_text=5,
+           distill_max_tokens=24, distill_batch_size=8, distill_dtype="float32")
 
 
 def test_the_mix_writes_every_task_with_the_query_token_where_it_belongs(tmp_path, base, corpus):
@@ -93,12 +93,7 @@ def test_the_mix_writes_every_task_with_the_query_token_where_it_belongs(tmp_pat
             assert len(answer["positive"]) == len(answer["negative"]) == 1
             if r["task"] == "retrieve":
                 assert answer["positive"] == [[slot_id := answer["positive"][0][0]]]
-                assert slot.endswith(passages[slot_id].text) and reply == r["answer"]
-                if r["kind"] == "cloze":  # the hidden term, short; never the question's own words again
-                    assert reply.removeprefix("In ").rstrip(".") in slot and len(reply.split()) <= 6
-                    assert not reply.startswith(context[0]["content"][:15])
-                else:
-                    assert reply in slot
+                assert slot.endswith(passages[slot_id].text) and reply == r["answer"] and reply in slot
             elif r["task"] == "refusal":  # a hard negative fills the slot; the query still learns the right passage
                 [[pos]] = answer["positive"]
                 assert not slot.endswith(passages[pos].text) and reply.startswith(REFUSAL)
@@ -197,15 +192,46 @@ def test_questions_on_a_corpus_that_is_not_wikipedia_read_like_questions(tmp_pat
         assert not re.match(r"^(What is|Who was) [A-Z]\w+( \w+){4,}\?$", q), q
 
 
-def test_inverse_cloze_answers_name_the_hidden_term_not_the_question():
-    """Regression (issue #18): cloze answers were their whole sentence, which begins with the question's words;
-    43 of 196 evaluation answers of the model trained on them repeated the question."""
+def test_cloze_term_answers_are_short_and_in_their_passage(tmp_path):
+    """``--cloze-answer term``: the hidden term in a short sentence, found in the passage, never the question's
+    own words again (whole-sentence answers begin with them; a model trained on them repeated the question)."""
+    corpus = tmp_path / "news.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"n{i}", "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(NEWS)))
+    prepare(corpus, tmp_path / "data", PrepareConfig(heldout=0.34, seed=0, recipe="retrieval", cloze_answer="term"))
+    cloze = [r for f in ("train.jsonl", "eval.jsonl") for r in _rows(tmp_path / "data" / f) if r["kind"] == "cloze"]
+    assert cloze
+    for r in cloze:
+        question, content = r["messages"][0]["content"], r["messages"][1]["content"]
+        slot, reply = content.split(CLOSE)
+        assert reply == r["answer"] and len(reply.split()) <= 6 and reply.endswith(".")
+        assert reply.removeprefix("In ").removesuffix(".").lower() in slot.lower()  # "The Dutch." of "the Dutch"
+        assert not reply.startswith(question[:15])
+    with pytest.raises(ValueError, match="--cloze-answer"):
+        PrepareConfig(cloze_answer="word")
+
+
+def test_the_default_cloze_answer_is_its_sentence_and_its_question_rule_unchanged():
+    """The shipped default adapter was trained on whole-sentence cloze answers: that rule writes the same
+    questions as when it was trained (its data is written again byte for byte)."""
+    import random
+
+    from training.questions import cloze_question
+
+    s = "The island passed to the Dutch Republic in 1648, after the Peace of Westphalia."
+    got = {cloze_question(s, "", random.Random(i)) for i in range(30)}
+    assert got == {("The island passed to the what in 1648, after the Peace of Westphalia?", s),
+                   ("The island passed to the Dutch Republic in what year, after the Peace of Westphalia?", s),
+                   ("The island passed to the Dutch Republic in 1648, after the what of Westphalia?", s),
+                   ("The island passed to the Dutch Republic in 1648, after the Peace of what?", s)}
+
+
+def test_inverse_cloze_term_answers_name_whole_terms():
     import random
 
     from training.questions import cloze_question
 
     def every(sentence):
-        return {cloze_question(sentence, "", random.Random(i)) for i in range(30)} - {None}
+        return {cloze_question(sentence, "", random.Random(i), "term") for i in range(30)} - {None}
 
     made = every("In 1648 the island passed to the Dutch after a long siege.")
     assert ("In what year the island passed to the Dutch after a long siege?", "In 1648.") in made
