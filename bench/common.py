@@ -28,6 +28,27 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def add_served_model_args(p: Any, index_help: str) -> None:
+    """``--checkpoint``, ``--index`` and ``--dtype`` of a bench that starts servers (default: the default model)."""
+    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (default: the default model, which "
+                   "`python -m server` prepares under .cache/onegen-default)")
+    p.add_argument("--index", type=Path, help=index_help)
+    p.add_argument("--dtype", help="server --dtype (default: the server's: bfloat16 for the default model)")
+
+
+def served_model(args: Any) -> tuple[Path, Path, str | None]:
+    """(checkpoint, index, dtype) to serve: ``--checkpoint``/``--index``, else the default model, prepared as
+    ``python -m server`` prepares it."""
+    if args.checkpoint:
+        return args.checkpoint, args.index, args.dtype
+    from server.prepare_default import serve_default
+    from server.settings import parse_settings
+
+    log("no --checkpoint: the default model, prepared as `python -m server` prepares it")
+    s = serve_default(parse_settings(["--dtype", args.dtype] if args.dtype else []))
+    return s.checkpoint, s.index["default"], s.dtype
+
+
 def plain_args(args: Any) -> dict[str, Any]:
     """An argparse namespace as JSON-ready values (paths as strings), for a result file."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -66,7 +66,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, log, plain_args, read_set, write_report  # noqa: E402
+from common import (  # noqa: E402
+    QUICK_RESULTS,
+    RESULTS,
+    add_served_model_args,
+    cpu_name,
+    log,
+    plain_args,
+    read_set,
+    served_model,
+    write_report,
+)
 from hostile import call  # noqa: E402
 from hostile_outcomes import Outcome, classify  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
@@ -217,7 +227,7 @@ class Bench:
         self.args = args
         self.work = work
         self.questions = [row["question"] for row in read_set("knowledge")]
-        self.checkpoint, self.source_index, self.dtype = self._model()
+        self.checkpoint, self.source_index, self.dtype = served_model(self.args)
         self.index = work / "index"
         log(f"copying the index {self.source_index} to {self.index} (the original is never changed)")
         shutil.copytree(self.source_index, self.index, symlinks=True)
@@ -226,17 +236,6 @@ class Bench:
         self.hybrid = False
         self.run_ = Run()
         self.reloads: dict[str, dict[str, float]] = {}
-
-    def _model(self) -> tuple[Path, Path, str | None]:
-        a = self.args
-        if a.checkpoint:
-            return a.checkpoint, a.index, a.dtype
-        from server.prepare_default import serve_default
-        from server.settings import parse_settings
-
-        log("no --checkpoint: the default model, prepared as `python -m server` prepares it")
-        s = serve_default(parse_settings(["--dtype", a.dtype] if a.dtype else []))
-        return s.checkpoint, s.index["default"], s.dtype
 
     def start_server(self) -> ServerProcess:
         a = self.args
@@ -461,11 +460,7 @@ def render(bench: Bench, summary: dict[str, Any], meta: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (default: the default model, which "
-                   "`python -m server` prepares under .cache/onegen-default)")
-    p.add_argument("--index", type=Path, help="its index (copied to a scratch directory: never changed); needed "
-                   "with --checkpoint")
-    p.add_argument("--dtype", help="server --dtype (default: the server's: bfloat16 for the default model)")
+    add_served_model_args(p, "its index (copied to a scratch directory: never changed); needed with --checkpoint")
     p.add_argument("--quick", action="store_true", help="a shorter run: " + ", ".join(
         f"--{k.replace('_', '-')} {v:g}" for k, v in QUICK.items()) + " (results/quick/)")
     p.add_argument("--duration", type=float, help=f"seconds of load (default: {DEFAULTS['duration']:g}); it goes on "

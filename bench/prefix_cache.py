@@ -62,7 +62,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # ServerProcess: the test suite's launcher of `python -m server`
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, log, plain_args, read_set, write_report  # noqa: E402
+from common import (  # noqa: E402
+    QUICK_RESULTS,
+    RESULTS,
+    add_served_model_args,
+    cpu_name,
+    log,
+    plain_args,
+    read_set,
+    write_report,
+)
 from server_harness import ServerProcess  # noqa: E402
 
 CACHES = ("off", "on")
@@ -517,10 +526,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (default: the default model, which "
-                   "`python -m server` prepares under .cache/onegen-default)")
-    p.add_argument("--index", type=Path, help="index to serve with --checkpoint (default: none, no retrieval)")
-    p.add_argument("--dtype", help="server --dtype (default: the server's: bfloat16 for the default model)")
+    add_served_model_args(p, "index to serve with --checkpoint (default: none, no retrieval)")
     p.add_argument("--block-size", type=int, default=DEFAULTS["block_size"],
                    help="server --block-size, both servers (default: 16, the engine's)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",

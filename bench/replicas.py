@@ -71,7 +71,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "server"))  # the test suite's launchers of `python -m server` and nginx
 
-from common import QUICK_RESULTS, RESULTS, cpu_name, log, plain_args, read_set, write_report  # noqa: E402
+from common import (  # noqa: E402
+    QUICK_RESULTS,
+    RESULTS,
+    add_served_model_args,
+    cpu_name,
+    log,
+    plain_args,
+    read_set,
+    served_model,
+    write_report,
+)
 from hostile import call  # noqa: E402
 from hostile_outcomes import Outcome, classify  # noqa: E402
 from index_memory import process_memory  # noqa: E402
@@ -162,22 +172,11 @@ class Bench:
         self.work = work
         self.questions = [row["question"] for row in read_set("knowledge")]
         self.results: dict[str, Any] = {}
-        self.checkpoint, self.source_index, self.dtype = self._model()
+        self.checkpoint, self.source_index, self.dtype = served_model(self.args)
         self.index = work / "shared" / "index"  # the shared volume every replica serves
         log(f"copying the index {self.source_index} to {self.index} (the shared volume)")
         shutil.copytree(self.source_index, self.index, symlinks=True)
         self.info: dict[str, Any] = {}
-
-    def _model(self) -> tuple[Path, Path, str | None]:
-        a = self.args
-        if a.checkpoint:
-            return a.checkpoint, a.index, a.dtype
-        from server.prepare_default import serve_default
-        from server.settings import parse_settings
-
-        log("no --checkpoint: the default model, prepared as `python -m server` prepares it")
-        s = serve_default(parse_settings(["--dtype", a.dtype] if a.dtype else []))
-        return s.checkpoint, s.index["default"], s.dtype
 
     # ------------------------------------------------------------------ replicas
     def start(self, n: int) -> Replicas:
@@ -524,11 +523,7 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (default: the default model, which "
-                   "`python -m server` prepares under .cache/onegen-default)")
-    p.add_argument("--index", type=Path, help="its index (copied to a scratch directory: never changed); needed "
-                   "with --checkpoint")
-    p.add_argument("--dtype", help="server --dtype (default: the server's: bfloat16 for the default model)")
+    add_served_model_args(p, "its index (copied to a scratch directory: never changed); needed with --checkpoint")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: the cores divided by the "
                    "replicas, each on cores of its own where taskset exists)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
