@@ -19,18 +19,14 @@ def demo_assets(tmp_path_factory):
 def live_server(demo_assets, tmp_path_factory):
     ckpt, index = demo_assets
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = ServerProcess(
+    with ServerProcess(
         ["--checkpoint", str(ckpt), "--index", str(index), "--max-num-seqs", "32",
          "--max-tokens-limit", str(MAX_TOKENS_LIMIT), "--default-max-tokens", "16",
          "--max-retrieve-batch", str(MAX_RETRIEVE_BATCH), "--max-body-bytes", "65536",
          "--header-timeout-s", str(HEADER_TIMEOUT_S)],
         log, api_key=API_KEY,
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -89,6 +89,18 @@ class ServerProcess:
         assert wait_for(check, timeout=timeout), f"no matching log line after {timeout} s:\n{self.log_text()[-4000:]}"
         return list(found)
 
+    def __enter__(self) -> ServerProcess:
+        """``with ServerProcess(...) as srv:`` waits until it is ready and stops it at the end, whatever happens."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

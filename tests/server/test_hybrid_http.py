@@ -65,14 +65,10 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(assets, tmp_path_factory):
     ckpt, main, plain = assets
-    srv = ServerProcess(["--checkpoint", str(ckpt), "--index", str(main), "--index", f"plain={plain}",
-                         "--index-poll-s", "0.1", "--max-num-seqs", "8"],
-                        tmp_path_factory.mktemp("logs") / "hybrid.log", api_key=API_KEY)
-    try:
-        srv.wait_ready()
+    with ServerProcess(["--checkpoint", str(ckpt), "--index", str(main), "--index", f"plain={plain}",
+                        "--index-poll-s", "0.1", "--max-num-seqs", "8"],
+                       tmp_path_factory.mktemp("logs") / "hybrid.log", api_key=API_KEY) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _rrf(dense: list[str], lexical: list[str]) -> list[tuple[str, float]]:

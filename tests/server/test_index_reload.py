@@ -57,14 +57,10 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(assets, tmp_path_factory):
     ckpt, main, side = assets
-    srv = ServerProcess(["--checkpoint", str(ckpt), "--index", str(main), "--index", f"side={side}",
-                         "--index-poll-s", str(POLL_S), "--max-tokens-limit", "4000", "--max-num-seqs", "8"],
-                        tmp_path_factory.mktemp("logs") / "reload.log", api_key=API_KEY)
-    try:
-        srv.wait_ready()
+    with ServerProcess(["--checkpoint", str(ckpt), "--index", str(main), "--index", f"side={side}",
+                        "--index-poll-s", str(POLL_S), "--max-tokens-limit", "4000", "--max-num-seqs", "8"],
+                       tmp_path_factory.mktemp("logs") / "reload.log", api_key=API_KEY) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _info(c: httpx.Client) -> dict[str, dict]:

@@ -33,16 +33,12 @@ def long_context_checkpoint(tiny_checkpoint_factory):
 
 @pytest.fixture(scope="module")
 def small_server(long_context_checkpoint, tmp_path_factory):
-    srv = ServerProcess(
+    with ServerProcess(
         ["--checkpoint", str(long_context_checkpoint), "--max-pending-requests", "2", "--max-num-seqs", "4",
          "--max-tokens-limit", "8000", "--retry-after-s", "3", "--no-metrics-auth"],
         tmp_path_factory.mktemp("logs") / "small.log", api_key="k2",
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _first_token(lines) -> None:
