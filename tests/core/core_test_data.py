@@ -1,4 +1,6 @@
-"""Corpus, prompts and the step loop shared by the engine tests."""
+"""Corpus, prompts, the step loop and a search recorder shared by the engine tests."""
+
+from contextlib import contextmanager
 
 CORPUS = [
     "Paris is the capital of France.",
@@ -32,3 +34,21 @@ def step_until(engine, request_id: str):
             if isinstance(ev, Finished | SearchDone) and ev.request_id == request_id:
                 return ev
     raise AssertionError(f"{request_id} did not finish in 1000 steps")
+
+
+@contextmanager
+def retrieve_batches(engine, field: str):
+    """Inside the block, record for every batched search ``engine`` makes the set of its requests'
+    ``retrieval.<field>`` (e.g. ``"mode"``, ``"index"``): the list shows whether one step served several kinds."""
+    batches: list[set] = []
+    real = engine._retrieve
+
+    def spy(seqs, queries):
+        batches.append({getattr(s.retrieval, field) for s in seqs})
+        return real(seqs, queries)
+
+    engine._retrieve = spy
+    try:
+        yield batches
+    finally:
+        del engine._retrieve

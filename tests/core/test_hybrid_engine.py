@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from core_test_data import CORPUS, PROMPTS, step_until
+from core_test_data import CORPUS, PROMPTS, retrieve_batches, step_until
 from naive_reference import brute_force_search, naive_generate
 from transformers import AutoModelForCausalLM
 
@@ -222,18 +222,8 @@ def test_dense_requests_are_unchanged_alone_and_batched_with_hybrid_ones(engine,
                                                  forced_tokens=forced)
         assert all(r.mode == "dense" and r.bm25_query is None for r in alone.retrievals)
     modes = ["dense", "hybrid", None, "hybrid", "dense", "hybrid", None, "hybrid"]
-    batches: list[set[str]] = []
-    real = engine._retrieve
-
-    def spy(seqs, queries):
-        batches.append({s.retrieval.mode for s in seqs})
-        return real(seqs, queries)
-
-    engine._retrieve = spy
-    try:
+    with retrieve_batches(engine, "mode") as batches:
         mixed = _generate(engine, prompts + prompts, modes, forced=forced, max_retrievals=2)
-    finally:
-        del engine._retrieve
     assert {"dense", "hybrid"} in batches, f"no step searched both modes: {batches}"
     for p, m, res in zip(prompts + prompts, modes, mixed, strict=True):
         [alone] = _generate(engine, [p], [m], forced=forced, max_retrievals=2)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from core_test_data import CORPUS, PROMPTS, step_until
+from core_test_data import CORPUS, PROMPTS, retrieve_batches, step_until
 
 from onegen_core.engine import Engine, EngineConfig
 from onegen_core.engine.params import RetrievalParams, SamplingParams
@@ -170,15 +170,8 @@ def test_each_request_searches_the_index_it_names(retrieving_checkpoint, two_ind
     assert engine.indexes.names == ["first", "second"] and engine.indexes.default == "first"
     prompts = PROMPTS[:4]
     names = ["second", None, "first", "second"]
-    batches: list[set[str]] = []
-    real = engine._retrieve
-
-    def spy(seqs, queries):
-        batches.append({s.retrieval.index for s in seqs})
-        return real(seqs, queries)
-
-    engine._retrieve = spy
-    together = _run(engine, prompts, names)
+    with retrieve_batches(engine, "index") as batches:
+        together = _run(engine, prompts, names)
     assert {"first", "second"} in batches, f"no step searched both indexes: {batches}"
     alone = [_run(engine, [p], [n])[0] for p, n in zip(prompts, names, strict=True)]
     retrieved = 0
