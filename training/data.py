@@ -251,7 +251,8 @@ def load_examples(path: Path, renderer: Renderer, corpus: Corpus, *, max_length:
     ``error`` (each one reported as ``file:line``)."""
     examples: list[Example] = []
     stats: dict[str, Any] = {"queries": 0, "queries_truncated": 0, "conversations_truncated": 0,
-                             "conversations_dropped": 0, "queries_without_positive": 0, "truncated_examples": []}
+                             "conversations_dropped": 0, "queries_without_positive": 0, "plain_texts": 0,
+                             "truncated_examples": []}
     bar = tqdm(_read_jsonl(path), total=_count_lines(path), desc=f"reading {path.name}", unit="conv",
                disable=not progress, leave=False)
     for lineno, obj, err in bar:
@@ -329,7 +330,7 @@ def _plain_text_example(text: Any, renderer: Renderer, where: str, lineno: int, 
     if len(ids) < 2:
         errors.add(f"{where}: 'text' is {len(ids)} token(s); a language-model row needs at least 2")
         return None
-    stats["plain_texts"] = stats.get("plain_texts", 0) + 1
+    stats["plain_texts"] += 1
     ids = ids[:max_length]
     targets = np.ones(len(ids), dtype=bool)
     targets[0] = False
