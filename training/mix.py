@@ -1,7 +1,8 @@
 """The mixed training recipe: one model that chats, decides when to retrieve, and answers the question.
 
-``python -m training prepare`` writes, by default, a mix of five tasks (six with ``--plain-text``) (the ``task`` field of each
-``train.jsonl`` row), so that fine-tuning for retrieval does not cost the model its generator:
+``python -m training prepare`` writes, by default, a mix of five tasks, six with ``--plain-text`` (the
+``task`` field of each ``train.jsonl`` row), so that fine-tuning for retrieval does not cost the model its
+generator:
 
 * ``retrieve`` — a question about the corpus; the assistant emits the query token, the passage that
   answers it follows in the passage delimiters (what the engine inserts), then a short answer from
@@ -23,9 +24,9 @@
   base could do and learns when not to retrieve.
 * ``reading`` — a passage pasted into the prompt and a question about it, answered without the
   query token: the pipeline style (retrieve elsewhere, paste, ask) keeps working.
-* ``text`` (``--plain-text N``) — plain text of training articles' passages (``{"text": ...}`` rows, no chat template),
-  learned as a language model: the rest of the mix is chat, and without these rows the model's
-  loss on plain text drifted +15% over the base.
+* ``text`` (``--plain-text N``) — plain text of training articles' passages (``{"text": ...}`` rows, no
+  chat template), learned as a language model: the rest of the mix is chat, and without these rows
+  the model's loss on plain text drifted +15% over the base.
 
 Answers from the base model are greedy, with retrieval off, generated offline with the engine
 (cached and resumable); conversations whose answer was cut off at ``distill_max_tokens`` are left out.

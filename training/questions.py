@@ -58,11 +58,7 @@ class Question:
     question: str
     answer: str
     passage: str  # positive passage id
-    evidence: str = ""  # the passage sentence stating the answer (defaults to the answer itself)
-
-    def __post_init__(self) -> None:
-        if not self.evidence:
-            self.evidence = self.answer
+    evidence: str  # the passage sentence stating the answer (the answer itself, but for a cloze term answer)
 
 
 # --------------------------------------------------------------------------- questions
@@ -135,7 +131,7 @@ def cloze_question(sentence: str, article: str, rng: random.Random, answer: str 
     q = (before + wh + sentence[m.end():]).rstrip(" .;:") + "?"
     if article and not any(w.lower() in sentence.lower() for w in article.split() if len(w) > 3):
         q = f"About {article}: {q}"
-    return q, (sentence if answer == "sentence" else cloze_answer(term, before))
+    return q, (sentence if answer == "sentence" else _term_answer(term, before))
 
 
 def _previous_word(before: str) -> str:
@@ -149,7 +145,7 @@ def _is_year(number: str, before: str) -> bool:
                                             or re.fullmatch(r"\d{1,2},", prev) is not None)  # "February 28, 2016"
 
 
-def cloze_answer(term: str, before: str) -> str:
+def _term_answer(term: str, before: str) -> str:
     """The hidden term as a short sentence: a year after "in" reads "In 1648.", a name keeps its article."""
     prev = _previous_word(before)
     if term.isdigit():
