@@ -10,7 +10,8 @@ Files are read as OneGen published them (Contract 3):
   training shapes are the vectors the index holds.
 * ``train.jsonl`` — ``{"messages": [...]}``; each assistant message with query RET tokens
   carries ``positive`` (and optionally ``negative``): one list of unit ids per RET token. A row
-  ``{"text": str}`` instead is plain text, learned as a language model (no template).
+  ``{"text": str}`` instead is plain text, learned as a language model (no template). An assistant
+  message with ``"learn_answer": false`` teaches its query tokens only (``onegen_core.text.conversation``).
 
 Unit ids: a db ``uid`` names its unit 0; ``"<uid>-<k>"`` names unit *k* (OneGen's
 ``doc-sent`` ids). A reference is resolved by exact lookup, never by splitting at a

@@ -11,7 +11,10 @@ it is an LM target:
 * a query RET token in an assistant turn is RET: its hidden state gets the contrastive
   loss, and the token itself is an LM target (the model must learn to emit it);
 * the token right after a query RET token is not a target: at inference the engine
-  inserts the passage (or forces the follow-up token) there, the model never samples it.
+  inserts the passage (or forces the follow-up token) there, the model never samples it;
+* an assistant message with ``"learn_answer": false`` keeps its query tokens (RET, targets,
+  contrastive loss) but its text after the last passage and its end of turn are CTX: the
+  question teaches retrieval, not how to answer (``training prepare --cloze-answer none``).
 
 Training conversations are a trusted format: an assistant turn legitimately spells the
 query token and the passage delimiters, so its text is tokenised as markup (special
@@ -85,9 +88,9 @@ def render_conversation(
         elif kind == "ctx":  # segments: template markup and plain system / user contents
             out._extend(renderer.encode_segments(payload), Role.CTX, False)
         elif kind == "assistant":
-            _append_assistant(renderer, out, payload, msg_index)
+            _append_assistant(renderer, out, payload, msg_index, messages[msg_index].get("learn_answer", True))
         elif kind == "tail":
-            _append_tail(renderer, out, payload)
+            _append_tail(renderer, out, payload, messages[msg_index].get("learn_answer", True))
         else:  # pragma: no cover - internal invariant
             raise AssertionError(kind)
     for p in out.query_positions:  # the engine inserts / forces what follows a query token: never sampled
@@ -108,6 +111,8 @@ def _check_messages(messages: list[dict[str, Any]]) -> None:
             raise RenderError(f"messages[{i}] has role {m.get('role')!r}; expected one of {MESSAGE_ROLES}")
         if not isinstance(m.get("content"), str):
             raise RenderError(f"messages[{i}] needs a string 'content'")
+        if "learn_answer" in m and (m["role"] != "assistant" or not isinstance(m["learn_answer"], bool)):
+            raise RenderError(f"messages[{i}]: 'learn_answer' must be true or false, on an assistant message")
 
 
 def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -190,12 +195,17 @@ def _concat_chunks(renderer: Renderer, messages: list[dict[str, Any]]) -> list[t
     return chunks
 
 
-def _append_assistant(renderer: Renderer, out: LabelledConversation, content: str, msg_index: int) -> None:
-    """Assistant text (trusted markup): GEN, query tokens RET (and targets), passage spans CTX."""
+def _append_assistant(renderer: Renderer, out: LabelledConversation, content: str, msg_index: int,
+                      learn_answer: bool = True) -> None:
+    """Assistant text (trusted markup): GEN, query tokens RET (and targets), passage spans CTX; with
+    ``learn_answer`` false the text after the last passage (all of it, without a passage) is CTX."""
     tid = renderer.token_ids
     query_ids = set(tid.query)
     in_passage = False
-    for t in renderer.markup(content):
+    ids = renderer.markup(content)
+    closes = [k for k, t in enumerate(ids) if t == tid.passage_close]
+    answer_from = len(ids) if learn_answer else (closes[-1] + 1 if closes else 0)
+    for k, t in enumerate(ids):
         if t == tid.passage_open:
             if in_passage:
                 raise RenderError(
@@ -218,15 +228,21 @@ def _append_assistant(renderer: Renderer, out: LabelledConversation, content: st
             out.query_positions.append(len(out.ids))
             out.query_messages.append(msg_index)
             out._extend([t], Role.RET, True)
-        else:
+        elif k < answer_from:
             out._extend([t], Role.GEN, True)
+        else:
+            out._extend([t], Role.CTX, False)
     if in_passage:
         raise RenderError(f"messages[{msg_index}]: {renderer.spec.passage_open!r} is never closed")
 
 
-def _append_tail(renderer: Renderer, out: LabelledConversation, tail: str) -> None:
-    """End-of-turn scaffolding: GEN through the first special token (the model must learn to stop), then CTX."""
+def _append_tail(renderer: Renderer, out: LabelledConversation, tail: str, learn_answer: bool = True) -> None:
+    """End-of-turn scaffolding: GEN through the first special token (the model must learn to stop), then CTX
+    (all CTX when the message's answer is not learned)."""
     ids = renderer.markup(tail)
+    if not learn_answer:
+        out._extend(ids, Role.CTX, False)
+        return
     specials = set(getattr(renderer.tokenizer, "all_special_ids", []) or [])
     cut = len(ids)
     for k, t in enumerate(ids):

@@ -122,3 +122,29 @@ def test_bad_messages(renderer):
         render_conversation(renderer, [{"role": "assistant", "content": "x"}])
     with pytest.raises(RenderError, match="content"):
         render_conversation(renderer, [{"role": "user"}])
+
+
+def test_an_answer_marked_not_learned_keeps_only_its_query_token(renderer):
+    """``"learn_answer": false``: the query token is still learned (RET, target, contrastive), the answer after
+    the passage and the end of turn are context; the same message without the flag learns them."""
+    reply = {"role": "assistant", "content": "[RQ]<paragraph>Paris is in France.</paragraph> In France.",
+             "positive": [["paris"]], "negative": [[]]}
+    msgs = [{"role": "user", "content": "Where is Paris?"}, {**reply, "learn_answer": False}]
+    conv = render_conversation(renderer, msgs)
+    assert spans(renderer, conv)[1:] == [
+        ("[RQ]", R, True),
+        ("<paragraph>Paris is in France.</paragraph> In France.</s>\n", C, False),
+    ]
+    assert len(conv.query_positions) == 1
+    learned = render_conversation(renderer, [msgs[0], reply])
+    assert learned.ids == conv.ids
+    assert sum(learned.targets) > sum(conv.targets) == 1
+
+
+def test_learn_answer_must_be_a_boolean_on_an_assistant_message(renderer):
+    with pytest.raises(RenderError, match="learn_answer"):
+        render_conversation(renderer, [{"role": "user", "content": "q"},
+                                       {"role": "assistant", "content": "a", "learn_answer": "no"}])
+    with pytest.raises(RenderError, match="learn_answer"):
+        render_conversation(renderer, [{"role": "user", "content": "q", "learn_answer": False},
+                                       {"role": "assistant", "content": "a"}])
