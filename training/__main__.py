@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     from .mix import add_mix_flags
     from .prepare import RECIPES, PrepareConfig
+    from .questions import CLOZE_ANSWERS
 
     d = PrepareConfig()
     sp = sub.add_parser(
@@ -64,9 +65,10 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--recipe", default=d.recipe, choices=list(RECIPES),
                     help="mixed: retrieval QA + refusals + no-retrieval chat + passage reading, the chat answers "
                     "distilled from --base (docs/training.md); retrieval: retrieval QA only (default: mixed)")
-    sp.add_argument("--cloze-answer", default=d.cloze_answer, choices=["sentence", "term"],
-                    help="answer of an inverse-cloze question: its whole sentence, or the hidden term in a short "
-                    f"sentence (docs/training.md has what each taught the default model) (default: {d.cloze_answer})")
+    sp.add_argument("--cloze-answer", default=d.cloze_answer, choices=list(CLOZE_ANSWERS),
+                    help="answer of an inverse-cloze question: its whole sentence, the hidden term in a short "
+                    "sentence, or none (the question trains retrieval only; its answer is not learned) "
+                    f"(docs/training.md has what each taught the default model) (default: {d.cloze_answer})")
     add_mix_flags(sp)
     sp.add_argument("--passage-template", default=d.passage_template,
                     help="how the inserted passage reads after the query token; must equal the checkpoint spec's "

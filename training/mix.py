@@ -7,7 +7,8 @@ generator:
 * ``retrieve`` — a question about the corpus; the assistant emits the query token, the passage that
   answers it follows in the passage delimiters (what the engine inserts), then a short answer from
   it: the sentence that states the fact (with ``--cloze-answer term``, an inverse-cloze question's hidden
-  term in a short sentence; ``training.questions`` makes the questions). ``positive`` / ``negative`` feed the
+  term in a short sentence; with ``none``, an inverse-cloze question's answer is not learned, and it is not
+  asked in ``reading``; ``training.questions`` makes the questions). ``positive`` / ``negative`` feed the
   contrastive loss.
 * ``refusal`` — the same question with a hard negative in the slot (a passage that does not contain
   the answer): the answer says so (``REFUSAL``) and then gives the base model's own answer, marked as
@@ -53,6 +54,7 @@ class SlotFormat(Protocol):
     passage_close: str
     passage_template: str
     seed: int
+    cloze_answer: str
 
 TASKS = ("retrieve", "refusal", "general", "chat", "reading", "text")
 REFUSAL = "The retrieved passage does not answer this."
@@ -99,13 +101,23 @@ class MixConfig:
 
 def retrieval_rows(questions: list[Question], negatives: list[list[str]], recs: list[Record],
                    cfg: SlotFormat) -> list[dict[str, Any]]:
-    """The ``retrieve`` rows: OneGen conversations (Contract 3) that retrieve the passage answering each question."""
+    """The ``retrieve`` rows: OneGen conversations (Contract 3) that retrieve the passage answering each question.
+    With ``cloze_answer`` "none" an inverse-cloze row's answer is written but not learned (``learn_answer``)."""
     by_id = {r.id: r for r in recs}
-    return [_row("retrieve", [{"role": "user", "content": q.question},
-                              {"role": "assistant", "content": _assistant_retrieval(cfg, by_id[q.passage], q.answer),
-                               "positive": [[q.passage]], "negative": [n]}],
-                 kind=q.kind, answer=q.answer, article=by_id[q.passage].article)
-            for q, n in zip(questions, negatives, strict=True)]
+    rows = []
+    for q, n in zip(questions, negatives, strict=True):
+        reply = {"role": "assistant", "content": _assistant_retrieval(cfg, by_id[q.passage], q.answer),
+                 "positive": [[q.passage]], "negative": [n]}
+        if not answer_learned(q, cfg):
+            reply["learn_answer"] = False
+        rows.append(_row("retrieve", [{"role": "user", "content": q.question}, reply],
+                         kind=q.kind, answer=q.answer, article=by_id[q.passage].article))
+    return rows
+
+
+def answer_learned(q: Question, cfg: SlotFormat) -> bool:
+    """Whether ``q``'s answer is a target: not an inverse-cloze one under ``--cloze-answer none``."""
+    return not (q.kind == "cloze" and cfg.cloze_answer == "none")
 
 
 def _assistant_retrieval(cfg: SlotFormat, rec: Record, answer: str) -> str:
@@ -155,7 +167,8 @@ def build_mix(retrieve: list[dict[str, Any]], questions: list[Question], negativ
     n_ref = round(mix.refusal_fraction * len(questions))
     refusals = [(questions[i], negatives[i], slot) for i in order[:n_ref]
                 if (slot := refusal_slot(questions[i], negatives[i], by_id)) is not None]
-    reading = [questions[i] for i in order[n_ref: n_ref + round(mix.reading_fraction * len(questions))]]
+    reading = [questions[i] for i in order[n_ref: n_ref + round(mix.reading_fraction * len(questions))]
+               if answer_learned(questions[i], cfg)]
     chats = chat_prompts(mix.chat_prompts, seed=cfg.seed)
     generals = general_questions(mix.general_questions, seed=cfg.seed)
 

@@ -13,10 +13,11 @@ the data is reproducible and grounded:
 * ``section`` — a section's first passage answers a question about the section heading (corpora with sections);
 * ``cloze`` — inverse cloze, for passages no other kind covers: a sentence becomes a question by turning one
   key term into a wh-word (every passage gets a query). Its answer (``CLOZE_ANSWERS``) is the whole sentence
-  (default) or the hidden term in a short sentence ("In 1648.", "The Dutch."). Both were trained into the
-  default model and measured (docs/training.md): whole sentences begin with the question's own words and the
-  model learned to repeat the question; short terms taught it to answer with a name, often the question's own
-  topic, and to retrieve more on prompts that need no corpus.
+  (default) or the hidden term in a short sentence ("In 1648.", "The Dutch."); ``none`` writes the sentence
+  but marks it not learned (``training.mix``): the question trains retrieval only. The first two were trained
+  into the default model and measured (docs/training.md): whole sentences begin with the question's own words
+  and the model learned to repeat the question; short terms taught it to answer with a name, often the
+  question's own topic, and to retrieve more on prompts that need no corpus.
 
 Each question keeps ``evidence``, the passage sentence that states its answer (the refusal examples check that
 a hard negative does not contain it).
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from onegen_core.wikipedia import split_sentences
 
 QUESTION_KINDS = ("definition", "fact", "section", "cloze")
-CLOZE_ANSWERS = ("sentence", "term")
+CLOZE_ANSWERS = ("sentence", "term", "none")
 PRONOUNS = {"it", "this", "he", "she", "they", "there", "these", "those", "that", "his", "her", "its", "their",
             "some", "many", "most", "other", "others", "such", "one", "both", "all", "each", "another", "however"}
 PAST = {"founded": "found", "wrote": "write", "invented": "invent", "discovered": "discover",
@@ -108,7 +109,8 @@ _CLOZE_TERM = re.compile(r"(?<![\w,.'-])(\d{3,4}|[A-Z][a-z]+(?: [A-Z][a-z]+)*)(?
 
 def cloze_question(sentence: str, article: str, rng: random.Random, answer: str = "sentence") -> tuple[str, str] | None:
     """Inverse cloze as a question and its answer: one key term (a year or a name, not the first word) becomes
-    a wh-word; the answer is ``sentence`` itself or, with ``answer="term"``, that term in a short sentence.
+    a wh-word; the answer is ``sentence`` itself (``answer`` "sentence" or "none": the same question) or, with
+    ``answer="term"``, that term in a short sentence.
 
     "In 1648 the island passed to the Dutch." -> ("In what year the island passed to the Dutch?", "In 1648.")
     reads oddly but keeps the sentence's words a person would search with, minus the answer itself; the
@@ -117,21 +119,21 @@ def cloze_question(sentence: str, article: str, rng: random.Random, answer: str 
     words = sentence.split()
     if not 8 <= len(words) <= 45:
         return None
-    rule = _CLOZE_TERM_SENTENCE if answer == "sentence" else _CLOZE_TERM
+    rule = _CLOZE_TERM if answer == "term" else _CLOZE_TERM_SENTENCE
     terms = [m for m in rule.finditer(sentence) if m.start() > 0 and (not article or m.group(1) not in article)]
     if not terms:
         return None
     m = rng.choice(terms)
     term = m.group(1)
     before = sentence[: m.start()]
-    if answer == "sentence":
+    if answer != "term":
         wh = "what year" if term.isdigit() else "what"
     else:
         wh = "what" if not term.isdigit() else "what year" if _is_year(term, before) else "how many"
     q = (before + wh + sentence[m.end():]).rstrip(" .;:") + "?"
     if article and not any(w.lower() in sentence.lower() for w in article.split() if len(w) > 3):
         q = f"About {article}: {q}"
-    return q, (sentence if answer == "sentence" else _term_answer(term, before))
+    return q, (_term_answer(term, before) if answer == "term" else sentence)
 
 
 def _previous_word(before: str) -> str:

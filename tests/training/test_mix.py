@@ -280,3 +280,36 @@ def test_a_cut_off_answer_keeps_its_whole_sentences_or_is_left_out():
     assert whole_sentences("Paris is the capital. It has many muse", False) == "Paris is the capital."
     assert whole_sentences("1. Sleep early. 2. Avoid coffee and other drinks with caffeine before", False) is None
     assert whole_sentences("no sentence end at all", False) is None and whole_sentences("  ", True) is None
+
+
+def test_cloze_answer_none_trains_retrieval_only_from_inverse_cloze(tmp_path, base, corpus):
+    """``--cloze-answer none``: the same inverse-cloze questions as ``sentence`` (retrieval learns from them), their
+    rows marked ``learn_answer: false`` so only the query token is a target, and none of them asked in
+    ``reading``; every other row's answer is learned."""
+    both = tmp_path / "both.jsonl"  # Wikipedia articles make natural questions; headlines, inverse cloze
+    both.write_text(corpus.read_text(encoding="utf-8") + "".join(
+        json.dumps({"id": f"n{i}", "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(NEWS)), encoding="utf-8")
+    corpus = both
+    sentence, none = tmp_path / "sentence", tmp_path / "none"
+    prepare(corpus, sentence, PrepareConfig(heldout=0.34, seed=0, recipe="retrieval"))
+    mix = MixConfig(base=str(base), **{**MIX, "reading_fraction": 1.0, "refusal_fraction": 0.0})
+    prepare(corpus, none, PrepareConfig(heldout=0.34, seed=0, cloze_answer="none"), mix)
+    asked = {r["messages"][0]["content"] for r in _rows(sentence / "train.jsonl") if r["kind"] == "cloze"}
+    rows = _rows(none / "train.jsonl")
+    cloze = [r for r in rows if r.get("kind") == "cloze" and r["task"] == "retrieve"]
+    assert cloze and {r["messages"][0]["content"] for r in cloze} == asked
+    for r in rows:
+        if "messages" in r:
+            unlearned = r["messages"][-1].get("learn_answer") is False
+            assert unlearned == (r["task"] == "retrieve" and r["kind"] == "cloze"), r
+    reading = Counter(r["kind"] for r in rows if r["task"] == "reading")
+    assert reading and "cloze" not in reading, reading  # every question is asked, but for the inverse-cloze ones
+
+    from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.text.rendering import Renderer
+    from training.data import load_training_data
+
+    data = load_training_data(Renderer.for_checkpoint(load_checkpoint(base)), train_file=none / "train.jsonl",
+                              db_file=none / "db.jsonl", max_length=1024, progress=False)
+    only_query = [e for e in data.train if e.query_positions and e.targets.sum() == len(e.query_positions)]
+    assert len(only_query) == len(cloze)  # the query token is the one target of an unlearned answer
