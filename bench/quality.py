@@ -62,7 +62,9 @@ Sections and columns:
    F1 against the best of them and the passage sentence that states the answer, so that a right answer scores
    high as a name or as that sentence (what the recipe trains); ``F1 vs short gold``: the short answers only;
    ``non-empty``; ``gold passage retrieved``) for the trained model one-pass
-   (chat), as a raw ``prompt`` (rendered as the checkpoint's spec says: ``prompt_format: chat`` makes it the
+   (chat), one-pass hybrid (the index's BM25 side index fused with the query vector, as a server started with
+   ``--retrieval-mode hybrid`` retrieves; informational, the target reads the dense row; left out by
+   ``--skip-hybrid-answers`` or when the index has no BM25 side index), as a raw ``prompt`` (rendered as the checkpoint's spec says: ``prompt_format: chat`` makes it the
    user turn), with the gold passage pasted in the prompt (``"{title}\\n{text}\\n\\nQuestion: {question}"``,
    retrieval off), and the base with no retrieval and with the passage pasted; *outside the corpus* (general
    questions: ``correct``, ``says not found`` by ``quality_metrics.says_not_found`` -- the one rule, which
@@ -889,16 +891,17 @@ def lm_table(inp: Inputs, timings: dict[str, float]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- 4. the hand-written sets
-SET_RUNS = {  # key: (model, set, input form, retrieval on, row name); the tables read them by key
-    "knowledge": ("trained", "knowledge", "chat", True, "trained, one-pass"),
-    "knowledge_raw": ("trained", "knowledge", "raw", True, "trained, raw prompt"),
-    "reading": ("trained", "knowledge", "reading", False, "trained, gold passage in the prompt"),
-    "no_corpus": ("trained", "no_corpus", "chat", True, "trained, no-corpus prompts"),
-    "general": ("trained", "general", "chat", True, "trained, general questions"),
-    "base_knowledge": ("base", "knowledge", "chat", False, "untrained base, no retrieval"),
-    "base_reading": ("base", "knowledge", "reading", False, "untrained base, gold passage in the prompt"),
-    "base_no_corpus": ("base", "no_corpus", "chat", False, "untrained base, no-corpus prompts"),
-    "base_general": ("base", "general", "chat", False, "untrained base, general questions"),
+SET_RUNS = {  # key: (model, set, input form, retrieval mode or None for off, row name); the tables read them by key
+    "knowledge": ("trained", "knowledge", "chat", "dense", "trained, one-pass"),
+    "knowledge_hybrid": ("trained", "knowledge", "chat", "hybrid", "trained, one-pass hybrid (OneGen + BM25)"),
+    "knowledge_raw": ("trained", "knowledge", "raw", "dense", "trained, raw prompt"),
+    "reading": ("trained", "knowledge", "reading", None, "trained, gold passage in the prompt"),
+    "no_corpus": ("trained", "no_corpus", "chat", "dense", "trained, no-corpus prompts"),
+    "general": ("trained", "general", "chat", "dense", "trained, general questions"),
+    "base_knowledge": ("base", "knowledge", "chat", None, "untrained base, no retrieval"),
+    "base_reading": ("base", "knowledge", "reading", None, "untrained base, gold passage in the prompt"),
+    "base_no_corpus": ("base", "no_corpus", "chat", None, "untrained base, no-corpus prompts"),
+    "base_general": ("base", "general", "chat", None, "untrained base, general questions"),
 }
 
 
@@ -939,12 +942,13 @@ def passage_of(doc_id: str, known: set[str] | dict[str, Any]) -> str:
     return doc_id if doc_id in known else doc_id.rsplit("#", 1)[0]
 
 
-def run_set(engine: Any, rows: list[dict[str, Any]], form: str, retrieve: bool, by_id: dict[str, Passage],
+def run_set(engine: Any, rows: list[dict[str, Any]], form: str, mode: str | None, by_id: dict[str, Passage],
             max_tokens: int, desc: str) -> list[SetOutput]:
-    """One row of the set tables: every row of a set through the engine, greedy, batched; k=1, one retrieval."""
+    """One row of the set tables: every row of a set through the engine, greedy, batched; k=1, one retrieval
+    (``mode`` dense or hybrid; None: retrieval off)."""
     from onegen_core.engine.params import RetrievalParams, SamplingParams
 
-    rp = RetrievalParams(enabled=True, k=1, max_retrievals=1) if retrieve else RetrievalParams(enabled=False)
+    rp = RetrievalParams(enabled=True, k=1, max_retrievals=1, mode=mode) if mode else RetrievalParams(enabled=False)
     reqs = [set_request(r, form, by_id) for r in rows]
     results = run_batch(engine, reqs, SamplingParams(max_tokens=max_tokens, temperature=0.0), rp, desc=desc)
     spec, markers = engine.checkpoint.spec, list(engine.token_ids.by_name)
@@ -967,10 +971,13 @@ def sets_generate(args: argparse.Namespace, sets: dict[str, list[dict[str, Any]]
         t0 = time.perf_counter()
         engine = Engine.from_checkpoint(ckpt_dir, index, engine_config(args))
         timings[f"sets: {model} engine load"] = time.perf_counter() - t0
-        for key, (m, set_name, form, retrieve, name) in SET_RUNS.items():
-            if m == model and sets[set_name]:
+        hybrid = model == "trained" and not args.skip_hybrid_answers and engine.indexes.get(None).bm25 is not None
+        if model == "trained" and not hybrid and not args.skip_hybrid_answers:
+            log("the index has no BM25 side index: no one-pass hybrid row on the hand-written sets")
+        for key, (m, set_name, form, mode, name) in SET_RUNS.items():
+            if m == model and sets[set_name] and (mode != "hybrid" or hybrid):
                 t0 = time.perf_counter()
-                outs[key] = run_set(engine, sets[set_name], form, retrieve, by_id, args.max_tokens, name)
+                outs[key] = run_set(engine, sets[set_name], form, mode, by_id, args.max_tokens, name)
                 timings[f"sets: {name}"] = time.perf_counter() - t0
         del engine
         gc.collect()
@@ -1223,7 +1230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"held-out passages for the LM loss (0 skips; default {FULL['lm_passages']})")
     p.add_argument("--no-reference-rows", action="store_true", help="skip the two [RQ]-slot reference answer rows")
     p.add_argument("--skip-hybrid-answers", action="store_true",
-                   help="skip the one-pass hybrid answer row (retrieval.mode hybrid)")
+                   help="skip the one-pass hybrid answer rows (retrieval.mode hybrid) of sections 2 and 4")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT / "bench", help="cached base/MiniLM document vectors")
     p.add_argument("--sets-dir", type=Path, default=QUALITY_SETS,
                    help="the hand-written evaluation sets of section 4 (default bench/quality_sets)")

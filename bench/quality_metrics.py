@@ -286,7 +286,8 @@ def gold_retrieved(out: SetOutput, row: dict[str, Any]) -> bool:
 
 DECISION_ROWS = {"knowledge": "knowledge", "knowledge_raw": "knowledge", "general": "general",
                  "no_corpus": "no_corpus"}  # run key -> its set
-KNOWLEDGE_ROWS = ("knowledge", "knowledge_raw", "reading", "base_knowledge", "base_reading")
+KNOWLEDGE_ROWS = ("knowledge", "knowledge_hybrid", "knowledge_raw", "reading", "base_knowledge", "base_reading")
+ONE_PASS_SET_ROWS = ("knowledge", "knowledge_hybrid", "knowledge_raw")  # the model retrieves: gold retrieved?
 
 
 def set_tables(sets: dict[str, list[dict[str, Any]]], outs: dict[str, list[SetOutput]]) -> dict[str, Any]:
@@ -301,7 +302,7 @@ def set_tables(sets: dict[str, list[dict[str, Any]]], outs: dict[str, list[SetOu
     for k in KNOWLEDGE_ROWS:
         if k in outs:
             answers[k] = knowledge_summary([o.text for o in outs[k]], golds, sentences)
-            if k in ("knowledge", "knowledge_raw"):
+            if k in ONE_PASS_SET_ROWS:
                 answers[k]["gold_retrieved"] = share([gold_retrieved(o, r) for o, r in
                                                       zip(outs[k], sets["knowledge"], strict=True)])
     outside = {k: general_summary([o.text for o in outs[k]], [gold_answers(r) for r in sets["general"]])

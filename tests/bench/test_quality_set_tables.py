@@ -152,7 +152,7 @@ def tiny_run(tmp_path_factory):
     from onegen_core.formats.checkpoint import load_checkpoint
     from onegen_core.formats.index_store import Document, write_index_dir
     from onegen_core.retrieval.encoder import Encoder
-    from onegen_core.testing import build_tiny_checkpoint, make_query_token_likely
+    from onegen_core.testing import add_bm25_side_index, build_tiny_checkpoint, make_query_token_likely
 
     d = tmp_path_factory.mktemp("quality-sets")
     ckpt_dir = build_tiny_checkpoint(d / "ckpt", seed=3)
@@ -168,6 +168,7 @@ def tiny_run(tmp_path_factory):
     vecs = Encoder.from_checkpoint(ckpt, dtype="float32", device="cpu").encode_documents([(x.text, x.title) for x in docs])
     index = write_index_dir(d / "index", vecs, docs, checkpoint_fingerprint=ckpt.fingerprint,
                             special_token_ids=ckpt.token_ids.by_name)
+    add_bm25_side_index(index, ckpt.spec.document_template)  # so the one-pass hybrid row runs too
     (d / "data").mkdir()
     (d / "data" / "corpus.jsonl").write_text("".join(
         json.dumps({"id": pid, "title": title, "text": text, "metadata": {"article": title, "section": ""}}) + "\n"
@@ -188,7 +189,9 @@ def test_sets_section_end_to_end_on_a_tiny_model(tiny_run):
     sets = report["sets"]
     assert set(sets["decision"]) == {"knowledge", "knowledge_raw", "general", "no_corpus"}
     assert set(sets["decision"]["no_corpus"]["per_kind"]) == {"greeting", "arithmetic", "conversation"}
-    assert set(sets["answers"]) == {"knowledge", "knowledge_raw", "reading", "base_knowledge", "base_reading"}
+    assert set(sets["answers"]) == {"knowledge", "knowledge_hybrid", "knowledge_raw", "reading", "base_knowledge",
+                                    "base_reading"}
+    assert 0.0 <= sets["answers"]["knowledge_hybrid"]["gold_retrieved"] <= 1.0
     for row in sets["answers"].values():
         assert row["n"] == 4 and 0.0 <= row["contains"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
     assert set(sets["outside"]) == {"general", "base_general", "wrong_refusals"}
@@ -196,7 +199,7 @@ def test_sets_section_end_to_end_on_a_tiny_model(tiny_run):
     assert kept["prompts"] == 4 and kept["tokens"] > 0 and kept["base_loss"] > 0 and kept["trained_loss"] > 0
     assert set(sets["failures"]) == set(qm.FAILURE_KINDS)
     assert {k: len(v) for k, v in sets["details"].items()} == {
-        "knowledge": 4, "knowledge_raw": 4, "reading": 4, "no_corpus": 4, "general": 4, "base_knowledge": 4,
+        "knowledge": 4, "knowledge_hybrid": 4, "knowledge_raw": 4, "reading": 4, "no_corpus": 4, "general": 4, "base_knowledge": 4,
         "base_reading": 4, "base_no_corpus": 4, "base_general": 4}
     assert len(report["targets"]) == 7  # sets only: no target of sections 1-3
     passes = {t["target"]: t["pass"] for t in report["targets"]}

@@ -25,8 +25,8 @@ from onegen_core.retrieval.bm25 import (
     BM25Retriever,
     BM25UnavailableError,
     document_text,
-    write_bm25,
 )
+from onegen_core.testing import add_bm25_side_index
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [
@@ -44,9 +44,7 @@ def _index(tmp_path: Path, docs: list[Document], template: str | None = "{title}
     vecs = np.random.default_rng(0).standard_normal((len(docs), 8)).astype(np.float32)
     out = write_index_dir(tmp_path / "idx", vecs, docs, checkpoint_fingerprint="f" * 32)
     if template is not None:
-        m = Manifest.from_file(out / MANIFEST)
-        m.bm25 = write_bm25(out, template)
-        (out / MANIFEST).write_text(m.to_json())
+        add_bm25_side_index(out, template)
     return out
 
 

@@ -30,16 +30,15 @@ from onegen_core.engine.params import RetrievalParams, SamplingParams
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.index_store import (
     CURRENT,
-    MANIFEST,
     VERSIONS,
     Document,
     IndexError_,
-    Manifest,
     version_name,
     write_index_dir,
 )
-from onegen_core.retrieval.bm25 import BM25_DIR, BM25UnavailableError, write_bm25
+from onegen_core.retrieval.bm25 import BM25_DIR, BM25UnavailableError
 from onegen_core.retrieval.encoder import Encoder
+from onegen_core.testing import add_bm25_side_index
 
 CONFIG = EngineConfig(num_kv_blocks=256, block_size=8)
 HYBRID = EngineConfig(num_kv_blocks=256, block_size=8, retrieval_mode="hybrid")
@@ -54,18 +53,11 @@ def _documents(prefix: str, texts: list[str]) -> list[Document]:
     return [Document(id=f"{prefix}{i}", text=t, title=f"T{i}") for i, t in enumerate(texts)]
 
 
-def _with_bm25(out: Path, template: str) -> Path:
-    m = Manifest.from_file(out / MANIFEST)
-    m.bm25 = write_bm25(out, template)
-    (out / MANIFEST).write_text(m.to_json())
-    return out
-
-
 def _write(out: Path, ckpt, docs: list[Document], *, bm25: bool = True) -> Path:
     vecs = Encoder.from_checkpoint(ckpt).encode_documents([(d.text, d.title) for d in docs])
     out = write_index_dir(out, vecs, docs, checkpoint_fingerprint=ckpt.fingerprint,
                           special_token_ids=ckpt.token_ids.by_name, encode_dtype="float32")
-    return _with_bm25(out, ckpt.spec.document_template) if bm25 else out
+    return add_bm25_side_index(out, ckpt.spec.document_template) if bm25 else out
 
 
 def _publish(root: Path, number: int, ckpt, docs: list[Document], *, bm25: bool = True) -> Path:
