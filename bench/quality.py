@@ -64,8 +64,8 @@ Sections and columns:
    ``non-empty``; ``gold passage retrieved``) for the trained model one-pass
    (chat), one-pass hybrid (the index's BM25 side index fused with the query vector, as a server started with
    ``--retrieval-mode hybrid`` retrieves; informational, the target reads the dense row; left out by
-   ``--skip-hybrid-answers`` or when the index has no BM25 side index), as a raw ``prompt`` (rendered as the checkpoint's spec says: ``prompt_format: chat`` makes it the
-   user turn), with the gold passage pasted in the prompt (``"{title}\\n{text}\\n\\nQuestion: {question}"``,
+   ``--skip-hybrid-answers`` or when the index has no BM25 side index), as a raw ``prompt`` (rendered as the
+   checkpoint's spec says: ``prompt_format: chat`` makes it the user turn), with the gold passage pasted in the prompt (``"{title}\\n{text}\\n\\nQuestion: {question}"``,
    retrieval off), and the base with no retrieval and with the passage pasted; *outside the corpus* (general
    questions: ``correct``, ``says not found`` by ``quality_metrics.says_not_found`` -- the one rule, which
    knows the trained refusal "The retrieved passage does not answer this." -- and either), and *wrong
@@ -971,8 +971,9 @@ def sets_generate(args: argparse.Namespace, sets: dict[str, list[dict[str, Any]]
         t0 = time.perf_counter()
         engine = Engine.from_checkpoint(ckpt_dir, index, engine_config(args))
         timings[f"sets: {model} engine load"] = time.perf_counter() - t0
-        hybrid = model == "trained" and not args.skip_hybrid_answers and engine.indexes.get(None).bm25 is not None
-        if model == "trained" and not hybrid and not args.skip_hybrid_answers:
+        wants_hybrid = model == "trained" and not args.skip_hybrid_answers
+        hybrid = wants_hybrid and engine.indexes.get(None).bm25 is not None
+        if wants_hybrid and not hybrid:
             log("the index has no BM25 side index: no one-pass hybrid row on the hand-written sets")
         for key, (m, set_name, form, mode, name) in SET_RUNS.items():
             if m == model and sets[set_name] and (mode != "hybrid" or hybrid):

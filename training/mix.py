@@ -47,7 +47,8 @@ from .questions import Question, Record
 
 
 class SlotFormat(Protocol):
-    """How a retrieval reads in a conversation (``training.prepare.PrepareConfig`` is one)."""
+    """How a retrieval reads in a conversation, and whether inverse-cloze answers are learned
+    (``training.prepare.PrepareConfig`` is one)."""
 
     query_token: str
     passage_open: str

@@ -148,7 +148,7 @@ class PrepareConfig:
     passage_close: str = "</paragraph>"
     passage_template: str = "{title}\n{text}"
     recipe: str = "mixed"  # "mixed" (training.mix: retrieval + refusal + chat + reading) or "retrieval" only
-    cloze_answer: str = "sentence"  # inverse-cloze answers: the whole sentence, or the hidden "term" (questions.py)
+    cloze_answer: str = "sentence"  # inverse-cloze answers: the sentence, the hidden "term", or "none" (questions.py)
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:

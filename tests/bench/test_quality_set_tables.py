@@ -199,8 +199,8 @@ def test_sets_section_end_to_end_on_a_tiny_model(tiny_run):
     assert kept["prompts"] == 4 and kept["tokens"] > 0 and kept["base_loss"] > 0 and kept["trained_loss"] > 0
     assert set(sets["failures"]) == set(qm.FAILURE_KINDS)
     assert {k: len(v) for k, v in sets["details"].items()} == {
-        "knowledge": 4, "knowledge_hybrid": 4, "knowledge_raw": 4, "reading": 4, "no_corpus": 4, "general": 4, "base_knowledge": 4,
-        "base_reading": 4, "base_no_corpus": 4, "base_general": 4}
+        "knowledge": 4, "knowledge_hybrid": 4, "knowledge_raw": 4, "reading": 4, "no_corpus": 4, "general": 4,
+        "base_knowledge": 4, "base_reading": 4, "base_no_corpus": 4, "base_general": 4}
     assert len(report["targets"]) == 7  # sets only: no target of sections 1-3
     passes = {t["target"]: t["pass"] for t in report["targets"]}
     if not sets["outside"]["wrong_refusals"]["n"]:  # no gold passage retrieved: nothing to refuse wrongly

@@ -289,11 +289,10 @@ def test_cloze_answer_none_trains_retrieval_only_from_inverse_cloze(tmp_path, ba
     both = tmp_path / "both.jsonl"  # Wikipedia articles make natural questions; headlines, inverse cloze
     both.write_text(corpus.read_text(encoding="utf-8") + "".join(
         json.dumps({"id": f"n{i}", "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(NEWS)), encoding="utf-8")
-    corpus = both
     sentence, none = tmp_path / "sentence", tmp_path / "none"
-    prepare(corpus, sentence, PrepareConfig(heldout=0.34, seed=0, recipe="retrieval"))
+    prepare(both, sentence, PrepareConfig(heldout=0.34, seed=0, recipe="retrieval"))
     mix = MixConfig(base=str(base), **{**MIX, "reading_fraction": 1.0, "refusal_fraction": 0.0})
-    prepare(corpus, none, PrepareConfig(heldout=0.34, seed=0, cloze_answer="none"), mix)
+    prepare(both, none, PrepareConfig(heldout=0.34, seed=0, cloze_answer="none"), mix)
     asked = {r["messages"][0]["content"] for r in _rows(sentence / "train.jsonl") if r["kind"] == "cloze"}
     rows = _rows(none / "train.jsonl")
     cloze = [r for r in rows if r.get("kind") == "cloze" and r["task"] == "retrieve"]
