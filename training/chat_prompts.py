@@ -87,6 +87,79 @@ _GENERAL_FIXED = ("What is the boiling point of water in Celsius?", "How many da
                   "How many strings does a standard guitar have?")
 
 
+# More general questions, each with its answer: (template, ((filler, answer), ...)). The answer is not a training
+# target (the base model's own answer is); it keeps out the rows whose retrieved passage happens to state it
+# (``training.mix``: "the passage does not answer this" would be false there). None of the fillers or answers is
+# asked about in bench/quality_sets/general.jsonl, and none names a corpus article (tests/bench/test_quality_sets.py).
+GENERAL_MORE = (
+    ("What is the capital of {x}?", (
+        ("Austria", "Vienna"), ("Belgium", "Brussels"), ("the Netherlands", "Amsterdam"), ("Denmark", "Copenhagen"),
+        ("Finland", "Helsinki"), ("Switzerland", "Bern"), ("Hungary", "Budapest"), ("the Czech Republic", "Prague"),
+        ("Cuba", "Havana"), ("Colombia", "Bogotá"), ("Venezuela", "Caracas"), ("Morocco", "Rabat"), ("Ghana", "Accra"),
+        ("Ethiopia", "Addis Ababa"), ("Indonesia", "Jakarta"), ("the Philippines", "Manila"),
+        ("Pakistan", "Islamabad"), ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Saudi Arabia", "Riyadh"),
+        ("New Zealand", "Wellington"), ("Iceland", "Reykjavík"), ("Ukraine", "Kyiv"), ("Romania", "Bucharest"),
+        ("Bulgaria", "Sofia"), ("Croatia", "Zagreb"), ("Serbia", "Belgrade"), ("Jamaica", "Kingston"),
+        ("Bolivia", "Sucre"), ("Uruguay", "Montevideo"), ("Malaysia", "Kuala Lumpur"), ("Nepal", "Kathmandu"),
+        ("Bangladesh", "Dhaka"), ("Tanzania", "Dodoma"), ("Uganda", "Kampala"), ("Senegal", "Dakar"),
+        ("Tunisia", "Tunis"), ("Ecuador", "Quito"), ("Mongolia", "Ulaanbaatar"))),
+    ("Which currency is used in {x}?", (
+        ("Switzerland", "franc"), ("India", "rupee"), ("China", "yuan"), ("Mexico", "peso"), ("Brazil", "real"),
+        ("Sweden", "krona"), ("Poland", "zloty"), ("Turkey", "lira"), ("South Africa", "rand"), ("Thailand", "baht"),
+        ("Norway", "krone"), ("Vietnam", "dong"), ("Nigeria", "naira"))),
+    ("Who wrote {x}?", (
+        ("War and Peace", "Tolstoy"), ("The Odyssey", "Homer"), ("Don Quixote", "Cervantes"),
+        ("Great Expectations", "Dickens"), ("The Old Man and the Sea", "Hemingway"), ("Frankenstein", "Shelley"),
+        ("Dracula", "Stoker"), ("The Divine Comedy", "Dante"), ("Les Misérables", "Hugo"), ("The Hobbit", "Tolkien"),
+        ("Crime and Punishment", "Dostoevsky"), ("Jane Eyre", "Brontë"), ("The Little Prince", "Saint-Exupéry"),
+        ("Treasure Island", "Stevenson"), ("Robinson Crusoe", "Defoe"), ("The Adventures of Tom Sawyer", "Twain"),
+        ("Alice's Adventures in Wonderland", "Carroll"), ("The Raven", "Poe"), ("Faust", "Goethe"),
+        ("The Canterbury Tales", "Chaucer"), ("Madame Bovary", "Flaubert"), ("Anna Karenina", "Tolstoy"),
+        ("The Catcher in the Rye", "Salinger"), ("To Kill a Mockingbird", "Lee"), ("The Great Gatsby", "Fitzgerald"),
+        ("Oliver Twist", "Dickens"), ("The Jungle Book", "Kipling"), ("Peter Pan", "Barrie"),
+        ("The Adventures of Pinocchio", "Collodi"), ("The Iliad", "Homer"))),
+    ("Who painted {x}?", (
+        ("The Last Supper", "Leonardo"), ("The Night Watch", "Rembrandt"), ("The Scream", "Munch"),
+        ("Girl with a Pearl Earring", "Vermeer"), ("The Birth of Venus", "Botticelli"), ("Guernica", "Picasso"),
+        ("The Persistence of Memory", "Dalí"), ("Water Lilies", "Monet"), ("American Gothic", "Wood"),
+        ("The Kiss", "Klimt"), ("Las Meninas", "Velázquez"), ("The Garden of Earthly Delights", "Bosch"))),
+    ("Who composed {x}?", (
+        ("The Magic Flute", "Mozart"), ("The Nutcracker", "Tchaikovsky"), ("Swan Lake", "Tchaikovsky"),
+        ("the oratorio Messiah", "Handel"), ("The Blue Danube", "Strauss"), ("the opera Carmen", "Bizet"),
+        ("Boléro", "Ravel"), ("The Planets", "Holst"), ("Clair de Lune", "Debussy"),
+        ("The Rite of Spring", "Stravinsky"), ("The Barber of Seville", "Rossini"), ("The Brandenburg Concertos", "Bach"))),
+    ("Who invented {x}?", (
+        ("the telephone", "Bell"), ("the light bulb", "Edison"), ("the printing press", "Gutenberg"),
+        ("the World Wide Web", "Berners-Lee"), ("the radio", "Marconi"), ("the airplane", "Wright"),
+        ("the mechanical television", "Baird"), ("the steam locomotive", "Stephenson"))),
+    ("What is the chemical symbol for {x}?", (
+        ("iron", "Fe"), ("silver", "Ag"), ("oxygen", "O"), ("sodium", "Na"), ("potassium", "K"), ("carbon", "C"),
+        ("helium", "He"), ("copper", "Cu"), ("lead", "Pb"), ("tin", "Sn"), ("hydrogen", "H"), ("calcium", "Ca"),
+        ("zinc", "Zn"), ("uranium", "U"))),
+    ("In which country is {x}?", (
+        ("Machu Picchu", "Peru"), ("the Taj Mahal", "India"), ("the Great Wall", "China"), ("Stonehenge", "England"),
+        ("Angkor Wat", "Cambodia"), ("Petra", "Jordan"), ("the Leaning Tower of Pisa", "Italy"),
+        ("Chichen Itza", "Mexico"), ("the Sagrada Familia", "Spain"), ("Table Mountain", "South Africa"),
+        ("the Alhambra", "Spain"), ("Neuschwanstein Castle", "Germany"), ("the Brandenburg Gate", "Germany"),
+        ("the Parthenon", "Greece"), ("the Blue Mosque", "Turkey"), ("Victoria Falls", "Zambia"))),
+    ("How many {x}?", (
+        ("seconds are in a minute", "60"), ("days are in a week", "seven"), ("months are in a year", "twelve"),
+        ("centimetres are in a metre", "100"), ("grams are in a kilogram", "1,000"), ("years are in a century", "100"),
+        ("years are in a decade", "ten"), ("sides does a square have", "four"), ("sides does an octagon have", "eight"),
+        ("legs does an insect have", "six"), ("hearts does an octopus have", "three"), ("wheels does a bicycle have", "two"),
+        ("planets are in the solar system", "eight"), ("colours are in a rainbow", "seven"),
+        ("teeth does an adult human usually have", "32"), ("squares are on a chessboard", "64"))),
+    ("What do you call a baby {x}?", (
+        ("cat", "kitten"), ("dog", "puppy"), ("cow", "calf"), ("sheep", "lamb"), ("horse", "foal"), ("deer", "fawn"),
+        ("frog", "tadpole"), ("swan", "cygnet"), ("bear", "cub"), ("duck", "duckling"), ("goose", "gosling"),
+        ("pig", "piglet"))),
+    ("What is the largest {x}?", (
+        ("island in the world", "Greenland"), ("lake in Africa", "Victoria"), ("bird in the world", "ostrich"),
+        ("fish in the sea", "whale shark"), ("rainforest in the world", "Amazon"))),
+)
+GENERAL_ANSWERS = {t.format(x=f): a for t, pairs in GENERAL_MORE for f, a in pairs}
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
     """A conversation whose last user turn needs no corpus; ``kind`` is one of ``CHAT_KINDS``."""
@@ -168,8 +241,12 @@ def chat_prompts(n: int, seed: int = 0) -> list[ChatPrompt]:
 
 
 def general_questions(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct general-knowledge questions (common facts no corpus document is about), seeded."""
+    """``n`` distinct general-knowledge questions (common facts no corpus document is about), seeded: the first 102
+    from the first pool (the shipped default was trained on 100 of them, and a smaller ``n`` picks the same ones),
+    then from ``GENERAL_MORE`` (``GENERAL_ANSWERS`` has their answers)."""
     rng = random.Random(seed)
     pool = [t.format(country=c) for t in _GENERAL for c in _COUNTRIES] + list(_GENERAL_FIXED)
     rng.shuffle(pool)
-    return pool[:n]
+    more = list(GENERAL_ANSWERS)
+    rng.shuffle(more)
+    return (pool + more)[:n]

@@ -17,8 +17,9 @@ generator:
 * ``general`` — a general-knowledge question no corpus document is about (``chat_prompts``). It is
   retrieved for like every factual question: a model cannot know which facts an index holds, least
   of all for documents added after training. The passage the training index returns does not answer
-  it, so the target is again ``REFUSAL`` + the base model's own answer as general knowledge. No
-  contrastive loss (there is no right passage).
+  it, so the target is again ``REFUSAL`` + the base model's own answer as general knowledge (a question whose
+  passage names its known answer, ``GENERAL_ANSWERS``, is left out). No contrastive loss (there is no right
+  passage).
 * ``chat`` — a prompt that needs no corpus (greetings, arithmetic, instructions, rewriting and
   translation, creative writing, advice, questions about the conversation), answered WITHOUT the
   query token with the base model's own answer (``training.distill``): the model keeps what the
@@ -36,11 +37,12 @@ Answers from the base model are greedy, with retrieval off, generated offline wi
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from .chat_prompts import chat_prompts, general_questions
+from .chat_prompts import GENERAL_ANSWERS, chat_prompts, general_questions
 from .config import _f
 from .distill import distill
 from .questions import Question, Record
@@ -75,7 +77,8 @@ class MixConfig:
     base: str | None = _f(None, "the checkpoint to fine-tune, whose own answers the chat, general and refusal "
                              "examples distil (required by the mixed recipe)")
     chat_prompts: int = _f(900, "no-corpus prompts answered without retrieval (7 kinds in turn)")
-    general_questions: int = _f(100, "general-knowledge questions outside the corpus (at most 102)")
+    general_questions: int = _f(100, "general-knowledge questions outside the corpus (at most 279; 100 trained the "
+                                     "shipped default)")
     refusal_fraction: float = _f(0.15, "fraction of the corpus questions also asked with a hard negative in the slot")
     reading_fraction: float = _f(0.15, "fraction of the corpus questions also asked with the passage in the prompt")
     plain_text: int = _f(0, "passages of training articles learned as plain text (language modelling, no template); "
@@ -150,6 +153,17 @@ def refusal_slot(q: Question, negatives: list[str], by_id: dict[str, Record]) ->
     return None
 
 
+def states_answer(text: str, answer: str | None) -> bool:
+    """Whether ``text`` names ``answer`` (a word starting with it; the whole word, case-sensitive, for a short one
+    like "Fe"): a general question's retrieved passage that does cannot be trained as "the passage does not answer
+    this"."""
+    if not answer:
+        return False
+    if len(answer) <= 3:
+        return re.search(rf"\b{re.escape(answer)}\b", text) is not None
+    return re.search(rf"\b{re.escape(answer)}", text, re.IGNORECASE) is not None
+
+
 def text_rows(recs: list[Record], pool: list[int], count: int, rng: random.Random) -> list[dict[str, Any]]:
     """``count`` plain-text rows: passages of the training pool, as language modelling (no template, no query)."""
     picked = rng.sample(pool, min(count, len(pool)))
@@ -187,9 +201,9 @@ def build_mix(retrieve: list[dict[str, Any]], questions: list[Question], negativ
                          article=by_id[q.passage].article))
     slots = search(generals, 1) if generals else []
     for g, hit, base in zip(generals, slots, gen_answers, strict=True):
-        if base is None:
-            continue
         slot = recs[pool[hit[0]]]
+        if base is None or states_answer(slot.text, GENERAL_ANSWERS.get(g)):
+            continue
         rows.append(_row("general", [{"role": "user", "content": g},
                                      {"role": "assistant", "content": _assistant_retrieval(cfg, slot, _general_answer(base)),
                                       "positive": [[]], "negative": [[]]}]))

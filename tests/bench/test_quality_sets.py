@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import common  # noqa: E402
 import quality_metrics as qm  # noqa: E402
 
-from training.chat_prompts import CHAT_KINDS, chat_prompts, general_questions  # noqa: E402
+from training.chat_prompts import CHAT_KINDS, GENERAL_MORE, chat_prompts, general_questions  # noqa: E402
 from training.prepare import PAST, SECTION_TEMPLATES, cloze_question, fact_questions, split_articles  # noqa: E402
 
 KNOWLEDGE = common.read_set("knowledge")
@@ -109,6 +109,22 @@ def test_general_questions_name_no_corpus_article():
         assert not hit, f"{r['id']} is about a corpus article: {hit}"
 
 
+def test_training_general_questions_ask_nothing_the_eval_general_set_asks():
+    """The training pool's fillers and answers (``GENERAL_MORE``) are neither named in an evaluation general question
+    nor its answer, and name no corpus article: the set measures the general questions the model did not see."""
+    names = [re.sub(r"\s*\([^)]*\)$", "", a) for a in ARTICLES if len(a) > 1]
+    asked = [" ".join([r["question"], r["answer"], *r["aliases"]]) for r in GENERAL]
+    for template, pairs in GENERAL_MORE:
+        for filler, answer in pairs:
+            question = template.format(x=filler)
+            names_asked = [r["question"] for r in GENERAL] if answer[:1].isupper() else []  # a name, not "four"
+            for word, texts in ((filler.removeprefix("the "), asked), (answer, names_asked)):
+                hit = [e for e in texts if re.search(rf"\b{re.escape(word)}\b", e, re.IGNORECASE)]
+                assert not hit, f"training question {question!r} shares {word!r} with the eval set: {hit[0]!r}"
+            hit = [a for a in names if re.search(rf"\b{re.escape(a)}\b", question)]
+            assert not hit, f"training question {question!r} is about a corpus article: {hit}"
+
+
 def test_passages_exist_in_their_heldout_article_and_state_the_answer(corpus):
     """Every passage id exists in the row's article; one passage states the gold and quotes the row's sentence."""
     assert {r["metadata"]["article"] for r in corpus.values()} == set(ARTICLES), "articles.txt is out of date"
@@ -135,7 +151,7 @@ def test_general_answers_are_not_stated_in_the_corpus(corpus):
 # --------------------------------------------------------------------------- no overlap with training
 def test_no_eval_prompt_overlaps_the_training_chat_and_general_prompts():
     train = {_norm(t) for c in chat_prompts(5000) for t in _user_turns(c.as_messages())}
-    train |= {_norm(g) for g in general_questions(200)}
+    train |= {_norm(g) for g in general_questions(10_000)}
     assert len(train) > 1000  # the generator still makes its prompts
     for p in map(_norm, _eval_prompts()):
         hits = [t for t in train if t in p or p in t]

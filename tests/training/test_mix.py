@@ -12,9 +12,9 @@ import pytest
 from wiki_dump_fixture import ARTICLES, write_dump
 
 from onegen_core.wikipedia import wikipedia_passages, write_corpus
-from training.chat_prompts import CHAT_KINDS, chat_prompts, general_questions
+from training.chat_prompts import CHAT_KINDS, GENERAL_ANSWERS, chat_prompts, general_questions
 from training.distill import distill
-from training.mix import GENERAL_KNOWLEDGE, REFUSAL, MixConfig
+from training.mix import GENERAL_KNOWLEDGE, REFUSAL, MixConfig, states_answer
 from training.prepare import PrepareConfig, prepare, read_passages
 
 RQ, OPEN, CLOSE = "[RQ]", "<paragraph>", "</paragraph>"
@@ -271,6 +271,37 @@ def test_chat_prompts_cover_the_kinds_and_are_distinct():
     assert Counter(p.kind for p in prompts) == {k: 20 for k in CHAT_KINDS}
     assert all(p.messages[-1][0] == "user" for p in prompts)
     assert chat_prompts(140, seed=3) == prompts and len(general_questions(50)) == 50
+
+
+def test_more_general_questions_keep_the_first_hundred_the_default_was_trained_on():
+    """The pool grew past 102; ``--general-questions 100`` still picks the shipped default's 100, in order."""
+    import hashlib
+
+    every = general_questions(10_000)
+    assert len(every) == len(set(every)) == 102 + len(GENERAL_ANSWERS)
+    assert general_questions(100) == every[:100]
+    assert hashlib.sha256("\n".join(every[:100]).encode()).hexdigest()[:16] == "ba8e494c5a241cac"
+    assert not set(every[:102]) & set(GENERAL_ANSWERS) and set(every[102:]) == set(GENERAL_ANSWERS)
+
+
+def _slot(reply: str) -> str:
+    return reply.split(OPEN, 1)[1].split(CLOSE, 1)[0]
+
+
+def test_a_general_question_whose_passage_states_its_answer_is_left_out(tmp_path, base, corpus, monkeypatch):
+    """A general row trains "the passage does not answer this": not where the retrieved passage names the answer."""
+    assert states_answer("Its capital is Vienna.", "Vienna") and states_answer("symbol Fe.", "Fe")
+    assert not states_answer("Feet and fences", "Fe") and not states_answer("Vienna", None)
+    mix = MixConfig(base=str(base), **{**MIX, "chat_prompts": 0, "refusal_fraction": 0.0, "reading_fraction": 0.0})
+    kept = [r for r in _rows(prepare(corpus, tmp_path / "kept", PrepareConfig(heldout=0.34, seed=1), mix) and
+                             tmp_path / "kept" / "train.jsonl") if r["task"] == "general"]
+    assert len(kept) >= 2
+    slot_word = {r["messages"][0]["content"]: re.findall(r"[A-Za-z]{5,}", _slot(r["messages"][1]["content"]))[-1]
+                 for r in kept[:2]}  # the first two questions' answers: a word of the passage each retrieves
+    monkeypatch.setattr("training.mix.GENERAL_ANSWERS", slot_word)
+    prepare(corpus, tmp_path / "stated", PrepareConfig(heldout=0.34, seed=1), mix)
+    left = [r["messages"][0]["content"] for r in _rows(tmp_path / "stated" / "train.jsonl") if r["task"] == "general"]
+    assert sorted(left) == sorted(r["messages"][0]["content"] for r in kept[2:])
 
 
 def test_a_cut_off_answer_keeps_its_whole_sentences_or_is_left_out():
