@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import IO
 from xml.etree import ElementTree
 
-GENSIM_ENWIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+GENSIM_TEST_DATA = "gensim/test/test_data"
+GENSIM_ENWIKI = f"{GENSIM_TEST_DATA}/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+GENSIM_NEWS = f"{GENSIM_TEST_DATA}/lee_background.cor"  # 300 Australian news stories, one per line (not Wikipedia)
 SKIPPED_SECTIONS = {
     "references", "external links", "see also", "further reading", "notes", "bibliography", "sources",
     "footnotes", "citations", "notes and references", "references and notes", "works cited", "gallery",
@@ -69,14 +71,20 @@ def find_gensim_enwiki(cache_dir: str | os.PathLike | None = None) -> Path:
     Without gensim installed, ``pip download --no-deps gensim`` fetches the wheel (from the
     package index, the one network access allowed) into ``cache_dir`` and the file is read out of it.
     """
+    return find_gensim_file(GENSIM_ENWIKI, cache_dir)
+
+
+def find_gensim_file(member: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of ``member`` of gensim's package (e.g. ``GENSIM_NEWS``), found as ``find_gensim_enwiki`` finds the
+    Wikipedia sample."""
     spec = importlib.util.find_spec("gensim")
     if spec is not None and spec.submodule_search_locations:
         for root in spec.submodule_search_locations:
-            p = Path(root).parent / GENSIM_ENWIKI
+            p = Path(root).parent / member
             if p.is_file():
                 return p
     cache = Path(cache_dir or ".cache/onegen-default")
-    target = cache / Path(GENSIM_ENWIKI).name
+    target = cache / Path(member).name
     if target.is_file():
         return target
     wheels = sorted((cache / "wheels").glob("gensim-*.whl"))
@@ -88,11 +96,12 @@ def find_gensim_enwiki(cache_dir: str | os.PathLike | None = None) -> Path:
         wheels = sorted((cache / "wheels").glob("gensim-*.whl"))
         if res.returncode != 0 or not wheels:
             raise RuntimeError(
-                "the default corpus is gensim's Wikipedia sample, and neither an installed gensim nor a gensim "
-                f"wheel was found; `{' '.join(cmd)}` failed: {res.stderr.strip()[-400:]}"
+                f"{Path(member).name} comes from gensim's test data (the default corpus is its Wikipedia sample), "
+                "and neither an installed gensim nor a gensim wheel was found; "
+                f"`{' '.join(cmd)}` failed: {res.stderr.strip()[-400:]}"
             )
     with zipfile.ZipFile(wheels[-1]) as z:
-        data = z.read(GENSIM_ENWIKI)
+        data = z.read(member)
     tmp = target.with_suffix(".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, target)

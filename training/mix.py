@@ -28,7 +28,9 @@ generator:
   query token: the pipeline style (retrieve elsewhere, paste, ask) keeps working.
 * ``text`` (``--plain-text N``) — plain text of training articles' passages (``{"text": ...}`` rows, no
   chat template), learned as a language model: the rest of the mix is chat, and without these rows
-  the model's loss on plain text drifted +15% over the base.
+  the model's loss on plain text drifted +15% over the base. With ``--plain-text-file`` the text comes from
+  that file instead (text from outside the corpus; 800 rows of the corpus's own passages doubled retrieval
+  on prompts that need no corpus).
 
 Answers from the base model are greedy, with retrieval off, generated offline with the engine
 (cached and resumable); conversations whose answer was cut off at ``distill_max_tokens`` are left out.
@@ -36,11 +38,14 @@ Answers from the base model are greedy, with retrieval off, generated offline wi
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
+
+from onegen_core.wikipedia import GENSIM_NEWS, find_gensim_file, split_sentences
 
 from .chat_prompts import GENERAL_ANSWERS, chat_prompts, general_questions
 from .config import _f
@@ -59,6 +64,8 @@ class SlotFormat(Protocol):
     seed: int
     cloze_answer: str
 
+FILE_PASSAGE_WORDS = 90  # --plain-text-file passages: the default corpus's passage length
+MIN_FILE_PASSAGE_WORDS = 20
 TASKS = ("retrieve", "refusal", "general", "chat", "reading", "text")
 REFUSAL = "The retrieved passage does not answer this."
 GENERAL_KNOWLEDGE = "From general knowledge: "
@@ -84,6 +91,10 @@ class MixConfig:
     plain_text: int = _f(0, "passages of training articles learned as plain text (language modelling, no template); "
                             "800 held the plain-text loss 3-4 in 100 below the base's and doubled retrieval on "
                             "no-corpus prompts (docs/training.md)")
+    plain_text_file: str | None = _f(None, "a UTF-8 text file, one document per line, learned as the plain text "
+                                           "instead of the training articles' passages (cut at sentence ends into "
+                                           "passages of at most 90 words): text from outside the corpus; "
+                                           "'gensim-news': the 300 news stories in gensim's test data")
     distill_max_tokens: int = _f(160, "longest distilled answer; longer ones are left out (cut off)")
     distill_batch_size: int = _f(32, "conversations the engine generates at once while distilling")
     distill_dtype: str = _f("auto", "dtype of the engine that distils (auto: float32 on the CPU, bf16 on a GPU)")
@@ -95,6 +106,8 @@ class MixConfig:
         for name in ("chat_prompts", "general_questions", "plain_text"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.plain_text_file and self.plain_text == 0:
+            raise ValueError("--plain-text-file gives the text of the plain-text rows: pass --plain-text N (N > 0)")
         if self.distill_max_tokens < 8 or self.distill_batch_size < 1:
             raise ValueError("--distill-max-tokens must be >= 8 and --distill-batch-size >= 1")
 
@@ -171,11 +184,52 @@ def text_rows(recs: list[Record], pool: list[int], count: int, rng: random.Rando
     return [{"text": recs[i].text, "task": "text", "article": recs[i].article} for i in picked if recs[i].text.strip()]
 
 
+def file_text_rows(path: str | os.PathLike, count: int, rng: random.Random,
+                   max_words: int = FILE_PASSAGE_WORDS) -> list[dict[str, Any]]:
+    """``count`` plain-text rows cut from ``path`` (one document per line; ``--plain-text-file``), each with its
+    ``source`` ("file:line"). A missing, undecodable or empty file is a ``ValueError`` naming it (and the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--plain-text-file {path}: no such file")
+    chunks: list[tuple[str, int]] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--plain-text-file {path}:{lineno}: not UTF-8 ({e.reason})") from None
+            chunks += [(c, lineno) for c in _sentence_chunks(line, max_words)]
+    if not chunks:
+        raise ValueError(f"--plain-text-file {path}: no passage of at least {MIN_FILE_PASSAGE_WORDS} words")
+    picked = sorted(rng.sample(range(len(chunks)), min(count, len(chunks))))
+    return [{"text": chunks[i][0], "task": "text", "source": f"{path.name}:{chunks[i][1]}"} for i in picked]
+
+
+def _sentence_chunks(text: str, max_words: int) -> list[str]:
+    """``text`` cut at sentence ends into chunks of at most ``max_words`` words (a longer sentence is one chunk);
+    chunks under ``MIN_FILE_PASSAGE_WORDS`` words are left out."""
+    out, cur, n = [], [], 0
+    for sentence in split_sentences(text):
+        words = len(sentence.split())
+        if cur and n + words > max_words:
+            out.append(" ".join(cur))
+            cur, n = [], 0
+        cur.append(sentence)
+        n += words
+    if cur:
+        out.append(" ".join(cur))
+    return [c for c in out if len(c.split()) >= MIN_FILE_PASSAGE_WORDS]
+
+
 def build_mix(retrieve: list[dict[str, Any]], questions: list[Question], negatives: list[list[str]],
               recs: list[Record], pool: list[int], cfg: SlotFormat, mix: MixConfig, work: Path, rng: random.Random,
               search: Any) -> list[dict[str, Any]]:
     """The ``retrieve`` rows plus every other task of the mix, shuffled. ``search(texts, k)`` -> indices into ``pool``."""
     mix.check_base()
+    file_rows = None  # read first: a bad file fails before the distillation, not after it
+    if mix.plain_text_file:
+        path = find_gensim_file(GENSIM_NEWS) if mix.plain_text_file == "gensim-news" else mix.plain_text_file
+        file_rows = file_text_rows(path, mix.plain_text, random.Random(cfg.seed))
     by_id = {r.id: r for r in recs}
     rows = list(retrieve)
     order = list(range(len(questions)))
@@ -216,7 +270,7 @@ def build_mix(retrieve: list[dict[str, Any]], questions: list[Question], negativ
         prompt = rng.choice(READING_TEMPLATES).format(passage=f"{rec.title}\n{rec.text}", question=q.question)
         rows.append(_row("reading", [{"role": "user", "content": prompt}, {"role": "assistant", "content": q.answer}],
                          kind=q.kind, article=rec.article))
-    rows += text_rows(recs, pool, mix.plain_text, rng)
+    rows += file_rows if file_rows is not None else text_rows(recs, pool, mix.plain_text, rng)
     rng.shuffle(rows)
     return rows
 

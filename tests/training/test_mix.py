@@ -265,6 +265,42 @@ def test_plain_text_rows_are_language_modelling_and_bad_ones_are_named(tmp_path,
         load_training_data(renderer, train_file=bad, db_file=db, max_length=64, progress=False)
 
 
+def test_plain_text_from_a_file_replaces_the_corpus_passages(tmp_path, base, corpus):
+    """``--plain-text-file``: the text rows are passages cut from the file at sentence ends (at most 90 words, each
+    naming its line), none from the corpus; the rest of the mix is the same."""
+    def story(n: int) -> str:  # 12 sentences of 12 words: two passages of at most 90 words
+        return " ".join(f"Story {n} sentence {j} tells about the harbour and the town council." for j in range(12))
+
+    news = tmp_path / "news.txt"
+    news.write_text(f"{story(0)}\n\n{story(1)}\nToo short.\n", encoding="utf-8")
+    mix = dict(MIX, chat_prompts=0, general_questions=0, refusal_fraction=0.0, plain_text=50)  # nothing to distil
+    a = prepare(corpus, tmp_path / "a", PrepareConfig(heldout=0.34, seed=1), MixConfig(base=str(base), **mix))
+    b = prepare(corpus, tmp_path / "b", PrepareConfig(heldout=0.34, seed=1),
+                MixConfig(base=str(base), plain_text_file=str(news), **mix))
+    text = [r for r in _rows(tmp_path / "b" / "train.jsonl") if r["task"] == "text"]
+    assert {r["source"] for r in text} == {"news.txt:1", "news.txt:3"} and len(text) == 4
+    assert all(20 <= len(r["text"].split()) <= 90 and r["text"].endswith(".") and "article" not in r for r in text)
+    assert {k: v for k, v in a["train_tasks"].items() if k != "text"} == \
+        {k: v for k, v in b["train_tasks"].items() if k != "text"}
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    (None, {}, r"--plain-text-file .*missing.txt: no such file"),
+    (b"ok line\n\xff\xfe bad\n", {}, r"--plain-text-file .*bad.txt:2: not UTF-8"),
+    (b"Too short.\n", {}, r"no passage of at least 20 words"),
+    (b"x", {"plain_text": 0}, r"pass --plain-text N"),
+])
+def test_a_bad_plain_text_file_is_named_before_any_distillation(tmp_path, base, corpus, content, flags, message):
+    name = {None: "missing.txt", b"Too short.\n": "short.txt", b"x": "x.txt"}.get(content, "bad.txt")
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        mix = MixConfig(base=str(base), plain_text_file=str(path), **{**MIX, **flags})
+        prepare(corpus, tmp_path / "out", PrepareConfig(heldout=0.34, seed=1), mix)
+    assert not (tmp_path / "out" / "distilled.jsonl").exists()
+
+
 def test_chat_prompts_cover_the_kinds_and_are_distinct():
     prompts = chat_prompts(140, seed=3)
     assert len(prompts) == 140 and len({p.messages for p in prompts}) == 140

@@ -142,3 +142,22 @@ def test_the_cli_asks_for_the_base_of_the_mixed_recipe_before_reading_the_corpus
     res = subprocess.run([sys.executable, "-m", "training", "prepare", "--corpus", str(tmp_path / "none.jsonl"),
                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--base CHECKPOINT" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_gensim_test_data_is_read_out_of_its_wheel_without_gensim_installed(tmp_path, monkeypatch):
+    """``find_gensim_file`` (the Wikipedia sample, the news stories of ``--plain-text-file gensim-news``): with no
+    gensim installed, the file is read out of the wheel in the cache and written next to it, once."""
+    import importlib.util
+    import zipfile
+
+    from onegen_core.wikipedia import GENSIM_NEWS, find_gensim_file
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else real(name, *a))
+    (tmp_path / "wheels").mkdir()
+    with zipfile.ZipFile(tmp_path / "wheels" / "gensim-9.9-py3-none-any.whl", "w") as z:
+        z.writestr(GENSIM_NEWS, "First story.\nSecond story.\n")
+    path = find_gensim_file(GENSIM_NEWS, tmp_path)
+    assert path == tmp_path / "lee_background.cor" and path.read_text() == "First story.\nSecond story.\n"
+    (tmp_path / "wheels" / "gensim-9.9-py3-none-any.whl").unlink()
+    assert find_gensim_file(GENSIM_NEWS, tmp_path) == path  # extracted once: no wheel needed again
