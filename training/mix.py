@@ -45,7 +45,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from onegen_core.wikipedia import GENSIM_NEWS, find_gensim_file, split_sentences
+from onegen_core.wikipedia import GENSIM_NEWS, MIN_PASSAGE_WORDS, find_gensim_file, passages_of
 
 from .chat_prompts import GENERAL_ANSWERS, chat_prompts, general_questions
 from .config import _f
@@ -65,7 +65,6 @@ class SlotFormat(Protocol):
     cloze_answer: str
 
 FILE_PASSAGE_WORDS = 90  # --plain-text-file passages: the default corpus's passage length
-MIN_FILE_PASSAGE_WORDS = 20
 TASKS = ("retrieve", "refusal", "general", "chat", "reading", "text")
 REFUSAL = "The retrieved passage does not answer this."
 GENERAL_KNOWLEDGE = "From general knowledge: "
@@ -92,8 +91,8 @@ class MixConfig:
                             "800 held the plain-text loss 3-4 in 100 below the base's and doubled retrieval on "
                             "no-corpus prompts (docs/training.md)")
     plain_text_file: str | None = _f(None, "a UTF-8 text file, one document per line, learned as the plain text "
-                                           "instead of the training articles' passages (cut at sentence ends into "
-                                           "passages of at most 90 words): text from outside the corpus; "
+                                           "instead of the training articles' passages (cut into passages of about "
+                                           "90 words as the corpus is): text from outside the corpus; "
                                            "'gensim-news': the 300 news stories in gensim's test data")
     distill_max_tokens: int = _f(160, "longest distilled answer; longer ones are left out (cut off)")
     distill_batch_size: int = _f(32, "conversations the engine generates at once while distilling")
@@ -186,8 +185,9 @@ def text_rows(recs: list[Record], pool: list[int], count: int, rng: random.Rando
 
 def file_text_rows(path: str | os.PathLike, count: int, rng: random.Random,
                    max_words: int = FILE_PASSAGE_WORDS) -> list[dict[str, Any]]:
-    """``count`` plain-text rows cut from ``path`` (one document per line; ``--plain-text-file``), each with its
-    ``source`` ("file:line"). A missing, undecodable or empty file is a ``ValueError`` naming it (and the line)."""
+    """``count`` plain-text rows cut from ``path`` (one document per line; ``--plain-text-file``) as the corpus's
+    passages are cut (``passages_of``), each with its ``source`` ("file:line"). A missing, undecodable or empty file
+    is a ``ValueError`` naming it (and the line)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--plain-text-file {path}: no such file")
@@ -198,27 +198,11 @@ def file_text_rows(path: str | os.PathLike, count: int, rng: random.Random,
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
                 raise ValueError(f"--plain-text-file {path}:{lineno}: not UTF-8 ({e.reason})") from None
-            chunks += [(c, lineno) for c in _sentence_chunks(line, max_words)]
+            chunks += [(c, lineno) for c in passages_of([line], max_words)]
     if not chunks:
-        raise ValueError(f"--plain-text-file {path}: no passage of at least {MIN_FILE_PASSAGE_WORDS} words")
+        raise ValueError(f"--plain-text-file {path}: no passage of at least {MIN_PASSAGE_WORDS} words")
     picked = sorted(rng.sample(range(len(chunks)), min(count, len(chunks))))
     return [{"text": chunks[i][0], "task": "text", "source": f"{path.name}:{chunks[i][1]}"} for i in picked]
-
-
-def _sentence_chunks(text: str, max_words: int) -> list[str]:
-    """``text`` cut at sentence ends into chunks of at most ``max_words`` words (a longer sentence is one chunk);
-    chunks under ``MIN_FILE_PASSAGE_WORDS`` words are left out."""
-    out, cur, n = [], [], 0
-    for sentence in split_sentences(text):
-        words = len(sentence.split())
-        if cur and n + words > max_words:
-            out.append(" ".join(cur))
-            cur, n = [], 0
-        cur.append(sentence)
-        n += words
-    if cur:
-        out.append(" ".join(cur))
-    return [c for c in out if len(c.split()) >= MIN_FILE_PASSAGE_WORDS]
 
 
 def build_mix(retrieve: list[dict[str, Any]], questions: list[Question], negatives: list[list[str]],

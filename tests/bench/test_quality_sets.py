@@ -29,6 +29,7 @@ NO_CORPUS = common.read_set("no_corpus")
 GENERAL = common.read_set("general")
 ARTICLES = common.corpus_articles()
 HELDOUT = common.heldout_articles()
+ARTICLE_NAMES = [re.sub(r"\s*\([^)]*\)$", "", a) for a in ARTICLES if len(a) > 1]  # "Abstract (law)" -> "Abstract"
 
 
 def _corpus_path() -> Path | None:
@@ -103,16 +104,14 @@ def test_knowledge_questions_are_about_heldout_articles_only():
 
 
 def test_general_questions_name_no_corpus_article():
-    names = [re.sub(r"\s*\([^)]*\)$", "", a) for a in ARTICLES if len(a) > 1]
     for r in GENERAL:
-        hit = [a for a in names if re.search(rf"\b{re.escape(a)}\b", r["question"])]
+        hit = [a for a in ARTICLE_NAMES if re.search(rf"\b{re.escape(a)}\b", r["question"])]
         assert not hit, f"{r['id']} is about a corpus article: {hit}"
 
 
 def test_training_general_questions_ask_nothing_the_eval_general_set_asks():
     """The training pool's fillers and answers (``GENERAL_MORE``) are neither named in an evaluation general question
     nor its answer, and name no corpus article: the set measures the general questions the model did not see."""
-    names = [re.sub(r"\s*\([^)]*\)$", "", a) for a in ARTICLES if len(a) > 1]
     asked = [" ".join([r["question"], r["answer"], *r["aliases"]]) for r in GENERAL]
     for template, pairs in GENERAL_MORE:
         for filler, answer in pairs:
@@ -121,7 +120,7 @@ def test_training_general_questions_ask_nothing_the_eval_general_set_asks():
             for word, texts in ((filler.removeprefix("the "), asked), (answer, names_asked)):
                 hit = [e for e in texts if re.search(rf"\b{re.escape(word)}\b", e, re.IGNORECASE)]
                 assert not hit, f"training question {question!r} shares {word!r} with the eval set: {hit[0]!r}"
-            hit = [a for a in names if re.search(rf"\b{re.escape(a)}\b", question)]
+            hit = [a for a in ARTICLE_NAMES if re.search(rf"\b{re.escape(a)}\b", question)]
             assert not hit, f"training question {question!r} is about a corpus article: {hit}"
 
 

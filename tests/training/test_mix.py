@@ -266,8 +266,8 @@ def test_plain_text_rows_are_language_modelling_and_bad_ones_are_named(tmp_path,
 
 
 def test_plain_text_from_a_file_replaces_the_corpus_passages(tmp_path, base, corpus):
-    """``--plain-text-file``: the text rows are passages cut from the file at sentence ends (at most 90 words, each
-    naming its line), none from the corpus; the rest of the mix is the same."""
+    """``--plain-text-file``: the text rows are passages cut from the file as the corpus is (whole sentences, about
+    90 words, each naming its line), none from the corpus; the rest of the mix is the same."""
     def story(n: int) -> str:  # 12 sentences of 12 words: two passages of at most 90 words
         return " ".join(f"Story {n} sentence {j} tells about the harbour and the town council." for j in range(12))
 
