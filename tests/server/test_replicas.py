@@ -263,18 +263,26 @@ def test_a_loading_replica_refuses_before_any_work_and_nginx_sends_the_request_o
     r = httpx.post(cluster.a.url + "/generate", json=SHORT, timeout=30)
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     assert r.json()["error"]["type"] == "service_unavailable" and "loading" in r.json()["error"]["message"]
-    replies = []
+    replies, sent = [], set()
+
+    def retried_ones() -> list[dict[str, str]]:  # nginx may log a request just after its client has the answer
+        return [x for x in cluster.nginx.access_records() if x["request_id"] in sent
+                and x["upstream_status"].startswith("503")]
+
     with httpx.Client(base_url=cluster.nginx.url, timeout=60) as c:
         for i in range(40):  # a new session each: the first that hashes to A finds it loading
-            rid = f"while-loading-{i}"
-            replies.append(call(c, "generate", {"X-Session-Id": f"s{i}", "X-Request-Id": rid}))
-            retried = [x for x in cluster.nginx.access_records() if x["request_id"] == rid
-                       and x["upstream_status"].startswith("503")]
-            if retried:
+            sent.add(f"while-loading-{i}")
+            replies.append(call(c, "generate", {"X-Session-Id": f"s{i}", "X-Request-Id": f"while-loading-{i}"}))
+            if retried := retried_ones():
                 break
+    deadline = time.monotonic() + 5
+    while not retried and time.monotonic() < deadline:
+        time.sleep(0.1)
+        retried = retried_ones()
     assert retried, "no request was sent to the loading replica"
     assert all(x.outcome == "ok" and x.served_by == cluster.names["b"] for x in replies), _summary(replies)
     [rec] = retried  # nginx: A refused it (503), B answered it (200), one request for the client
+    rid = rec["request_id"]
     assert rec["upstream_status"] == "503, 200" and rec["status"] == "200", rec
     assert rec["upstream_addr"] == f"127.0.0.1:{cluster.a.port}, 127.0.0.1:{cluster.b.port}", rec
     a_lines = cluster.a.wait_for_log(lambda x: x.get("request_id") == rid and x.get("status") == 503)
