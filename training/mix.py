@@ -11,7 +11,8 @@ generator:
   asked in ``reading``; ``training.questions`` makes the questions). ``positive`` / ``negative`` feed the
   contrastive loss.
 * ``refusal`` — the same question with a hard negative in the slot (a passage that does not contain
-  the answer): the answer says so (``REFUSAL``) and then gives the base model's own answer, marked as
+  the answer; with ``--refusal-slot other-article``, the question's best BM25 match in another article): the
+  answer says so (``REFUSAL``) and then gives the base model's own answer, marked as
   general knowledge (``GENERAL_KNOWLEDGE``). The query token still learns the right passage
   (``positive`` is the one that answers).
 * ``general`` — a general-knowledge question no corpus document is about (``chat_prompts``). It is
@@ -66,6 +67,8 @@ class SlotFormat(Protocol):
 
 FILE_PASSAGE_WORDS = 90  # --plain-text-file passages: the default corpus's passage length
 TASKS = ("retrieve", "refusal", "general", "chat", "reading", "text")
+REFUSAL_SLOTS = ("hard-negative", "other-article")
+OTHER_ARTICLE_DEPTH = 200  # BM25 hits searched for a refusal slot of another article
 REFUSAL = "The retrieved passage does not answer this."
 GENERAL_KNOWLEDGE = "From general knowledge: "
 READING_TEMPLATES = (
@@ -86,6 +89,10 @@ class MixConfig:
     general_questions: int = _f(100, "general-knowledge questions outside the corpus (at most 279; 100 trained the "
                                      "shipped default)")
     refusal_fraction: float = _f(0.15, "fraction of the corpus questions also asked with a hard negative in the slot")
+    refusal_slot: str = _f("hard-negative", "what fills a refusal's slot: 'hard-negative' (the first of the question's "
+                                            "hard negatives that does not answer it: mostly another passage of the "
+                                            "same article) or 'other-article' (the question's best BM25 match in "
+                                            "another article: a passage on another topic)")
     reading_fraction: float = _f(0.15, "fraction of the corpus questions also asked with the passage in the prompt")
     plain_text: int = _f(0, "passages of training articles learned as plain text (language modelling, no template); "
                             "800 held the plain-text loss 3-4 in 100 below the base's and doubled retrieval on "
@@ -102,6 +109,8 @@ class MixConfig:
         for name in ("refusal_fraction", "reading_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.refusal_slot not in REFUSAL_SLOTS:
+            raise ValueError(f"--refusal-slot must be one of {list(REFUSAL_SLOTS)}, got {self.refusal_slot!r}")
         for name in ("chat_prompts", "general_questions", "plain_text"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -155,15 +164,27 @@ def _row(task: str, messages: list[dict[str, Any]], **extra: Any) -> dict[str, A
     return {"messages": messages, "task": task, **extra}
 
 
-def refusal_slot(q: Question, negatives: list[str], by_id: dict[str, Record]) -> Record | None:
-    """A hard negative that contains neither the evidence sentence nor the short answer (else None: no refusal
-    example for ``q``): teaching "not in the passage" on a passage that does state the answer teaches refusing."""
+def passage_without_answer(q: Question, candidates: list[str], by_id: dict[str, Record]) -> Record | None:
+    """The first of ``candidates`` that contains neither the evidence sentence nor the short answer (else None: no
+    refusal example for ``q``): teaching "not in the passage" on a passage that does state the answer teaches refusing."""
     core = q.answer.rstrip(".").removeprefix("In ").removeprefix("The ").removeprefix("A ").removeprefix("An ")
-    for pid in negatives:
+    for pid in candidates:
         rec = by_id[pid]
         if q.evidence not in rec.text and q.answer not in rec.text and core not in rec.text:
             return rec
     return None
+
+
+def other_article_passages(questions: list[Question], recs: list[Record], pool: list[int], search: Any,
+                           depth: int = OTHER_ARTICLE_DEPTH) -> list[list[str]]:
+    """Per question, its BM25 matches (``search`` over ``pool``, best first, ``depth`` searched) in articles other
+    than its passage's (``--refusal-slot other-article``): passages on another topic, as when a retrieval misses."""
+    if not questions:
+        return []
+    article_of = {r.id: r.article for r in recs}
+    hits = search([q.question for q in questions], depth)
+    return [[recs[pool[d]].id for d in row if recs[pool[d]].article != article_of[q.passage]]
+            for q, row in zip(questions, hits, strict=True)]
 
 
 def states_answer(text: str, answer: str | None) -> bool:
@@ -219,8 +240,11 @@ def build_mix(retrieve: list[dict[str, Any]], questions: list[Question], negativ
     order = list(range(len(questions)))
     rng.shuffle(order)
     n_ref = round(mix.refusal_fraction * len(questions))
-    refusals = [(questions[i], negatives[i], slot) for i in order[:n_ref]
-                if (slot := refusal_slot(questions[i], negatives[i], by_id)) is not None]
+    asked = order[:n_ref]
+    candidates = other_article_passages([questions[i] for i in asked], recs, pool, search) \
+        if mix.refusal_slot == "other-article" else [negatives[i] for i in asked]
+    refusals = [(questions[i], negatives[i], slot) for i, cands in zip(asked, candidates, strict=True)
+                if (slot := passage_without_answer(questions[i], cands, by_id)) is not None]
     reading = [questions[i] for i in order[n_ref: n_ref + round(mix.reading_fraction * len(questions))]
                if answer_learned(questions[i], cfg)]
     chats = chat_prompts(mix.chat_prompts, seed=cfg.seed)

@@ -379,3 +379,34 @@ def test_cloze_answer_none_trains_retrieval_only_from_inverse_cloze(tmp_path, ba
                               db_file=none / "db.jsonl", max_length=1024, progress=False)
     only_query = [e for e in data.train if e.query_positions and e.targets.sum() == len(e.query_positions)]
     assert len(only_query) == len(cloze)  # the query token is the one target of an unlearned answer
+
+
+def test_refusal_slots_from_another_article_leave_the_rest_of_the_mix_unchanged(tmp_path, base, corpus):
+    """``--refusal-slot other-article``: each refusal's slot is a passage of another article that does not state
+    the answer (the shipped default's hard negatives were mostly other passages of the same article, and the model
+    refused as often with the gold passage in the slot as with a wrong one); every other row is the same."""
+    mix = dict(MIX, chat_prompts=0, general_questions=0, reading_fraction=0.0, plain_text=0, refusal_fraction=1.0)
+    prepare(corpus, tmp_path / "a", PrepareConfig(heldout=0.34, seed=1), MixConfig(base=str(base), **mix))
+    prepare(corpus, tmp_path / "b", PrepareConfig(heldout=0.34, seed=1),
+            MixConfig(base=str(base), refusal_slot="other-article", **mix))
+    a, b = _rows(tmp_path / "a" / "train.jsonl"), _rows(tmp_path / "b" / "train.jsonl")
+    assert sorted(json.dumps(r) for r in a if r["task"] != "refusal") == \
+        sorted(json.dumps(r) for r in b if r["task"] != "refusal")
+    title_article = {p.title: p.article for p in read_passages(corpus)}
+    passages = {p.id: p for p in read_passages(corpus)}
+    same = Counter()
+    for name, rows in (("a", a), ("b", b)):
+        refusals = [r for r in rows if r["task"] == "refusal"]
+        assert refusals, name
+        for r in refusals:
+            reply = r["messages"][1]
+            slot_title = reply["content"][len(RQ + OPEN):].split("\n", 1)[0]
+            [[pos]] = reply["positive"]
+            same[name] += title_article[slot_title] == passages[pos].article
+            assert reply["content"].split(CLOSE)[1].startswith(REFUSAL)
+    assert same["b"] == 0 and same["a"] > 0, same
+
+
+def test_a_bad_refusal_slot_is_named():
+    with pytest.raises(ValueError, match="--refusal-slot must be one of"):
+        MixConfig(refusal_slot="random")
