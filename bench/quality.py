@@ -69,7 +69,8 @@ Sections and columns:
    retrieval off), and the base with no retrieval and with the passage pasted; *outside the corpus* (general
    questions: ``correct``, ``says not found`` by ``quality_metrics.says_not_found`` -- the one rule, which
    knows the trained refusal "The retrieved passage does not answer this." -- and either), and *wrong
-   refusals*: one-pass answers that say "not found" although the gold passage was retrieved; *kept
+   refusals*: one-pass answers that say "not found" although the gold passage was retrieved (next to the same
+   share with another passage retrieved, where it is right: equal shares mean the refusals ignore the passage); *kept
    generation*: mean token loss of the trained model (LoRA merged, ``transformers``) and of the base on the
    base's own greedy answers to the no-corpus prompts (the same token ids, scored after the same prompt
    ids), next to section 3's plain-text row. Up to 20 examples of each kind of failure go to
@@ -1041,7 +1042,9 @@ def print_outside(sets: dict[str, list[dict[str, Any]]], outside: dict[str, dict
     if "wrong_refusals" in outside:
         w = outside["wrong_refusals"]
         print(f"\nWrong refusals (target <= {WRONG_REFUSALS:.2f}): {w['refused']} of the {w['n']} one-pass answers "
-              f"whose gold passage was retrieved say it does not answer ({fmt(w['rate'], True)}).")
+              f"whose gold passage was retrieved say it does not answer ({fmt(w['rate'], True)}); with another "
+              f"passage retrieved, {w['other_refused']} of {w['other_n']} do ({fmt(w['other_rate'], True)}): "
+              "a model that reads the passage says so more often there.")
 
 
 @torch.inference_mode()

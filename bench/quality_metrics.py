@@ -259,9 +259,23 @@ def general_summary(predictions: Sequence[str], answers: Sequence[Sequence[str]]
 
 
 def wrong_refusals(predictions: Sequence[str], gold_retrieved: Sequence[bool]) -> dict:
-    """Among the answers whose gold passage was retrieved, the share that still says it was not found."""
+    """Among the answers whose gold passage was retrieved, the share that still says it was not found; and, for
+    comparison, the share among those with another passage retrieved (``other_*``), where saying so is right: a
+    model that reads the passage refuses more often there, one that refuses at random as often in both."""
     said = [says_not_found(p) for p, g in zip(predictions, gold_retrieved, strict=True) if g]
-    return {"n": len(said), "refused": sum(said), "rate": share(said)}
+    other = [says_not_found(p) for p, g in zip(predictions, gold_retrieved, strict=True) if not g]
+    return {"n": len(said), "refused": sum(said), "rate": share(said),
+            "other_n": len(other), "other_refused": sum(other), "other_rate": share(other)}
+
+
+def echoes_question(prediction: str, question: str, chars: int = 30) -> bool:
+    """Whether the answer begins by repeating its question (the first ``chars`` letters and digits of both,
+    lowercased): the habit whole-sentence inverse-cloze answers taught the default model (docs/training.md)."""
+    def head(s: str) -> str:
+        return "".join(ch for ch in s.lower() if ch.isalnum())[:chars]
+
+    q = head(question)
+    return bool(q) and head(prediction).startswith(q)
 
 
 # --------------------------------------------------------------------------- the sets' tables, from the generations
@@ -319,6 +333,7 @@ FAILURE_KINDS = {  # key: (what failed, run, set)
     "no_retrieval_knowledge": ("did not retrieve on a knowledge question", "knowledge", "knowledge"),
     "wrong_answer": ("wrong answer to a knowledge question (gold not in the answer)", "knowledge", "knowledge"),
     "wrong_refusal": ("said the passage does not answer, with the gold passage retrieved", "knowledge", "knowledge"),
+    "echo": ("repeated the question instead of answering it", "knowledge", "knowledge"),
     "bad_general": ("general question: neither the answer nor a 'not found'", "general", "general"),
     "reading_miss": ("gold passage in the prompt, gold not in the answer", "reading", "knowledge"),
 }
@@ -331,6 +346,8 @@ def is_failure(kind: str, out: SetOutput, row: dict[str, Any]) -> bool:
         return not out.retrieved
     if kind == "wrong_refusal":
         return gold_retrieved(out, row) and says_not_found(out.text)
+    if kind == "echo":
+        return echoes_question(out.text, row["question"])
     if kind == "bad_general":
         return not (contains_answer(out.text, gold_answers(row)) or says_not_found(out.text))
     return not contains_answer(out.text, gold_answers(row))  # wrong_answer, reading_miss

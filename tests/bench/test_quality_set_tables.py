@@ -41,7 +41,7 @@ OUTS = {
         Out("It was written by Swift in 1729.", True, ["p1"]),
         Out("The retrieved passage does not answer this.", True, ["p9"]),
         Out("The retrieved passage does not answer this. From general knowledge: 15000.", True, ["p2"]),
-        Out("I am not sure.", False, []),
+        Out("Who painted it? I am not sure.", False, []),  # repeats its question
     ],
     "reading": [Out("Jonathan Swift"), Out("1729"), Out("fifteen thousand"), Out("Emile Cohl")],
     "no_corpus": [Out("Hello!", False), Out("Good morning.", True, ["p5"]), Out("4", False), Out("Ana.", False)],
@@ -89,7 +89,18 @@ def test_set_tables_on_known_outputs():
     g = t["outside"]["general"]
     assert (g["correct"], g["not_found"], g["good"]) == (pytest.approx(2 / 4), pytest.approx(2 / 4), pytest.approx(3 / 4))
     # wrong refusals count only answers whose gold passage was retrieved: k1 (answers), k3 (refuses) -> 1 of 2
-    assert t["outside"]["wrong_refusals"] == {"n": 2, "refused": 1, "rate": 0.5}
+    # and, for comparison, among those with another passage (k2 refuses, k4 does not) -> 1 of 2
+    assert t["outside"]["wrong_refusals"] == {"n": 2, "refused": 1, "rate": 0.5,
+                                              "other_n": 2, "other_refused": 1, "other_rate": 0.5}
+
+
+def test_an_echo_is_an_answer_that_begins_with_its_question():
+    q = "Which rival of Swift wrote The Generous Projector?"
+    assert qm.echoes_question("Which rival of Swift wrote The Generous Projector?", q)
+    assert qm.echoes_question("which rival of swift wrote the generous projector", q)  # case and punctuation aside
+    assert not qm.echoes_question("Daniel Defoe wrote The Generous Projector.", q)
+    assert not qm.echoes_question("Which rival? Defoe.", q)  # the first 30 letters must match
+    assert not qm.echoes_question("anything", "?")  # a question without letters echoes nothing
 
 
 def test_f1_accepts_the_answer_sentence_as_well_as_the_short_gold():
@@ -106,11 +117,12 @@ def test_f1_accepts_the_answer_sentence_as_well_as_the_short_gold():
 
 def test_failure_examples_pick_the_failing_rows():
     f = qm.failure_examples(SETS, OUTS, limit=1)
-    assert set(f) == {"retrieved_no_corpus", "no_retrieval_knowledge", "wrong_answer", "wrong_refusal", "bad_general",
-                      "reading_miss"}
+    assert set(f) == {"retrieved_no_corpus", "no_retrieval_knowledge", "wrong_answer", "wrong_refusal", "echo",
+                      "bad_general", "reading_miss"}
     counts = {k: (v["count"], v["of"]) for k, v in f.items()}
     assert counts == {"retrieved_no_corpus": (1, 4), "no_retrieval_knowledge": (1, 4), "wrong_answer": (2, 4),
-                      "wrong_refusal": (1, 4), "bad_general": (1, 4), "reading_miss": (1, 4)}
+                      "wrong_refusal": (1, 4), "echo": (1, 4), "bad_general": (1, 4), "reading_miss": (1, 4)}
+    assert [e["id"] for e in f["echo"]["examples"]] == ["k4"]
     assert [e["id"] for e in f["wrong_answer"]["examples"]] == ["k2"]  # limited to 1
     assert f["retrieved_no_corpus"]["examples"][0]["kind"] == "greeting"
     assert f["bad_general"]["examples"][0]["gold"] == ["femur"]
