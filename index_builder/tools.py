@@ -187,11 +187,12 @@ class VerifyReport:
 
 
 def verify(path: str | Path, checkpoint: Checkpoint, *, sample: int = 32, seed: int = 0, atol: float = 1e-4,
-           device: str = "cpu", dtype: str | None = None) -> VerifyReport:
-    """Check the index against ``checkpoint``; raises ``VerifyError`` on a fingerprint mismatch."""
+           device: str = "cpu", dtype: str | None = None, check_fingerprint: bool = True) -> VerifyReport:
+    """Check the index against ``checkpoint``; raises ``VerifyError`` on a fingerprint mismatch, unless
+    ``check_fingerprint`` is False (then only the content says: are the stored vectors this checkpoint's?)."""
     from onegen_core.retrieval.encoder import Encoder
 
-    store = open_index(path, expected_fingerprint=checkpoint.fingerprint)
+    store = open_index(path, expected_fingerprint=checkpoint.fingerprint if check_fingerprint else None)
     m = store.manifest
     failures: list[str] = []
     if m.special_token_ids and m.special_token_ids != dict(checkpoint.token_ids.by_name):

@@ -11,10 +11,15 @@ sample that gensim ships in its test data. Everything is prepared offline, once,
    (a relative path, so the cache directory can move);
 3. ``index/`` — a copy of the prebuilt index committed next to the adapter
    (``server/default_model/index``), when it was built from this very checkpoint (the manifest's
-   fingerprint) in the dtype served; otherwise (another dtype, another base import)
+   fingerprint) in the dtype served, or when only the fingerprint differs (a base imported under another
+   transformers release stamps its version in ``config.json``) and 16 of its passages re-encode to its vectors
+   (``adopt_shipped_index``); otherwise (another dtype, another base or adapter)
    ``python -m index_builder build`` over ``passages.jsonl`` — the Wikipedia sample cut into
    passages (``onegen_core.wikipedia``), the very passages the adapter was trained on — with its
    progress bar and ETA; resumable if interrupted, rebuilt when the checkpoint's fingerprint changes.
+
+Over its own index the default model is served in hybrid retrieval mode (``DEFAULT_MODEL_RETRIEVAL_MODE``: its
+``[RQ]`` vector and BM25 fused), unless ``--retrieval-mode`` says otherwise (``default_model_retrieval_mode``).
 
 Who calls it: ``python -m server`` with no ``--checkpoint`` (``serve_default``), so the README's serve
 command, the container and the tests take one path and no shell ever parses a program's output;
@@ -47,6 +52,15 @@ PASSAGE_WORDS = 90  # the passage size the default adapter was trained with (tra
 DIGEST_FILE = "default_model.sha256"  # which packaged adapter a prepared checkpoint is a copy of
 SHIPPED_INDEX = "index"  # the prebuilt index committed next to the adapter (packaged / SHIPPED_INDEX)
 SERVED_MODEL_NAME = "onegen-smollm2-wiki"
+# The default model's retrieval mode when its own index is served and no mode is set: dense and BM25 fused.
+# Measured on its 19 held-out articles (bench/results/quality.md): recall@5 0.958 against 0.895 dense, one-pass
+# answer F1 0.849 against 0.779, for about 0.1 ms of BM25 per retrieval; its prebuilt index carries the side index.
+DEFAULT_MODEL_RETRIEVAL_MODE = "hybrid"
+# When the prebuilt index's fingerprint differs but nothing else does (adopt_shipped_index): passages re-encoded,
+# and the lowest cosine to their stored vectors that still makes them this checkpoint's (bfloat16 re-encodes on
+# the dev CPU: 0.9998; another adapter's vectors are far off).
+REVERIFY_SAMPLE = 16
+REVERIFY_MIN_COSINE = 0.999
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +185,11 @@ def copy_index(src: Path, dst: Path) -> Path:
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    return move_into_place(tmp, dst)
+
+
+def move_into_place(tmp: Path, dst: Path) -> Path:
+    """Rename the directory ``tmp`` to ``dst``, replacing what was there (whole, as far as a reader sees)."""
     old = dst.with_name(dst.name + f".old{os.getpid()}")
     if dst.exists():
         os.replace(dst, old)
@@ -188,6 +207,55 @@ def shipped_index_mismatch(checkpoint: Path, shipped: Path, dtype: str) -> str |
         return (f"the prebuilt index was encoded in {manifest.get('encode_dtype')} for checkpoint "
                 f"{manifest.get('checkpoint_fingerprint')}, this one is {dtype} / {_fingerprint(checkpoint)}")
     return None
+
+
+def only_the_fingerprint_differs(checkpoint: Path, shipped: Path, dtype: str) -> bool:
+    """The prebuilt index has this dtype, this checkpoint's special tokens and dimension, and another fingerprint."""
+    from onegen_core.formats.checkpoint import load_checkpoint
+
+    try:
+        manifest = json.loads((shipped / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    ck = load_checkpoint(checkpoint)
+    return (manifest.get("encode_dtype") == dtype and manifest.get("dim") == int(ck.config.hidden_size)
+            and manifest.get("special_token_ids") == dict(ck.token_ids.by_name)
+            and manifest.get("checkpoint_fingerprint") != ck.fingerprint)
+
+
+def adopt_shipped_index(checkpoint: Path, shipped: Path, index: Path, dtype: str, *, device: str = "auto") -> bool:
+    """Install the prebuilt index for ``checkpoint`` although its fingerprint differs, when re-encoding a sample of
+    its passages (at least half of them checkable) gives its vectors (every cosine >= ``REVERIFY_MIN_COSINE``);
+    returns whether it did.
+
+    The fingerprint covers the checkpoint's files byte for byte, and a base imported under another transformers
+    release differs in ``config.json``'s ``transformers_version`` alone: without this a fresh machine re-encoded
+    the whole corpus (15+ minutes on a 2-core CPU) to get the same vectors. The copy's manifest is stamped with
+    this checkpoint's fingerprint and records the check (``extra.reverified``)."""
+    from index_builder.tools import verify
+    from onegen_core.formats.checkpoint import load_checkpoint
+    from onegen_core.formats.index_store import MANIFEST, Manifest
+
+    ck = load_checkpoint(checkpoint)
+    report = verify(shipped, ck, sample=REVERIFY_SAMPLE, atol=float("inf"), dtype=dtype, check_fingerprint=False,
+                    device="cpu" if device == "auto" else device)
+    if report.failures or 2 * report.checked < min(REVERIFY_SAMPLE, report.count) or report.min_cosine < REVERIFY_MIN_COSINE:
+        _log("; ".join([f"the prebuilt index is not this checkpoint's: {report.checked} passages re-encoded, lowest "
+                        f"cosine {report.min_cosine:.4f} (needs {REVERIFY_MIN_COSINE})", *report.failures]))
+        return False
+    tmp = index.with_name(index.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(shipped, tmp)
+    manifest = Manifest.from_file(tmp / MANIFEST)
+    manifest.extra["reverified"] = {"built_for": manifest.checkpoint_fingerprint, "passages": report.checked,
+                                    "min_cosine": round(report.min_cosine, 6),
+                                    "max_abs_diff": round(report.max_abs_diff, 6)}
+    manifest.checkpoint_fingerprint = ck.fingerprint
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    move_into_place(tmp, index)
+    _log(f"using the prebuilt index shipped with the adapter -> {index} (its vectors are this checkpoint's: "
+         f"{report.checked} passages re-encoded, lowest cosine {report.min_cosine:.4f})")
+    return True
 
 
 def _fingerprint(checkpoint: Path) -> str:
@@ -224,10 +292,17 @@ def prepare_default(
     install_adapter(Path(packaged), ckpt, base)
     if not build or (not force and index_matches(ckpt, index, dtype)):
         return ckpt, index
-    why_not = "--force" if force else shipped_index_mismatch(ckpt, Path(packaged) / SHIPPED_INDEX, dtype)
+    shipped = Path(packaged) / SHIPPED_INDEX
+    why_not = "--force" if force else shipped_index_mismatch(ckpt, shipped, dtype)
     if why_not is None:
         _log(f"using the prebuilt index shipped with the adapter -> {index}")
-        return ckpt, copy_index(Path(packaged) / SHIPPED_INDEX, index)
+        return ckpt, copy_index(shipped, index)
+    if not force and only_the_fingerprint_differs(ckpt, shipped, dtype):
+        _log(f"the prebuilt index's checkpoint fingerprint differs ({why_not}); re-encoding {REVERIFY_SAMPLE} of its "
+             "passages to see whether its vectors are this checkpoint's")
+        if adopt_shipped_index(ckpt, shipped, index, dtype, device=device):
+            return ckpt, index
+        why_not += f"; and re-encoded, {REVERIFY_SAMPLE} of its passages give other vectors"
     _log(f"building the index: {why_not}")
     corpus = write_passages(root / "passages.jsonl", dump, min_article_words=min_article_words)
     build_index(ckpt, corpus, index, dtype=dtype, device=device)
@@ -258,7 +333,17 @@ def serve_default(settings: Any) -> Any:
     return settings.model_copy(update={
         "checkpoint": ckpt, "index": settings.index or {"default": index}, "dtype": dtype,
         "served_model_name": settings.served_model_name or SERVED_MODEL_NAME,
+        "retrieval_mode": default_model_retrieval_mode(settings),
     })
+
+
+def default_model_retrieval_mode(settings: Any) -> str:
+    """The retrieval mode the default model is served with: ``DEFAULT_MODEL_RETRIEVAL_MODE`` over its own
+    index, unless a mode was set (``--retrieval-mode`` or ``ONEGEN_RETRIEVAL_MODE``) or ``--index`` names other
+    indexes (which may have no BM25 side index), where the server's own default stands."""
+    if "retrieval_mode" in settings.model_fields_set or settings.index:
+        return settings.retrieval_mode
+    return DEFAULT_MODEL_RETRIEVAL_MODE
 
 
 def main(argv: list[str] | None = None) -> int:

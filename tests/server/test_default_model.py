@@ -14,12 +14,14 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from server_harness import REPO, ServerProcess
 from wiki_dump_fixture import ARTICLES, write_dump
 
 from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.spec import OneGenSpec
-from server.prepare_default import DIGEST_FILE, SHIPPED_INDEX, prepare_default
+from server.prepare_default import DIGEST_FILE, SHIPPED_INDEX, default_model_retrieval_mode, prepare_default
+from server.settings import parse_settings
 
 SPEC = {"preset": "default", "document_template": "{title}\n{text}", "passage_template": "{title}\n{text}",
         "query_format": "chat", "retrieval": {"k": 1, "max_retrievals": 1}}
@@ -103,6 +105,51 @@ def test_a_prebuilt_index_shipped_with_the_adapter_is_used_instead_of_a_build(tm
     assert json.loads((index_bf16 / "manifest.json").read_text())["encode_dtype"] == "bfloat16"
 
 
+def test_a_prebuilt_index_whose_fingerprint_alone_differs_is_checked_by_its_vectors(tmp_path, tiny_default):
+    """Regression: the fingerprint covers the base's files byte for byte, and a base imported under a newer
+    transformers release differs in ``config.json``'s ``transformers_version`` alone; a fresh machine then
+    re-encoded the whole corpus instead of copying the committed index. Now a sample is re-encoded: the same
+    vectors adopt the index (stamped for this checkpoint, the check recorded); another adapter's build it anew."""
+    from safetensors.torch import load_file, save_file
+
+    base, packaged, dump = tiny_default
+    _, built = prepare_default(tmp_path / "first", base_dir=base, packaged=packaged, dump=dump, min_article_words=40)
+    shipping = tmp_path / "packaged"
+    shutil.copytree(packaged, shipping)
+    shutil.copytree(built, shipping / SHIPPED_INDEX)
+    newer = tmp_path / "base-newer-transformers"
+    shutil.copytree(base, newer)
+    config = json.loads((newer / "config.json").read_text())
+    (newer / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}, indent=2))
+
+    root = tmp_path / "fresh"
+    ckpt, index = prepare_default(root, base_dir=newer, packaged=shipping, dump=dump, min_article_words=40)
+    assert not (root / "passages.jsonl").exists()  # nothing was cut or encoded but the sample
+    assert (index / "index.faiss").read_bytes() == (built / "index.faiss").read_bytes()
+    manifest = json.loads((index / "manifest.json").read_text())
+    fingerprint = load_checkpoint(ckpt).fingerprint
+    assert manifest["checkpoint_fingerprint"] == fingerprint != json.loads((built / "manifest.json").read_text())[
+        "checkpoint_fingerprint"]
+    assert manifest["extra"]["reverified"]["passages"] == min(16, manifest["count"])
+    assert manifest["extra"]["reverified"]["min_cosine"] >= 0.999
+    assert json.loads((shipping / SHIPPED_INDEX / "manifest.json").read_text()) != manifest  # the source untouched
+    assert not list(root.glob("index.*"))  # no partial directory left
+
+    # Another adapter over the same base: its fingerprint differs too, and so do its vectors: the index is built.
+    other = tmp_path / "packaged-other"
+    shutil.copytree(shipping, other)
+    weights = load_file(other / "adapter_model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: v + torch.randn(v.shape, generator=gen) if "lora_B" in k else v for k, v in weights.items()}
+    save_file(weights, other / "adapter_model.safetensors")
+    root = tmp_path / "other"
+    ckpt, index = prepare_default(root, base_dir=base, packaged=other, dump=dump, min_article_words=40)
+    assert (root / "passages.jsonl").is_file()
+    assert json.loads((index / "manifest.json").read_text())["checkpoint_fingerprint"] == load_checkpoint(
+        ckpt).fingerprint
+    assert (index / "index.faiss").read_bytes() != (built / "index.faiss").read_bytes()
+
+
 def _repo_copy(dst):
     """The files a fresh clone has (tracked, plus untracked ones git does not ignore): no .cache."""
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
@@ -143,6 +190,22 @@ def test_the_readme_serve_command_serves_the_default_from_an_empty_cache(tmp_pat
     assert "building the index" in log and "Traceback" not in log
     assert "Warning" not in log, log[-3000:]  # a quiet first start: no library warnings for a new user to read
     assert info["model"] == "onegen-smollm2-wiki" and info["dtype"] == "bfloat16"
+    assert info["retrieval_defaults"]["mode"] == "hybrid"  # its own index, built with the BM25 side index
+
+
+@pytest.mark.parametrize(("argv", "env", "mode"), [
+    ([], {}, "hybrid"),                                            # the default model over its own index
+    (["--retrieval-mode", "dense"], {}, "dense"),                  # a mode that is set is kept
+    ([], {"ONEGEN_RETRIEVAL_MODE": "dense"}, "dense"),
+    (["--index", "/data/news"], {}, "dense"),                      # another index may have no BM25 side index
+    (["--index", "/data/news", "--retrieval-mode", "hybrid"], {}, "hybrid"),
+])
+def test_the_default_model_is_served_hybrid_unless_a_mode_or_another_index_is_given(monkeypatch, argv, env, mode):
+    for k in [k for k in os.environ if k.startswith("ONEGEN_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert default_model_retrieval_mode(parse_settings(argv)) == mode
 
 
 def test_a_foreign_checkpoint_directory_is_not_overwritten(tmp_path, tiny_default):
