@@ -70,7 +70,9 @@ Sections and columns:
    questions: ``correct``, ``says not found`` by ``quality_metrics.says_not_found`` -- the one rule, which
    knows the trained refusal "The retrieved passage does not answer this." -- and either), and *wrong
    refusals*: one-pass answers that say "not found" although the gold passage was retrieved (next to the same
-   share with another passage retrieved, where it is right: equal shares mean the refusals ignore the passage); *kept
+   share with another passage retrieved, where it is right: equal shares mean the refusals ignore the passage);
+   the general questions and the wrong refusals are also counted in hybrid mode, as the default model is served
+   (``general_hybrid``, ``wrong_refusals_hybrid``; informational, the targets read the dense rows); *kept
    generation*: mean token loss of the trained model (LoRA merged, ``transformers``) and of the base on the
    base's own greedy answers to the no-corpus prompts (the same token ids, scored after the same prompt
    ids), next to section 3's plain-text row. Up to 20 examples of each kind of failure go to
@@ -899,6 +901,7 @@ SET_RUNS = {  # key: (model, set, input form, retrieval mode or None for off, ro
     "reading": ("trained", "knowledge", "reading", None, "trained, gold passage in the prompt"),
     "no_corpus": ("trained", "no_corpus", "chat", "dense", "trained, no-corpus prompts"),
     "general": ("trained", "general", "chat", "dense", "trained, general questions"),
+    "general_hybrid": ("trained", "general", "chat", "hybrid", "trained, general questions, hybrid (as served)"),
     "base_knowledge": ("base", "knowledge", "chat", None, "untrained base, no retrieval"),
     "base_reading": ("base", "knowledge", "reading", None, "untrained base, gold passage in the prompt"),
     "base_no_corpus": ("base", "no_corpus", "chat", None, "untrained base, no-corpus prompts"),
@@ -1034,7 +1037,7 @@ def print_outside(sets: dict[str, list[dict[str, Any]]], outside: dict[str, dict
           f"(target: correct or 'not found' >= {GENERAL_GOOD:.2f})\n")
     print("| system | correct | says not found | correct or not found |")
     print("| --- | ---: | ---: | ---: |")
-    for key in ("general", "base_general"):
+    for key in ("general", "general_hybrid", "base_general"):
         if key in outside:
             r = outside[key]
             print(f"| {SET_RUNS[key][4]} | {fmt(r['correct'], True)} | {fmt(r['not_found'], True)} | "
@@ -1045,6 +1048,10 @@ def print_outside(sets: dict[str, list[dict[str, Any]]], outside: dict[str, dict
               f"whose gold passage was retrieved say it does not answer ({fmt(w['rate'], True)}); with another "
               f"passage retrieved, {w['other_refused']} of {w['other_n']} do ({fmt(w['other_rate'], True)}): "
               "a model that reads the passage says so more often there.")
+    if "wrong_refusals_hybrid" in outside:
+        w = outside["wrong_refusals_hybrid"]
+        print(f"In hybrid mode (as the default is served): {w['refused']} of {w['n']} ({fmt(w['rate'], True)}); "
+              f"with another passage, {w['other_refused']} of {w['other_n']} ({fmt(w['other_rate'], True)}).")
 
 
 @torch.inference_mode()

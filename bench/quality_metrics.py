@@ -320,11 +320,12 @@ def set_tables(sets: dict[str, list[dict[str, Any]]], outs: dict[str, list[SetOu
                 answers[k]["gold_retrieved"] = share([gold_retrieved(o, r) for o, r in
                                                       zip(outs[k], sets["knowledge"], strict=True)])
     outside = {k: general_summary([o.text for o in outs[k]], [gold_answers(r) for r in sets["general"]])
-               for k in ("general", "base_general") if k in outs}
-    if "knowledge" in outs:
-        outside["wrong_refusals"] = wrong_refusals(
-            [o.text for o in outs["knowledge"]],
-            [gold_retrieved(o, r) for o, r in zip(outs["knowledge"], sets["knowledge"], strict=True)])
+               for k in ("general", "general_hybrid", "base_general") if k in outs}
+    for run, key in (("knowledge", "wrong_refusals"), ("knowledge_hybrid", "wrong_refusals_hybrid")):
+        if run in outs:
+            outside[key] = wrong_refusals(
+                [o.text for o in outs[run]],
+                [gold_retrieved(o, r) for o, r in zip(outs[run], sets["knowledge"], strict=True)])
     return {"decision": decision, "answers": answers, "outside": outside}
 
 

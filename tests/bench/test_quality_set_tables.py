@@ -92,6 +92,22 @@ def test_set_tables_on_known_outputs():
     # and, for comparison, among those with another passage (k2 refuses, k4 does not) -> 1 of 2
     assert t["outside"]["wrong_refusals"] == {"n": 2, "refused": 1, "rate": 0.5,
                                               "other_n": 2, "other_refused": 1, "other_rate": 0.5}
+    assert "general_hybrid" not in t["outside"] and "wrong_refusals_hybrid" not in t["outside"]
+
+
+def test_the_hybrid_runs_get_their_own_general_and_wrong_refusal_rows():
+    """The default is served hybrid: its general questions and wrong refusals are counted from the hybrid runs,
+    beside (not mixed into) the dense ones."""
+    outs = {**OUTS, "knowledge_hybrid": [qm.SetOutput(o.text, o.retrieved, list(o.hits)) for o in OUTS["knowledge"]],
+            "general_hybrid": [Out("Canberra."), Out("I do not know."), Out("The tibia."), Out("The femur.")]}
+    outs["knowledge_hybrid"][2].text = "The capital is here."  # k3 no longer refuses with its gold passage
+    t = qm.set_tables(SETS, outs)
+    assert t["outside"]["wrong_refusals_hybrid"] == {"n": 2, "refused": 0, "rate": 0.0,
+                                                     "other_n": 2, "other_refused": 1, "other_rate": 0.5}
+    assert t["outside"]["wrong_refusals"]["refused"] == 1
+    g, gh = t["outside"]["general"], t["outside"]["general_hybrid"]
+    assert (gh["correct"], gh["not_found"], gh["good"]) == (pytest.approx(1 / 4), pytest.approx(1 / 4), 0.5)
+    assert g["good"] == pytest.approx(3 / 4)  # the dense row as before
 
 
 def test_an_echo_is_an_answer_that_begins_with_its_question():
@@ -206,13 +222,14 @@ def test_sets_section_end_to_end_on_a_tiny_model(tiny_run):
     assert 0.0 <= sets["answers"]["knowledge_hybrid"]["gold_retrieved"] <= 1.0
     for row in sets["answers"].values():
         assert row["n"] == 4 and 0.0 <= row["contains"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
-    assert set(sets["outside"]) == {"general", "base_general", "wrong_refusals"}
+    assert set(sets["outside"]) == {"general", "general_hybrid", "base_general", "wrong_refusals",
+                                    "wrong_refusals_hybrid"}
     kept = sets["chat_kept"]
     assert kept["prompts"] == 4 and kept["tokens"] > 0 and kept["base_loss"] > 0 and kept["trained_loss"] > 0
     assert set(sets["failures"]) == set(qm.FAILURE_KINDS)
     assert {k: len(v) for k, v in sets["details"].items()} == {
         "knowledge": 4, "knowledge_hybrid": 4, "knowledge_raw": 4, "reading": 4, "no_corpus": 4, "general": 4,
-        "base_knowledge": 4, "base_reading": 4, "base_no_corpus": 4, "base_general": 4}
+        "general_hybrid": 4, "base_knowledge": 4, "base_reading": 4, "base_no_corpus": 4, "base_general": 4}
     assert len(report["targets"]) == 7  # sets only: no target of sections 1-3
     passes = {t["target"]: t["pass"] for t in report["targets"]}
     if not sets["outside"]["wrong_refusals"]["n"]:  # no gold passage retrieved: nothing to refuse wrongly
