@@ -84,13 +84,20 @@ def test_prepare_default_builds_a_servable_checkpoint_and_index_once(tmp_path, t
         srv.stop()
 
 
-def test_a_prebuilt_index_shipped_with_the_adapter_is_used_instead_of_a_build(tmp_path, tiny_default):
-    """The README's first start copies the committed index instead of encoding the corpus (issue #17: 13 minutes)."""
+def _ship_with_a_prebuilt_index(tmp_path, tiny_default):
+    """(the index built for the tiny default, a copy of its packaged adapter with that index committed beside it)."""
     base, packaged, dump = tiny_default
     _, built = prepare_default(tmp_path / "first", base_dir=base, packaged=packaged, dump=dump, min_article_words=40)
     shipping = tmp_path / "packaged"
     shutil.copytree(packaged, shipping)
     shutil.copytree(built, shipping / SHIPPED_INDEX)
+    return built, shipping
+
+
+def test_a_prebuilt_index_shipped_with_the_adapter_is_used_instead_of_a_build(tmp_path, tiny_default):
+    """The README's first start copies the committed index instead of encoding the corpus (issue #17: 13 minutes)."""
+    base, packaged, dump = tiny_default
+    built, shipping = _ship_with_a_prebuilt_index(tmp_path, tiny_default)
     root = tmp_path / "fresh"
     ckpt, index = prepare_default(root, base_dir=base, packaged=shipping, dump=dump, min_article_words=40)
     assert not (root / "passages.jsonl").exists()  # nothing was cut or encoded: the shipped index was copied
@@ -113,10 +120,7 @@ def test_a_prebuilt_index_whose_fingerprint_alone_differs_is_checked_by_its_vect
     from safetensors.torch import load_file, save_file
 
     base, packaged, dump = tiny_default
-    _, built = prepare_default(tmp_path / "first", base_dir=base, packaged=packaged, dump=dump, min_article_words=40)
-    shipping = tmp_path / "packaged"
-    shutil.copytree(packaged, shipping)
-    shutil.copytree(built, shipping / SHIPPED_INDEX)
+    built, shipping = _ship_with_a_prebuilt_index(tmp_path, tiny_default)
     newer = tmp_path / "base-newer-transformers"
     shutil.copytree(base, newer)
     config = json.loads((newer / "config.json").read_text())
