@@ -209,24 +209,11 @@ def shipped_index_mismatch(checkpoint: Path, shipped: Path, dtype: str) -> str |
     return None
 
 
-def only_the_fingerprint_differs(checkpoint: Path, shipped: Path, dtype: str) -> bool:
-    """The prebuilt index has this dtype, this checkpoint's special tokens and dimension, and another fingerprint."""
-    from onegen_core.formats.checkpoint import load_checkpoint
-
-    try:
-        manifest = json.loads((shipped / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    ck = load_checkpoint(checkpoint)
-    return (manifest.get("encode_dtype") == dtype and manifest.get("dim") == int(ck.config.hidden_size)
-            and manifest.get("special_token_ids") == dict(ck.token_ids.by_name)
-            and manifest.get("checkpoint_fingerprint") != ck.fingerprint)
-
-
 def adopt_shipped_index(checkpoint: Path, shipped: Path, index: Path, dtype: str, *, device: str = "auto") -> bool:
-    """Install the prebuilt index for ``checkpoint`` although its fingerprint differs, when re-encoding a sample of
-    its passages (at least half of them checkable) gives its vectors (every cosine >= ``REVERIFY_MIN_COSINE``);
-    returns whether it did.
+    """Install the prebuilt index for ``checkpoint`` although its fingerprint differs, when it was encoded in
+    ``dtype`` and re-encoding a sample of its passages (at least half of them checkable) gives its vectors (every
+    cosine >= ``REVERIFY_MIN_COSINE``; ``verify`` also checks the special-token ids and the dimension); returns
+    whether it did.
 
     The fingerprint covers the checkpoint's files byte for byte, and a base imported under another transformers
     release differs in ``config.json``'s ``transformers_version`` alone: without this a fresh machine re-encoded
@@ -234,8 +221,16 @@ def adopt_shipped_index(checkpoint: Path, shipped: Path, index: Path, dtype: str
     this checkpoint's fingerprint and records the check (``extra.reverified``)."""
     from index_builder.tools import verify
     from onegen_core.formats.checkpoint import load_checkpoint
-    from onegen_core.formats.index_store import MANIFEST, Manifest
+    from onegen_core.formats.index_store import MANIFEST, IndexError_, Manifest
 
+    try:
+        encoded_in = Manifest.from_file(shipped / MANIFEST).encode_dtype
+    except (OSError, IndexError_):
+        return False
+    if encoded_in != dtype:  # queries in another dtype than the documents: build the index in this one
+        return False
+    _log(f"the prebuilt index's checkpoint fingerprint differs; re-encoding {REVERIFY_SAMPLE} of its passages to "
+         "see whether its vectors are this checkpoint's")
     ck = load_checkpoint(checkpoint)
     report = verify(shipped, ck, sample=REVERIFY_SAMPLE, atol=float("inf"), dtype=dtype, check_fingerprint=False,
                     device="cpu" if device == "auto" else device)
@@ -297,12 +292,8 @@ def prepare_default(
     if why_not is None:
         _log(f"using the prebuilt index shipped with the adapter -> {index}")
         return ckpt, copy_index(shipped, index)
-    if not force and only_the_fingerprint_differs(ckpt, shipped, dtype):
-        _log(f"the prebuilt index's checkpoint fingerprint differs ({why_not}); re-encoding {REVERIFY_SAMPLE} of its "
-             "passages to see whether its vectors are this checkpoint's")
-        if adopt_shipped_index(ckpt, shipped, index, dtype, device=device):
-            return ckpt, index
-        why_not += f"; and re-encoded, {REVERIFY_SAMPLE} of its passages give other vectors"
+    if not force and adopt_shipped_index(ckpt, shipped, index, dtype, device=device):
+        return ckpt, index
     _log(f"building the index: {why_not}")
     corpus = write_passages(root / "passages.jsonl", dump, min_article_words=min_article_words)
     build_index(ckpt, corpus, index, dtype=dtype, device=device)
