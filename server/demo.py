@@ -23,6 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from onegen_core.formats.checkpoint import load_checkpoint
 from onegen_core.formats.index_store import Document
 
 from .prepare_default import index_matches
@@ -122,7 +123,7 @@ def prepare_demo(
     complete = (ckpt / DEMO_MARKER).is_file() and not (ckpt / _BUILDING).exists()
     if force or not complete:
         _build_demo_checkpoint(ckpt)
-    if force or not complete or not index_matches(ckpt, index, "float32"):  # the demo encodes in float32
+    if force or not complete or not index_matches(load_checkpoint(ckpt), index, "float32"):  # encoded in float32
         build_index(ckpt, DEMO_CORPUS, index)
     return ckpt, index
 

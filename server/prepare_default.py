@@ -42,7 +42,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from onegen_core.formats.checkpoint import Checkpoint
 
 DEFAULT_ROOT = Path(".cache/onegen-default")
 PACKAGED_MODEL = Path(__file__).resolve().parent / "default_model"
@@ -154,10 +157,9 @@ def write_passages(out: Path, dump: str | os.PathLike | None = None, *, min_arti
     return out
 
 
-def index_matches(checkpoint: Path, index: Path, dtype: str) -> bool:
+def index_matches(checkpoint: Checkpoint, index: Path, dtype: str) -> bool:
     """The index (its current version, when it has versions) exists, was built from this checkpoint, and with the
     dtype the server will encode queries in."""
-    from onegen_core.formats.checkpoint import load_checkpoint
     from onegen_core.formats.index_store import resolve_version
 
     try:
@@ -165,7 +167,7 @@ def index_matches(checkpoint: Path, index: Path, dtype: str) -> bool:
     except (OSError, ValueError):
         return False
     built = manifest.get("encode_dtype") or manifest.get("extra", {}).get("builder", {}).get("dtype")
-    return manifest.get("checkpoint_fingerprint") == load_checkpoint(checkpoint).fingerprint and built in (None, dtype)
+    return manifest.get("checkpoint_fingerprint") == checkpoint.fingerprint and built in (None, dtype)
 
 
 def build_index(checkpoint: Path, corpus: Path, index: Path, *, dtype: str, device: str = "auto") -> Path:
@@ -198,18 +200,18 @@ def move_into_place(tmp: Path, dst: Path) -> Path:
     return dst
 
 
-def shipped_index_mismatch(checkpoint: Path, shipped: Path, dtype: str) -> str | None:
+def shipped_index_mismatch(checkpoint: Checkpoint, shipped: Path, dtype: str) -> str | None:
     """Why the prebuilt index next to the packaged adapter cannot serve ``checkpoint`` in ``dtype``; None if it can."""
     if not (shipped / "manifest.json").is_file():
         return f"no prebuilt index in {shipped}"
     if not index_matches(checkpoint, shipped, dtype):
         manifest = json.loads((shipped / "manifest.json").read_text())
         return (f"the prebuilt index was encoded in {manifest.get('encode_dtype')} for checkpoint "
-                f"{manifest.get('checkpoint_fingerprint')}, this one is {dtype} / {_fingerprint(checkpoint)}")
+                f"{manifest.get('checkpoint_fingerprint')}, this one is {dtype} / {checkpoint.fingerprint}")
     return None
 
 
-def adopt_shipped_index(checkpoint: Path, shipped: Path, index: Path, dtype: str, *, device: str = "auto") -> bool:
+def adopt_shipped_index(checkpoint: Checkpoint, shipped: Path, index: Path, dtype: str, *, device: str = "auto") -> bool:
     """Install the prebuilt index for ``checkpoint`` although its fingerprint differs, when it was encoded in
     ``dtype`` and re-encoding a sample of its passages (at least half of them checkable) gives its vectors (every
     cosine >= ``REVERIFY_MIN_COSINE``; ``verify`` also checks the special-token ids and the dimension); returns
@@ -220,7 +222,6 @@ def adopt_shipped_index(checkpoint: Path, shipped: Path, index: Path, dtype: str
     the whole corpus (15+ minutes on a 2-core CPU) to get the same vectors. The copy's manifest is stamped with
     this checkpoint's fingerprint and records the check (``extra.reverified``)."""
     from index_builder.tools import verify
-    from onegen_core.formats.checkpoint import load_checkpoint
     from onegen_core.formats.index_store import MANIFEST, IndexError_, Manifest
 
     try:
@@ -231,8 +232,7 @@ def adopt_shipped_index(checkpoint: Path, shipped: Path, index: Path, dtype: str
         return False
     _log(f"the prebuilt index's checkpoint fingerprint differs; re-encoding {REVERIFY_SAMPLE} of its passages to "
          "see whether its vectors are this checkpoint's")
-    ck = load_checkpoint(checkpoint)
-    report = verify(shipped, ck, sample=REVERIFY_SAMPLE, atol=float("inf"), dtype=dtype, check_fingerprint=False,
+    report = verify(shipped, checkpoint, sample=REVERIFY_SAMPLE, atol=float("inf"), dtype=dtype, check_fingerprint=False,
                     device="cpu" if device == "auto" else device)
     if report.failures or 2 * report.checked < min(REVERIFY_SAMPLE, report.count) or report.min_cosine < REVERIFY_MIN_COSINE:
         _log("; ".join([f"the prebuilt index is not this checkpoint's: {report.checked} passages re-encoded, lowest "
@@ -245,18 +245,12 @@ def adopt_shipped_index(checkpoint: Path, shipped: Path, index: Path, dtype: str
     manifest.extra["reverified"] = {"built_for": manifest.checkpoint_fingerprint, "passages": report.checked,
                                     "min_cosine": round(report.min_cosine, 6),
                                     "max_abs_diff": round(report.max_abs_diff, 6)}
-    manifest.checkpoint_fingerprint = ck.fingerprint
+    manifest.checkpoint_fingerprint = checkpoint.fingerprint
     (tmp / MANIFEST).write_text(manifest.to_json())
     move_into_place(tmp, index)
     _log(f"using the prebuilt index shipped with the adapter -> {index} (its vectors are this checkpoint's: "
          f"{report.checked} passages re-encoded, lowest cosine {report.min_cosine:.4f})")
     return True
-
-
-def _fingerprint(checkpoint: Path) -> str:
-    from onegen_core.formats.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint).fingerprint
 
 
 def prepare_default(
@@ -285,14 +279,19 @@ def prepare_default(
     index = Path(index_dir) if index_dir else root / "index"
     import_base(base)
     install_adapter(Path(packaged), ckpt, base)
-    if not build or (not force and index_matches(ckpt, index, dtype)):
+    if not build:
+        return ckpt, index
+    from onegen_core.formats.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(ckpt)  # one load: its fingerprint (a hash of the 540 MB base) is computed once
+    if not force and index_matches(checkpoint, index, dtype):
         return ckpt, index
     shipped = Path(packaged) / SHIPPED_INDEX
-    why_not = "--force" if force else shipped_index_mismatch(ckpt, shipped, dtype)
+    why_not = "--force" if force else shipped_index_mismatch(checkpoint, shipped, dtype)
     if why_not is None:
         _log(f"using the prebuilt index shipped with the adapter -> {index}")
         return ckpt, copy_index(shipped, index)
-    if not force and adopt_shipped_index(ckpt, shipped, index, dtype, device=device):
+    if not force and adopt_shipped_index(checkpoint, shipped, index, dtype, device=device):
         return ckpt, index
     _log(f"building the index: {why_not}")
     corpus = write_passages(root / "passages.jsonl", dump, min_article_words=min_article_words)
