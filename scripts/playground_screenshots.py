@@ -5,7 +5,7 @@
 
 Without ``--url`` it starts ``python -m server`` on the trained default model (``.cache/onegen-default``,
 prepared by ``bash scripts/serve.sh`` or ``python -m server.prepare_default``) in bfloat16 on a free
-loopback port, and stops it afterwards. It asks the question in chat mode, waits for the answer, opens
+loopback port, in the retrieval mode the README's serve command uses for it (hybrid), and stops it afterwards. It asks the question in chat mode, waits for the answer, opens
 the first retrieval marker and writes ``docs/images/playground-desktop.png`` and ``playground-phone.png``
 (the whole page). It needs Chromium and chromedriver (``apt-get install chromium chromium-driver``)
 and the ``dev`` extra (selenium). Exits non-zero, saying why, when the model did not retrieve.
@@ -25,6 +25,8 @@ sys.path.insert(0, str(REPO / "tests" / "server"))  # the test suite's server pr
 from playground_browser import full_page_png, missing_browser, set_viewport, start_chromium  # noqa: E402
 from server_harness import ServerProcess  # noqa: E402
 
+from server.prepare_default import DEFAULT_MODEL_RETRIEVAL_MODE  # noqa: E402
+
 DEFAULT_ROOT = REPO / ".cache" / "onegen-default"
 
 
@@ -35,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_ROOT / "checkpoint", help="(default: %(default)s)")
     p.add_argument("--index", type=Path, default=DEFAULT_ROOT / "index", help="(default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", help="(default: %(default)s)")
+    p.add_argument("--retrieval-mode", default=DEFAULT_MODEL_RETRIEVAL_MODE,
+                   help="how the server it starts retrieves (default: %(default)s, as the default model is served)")
     p.add_argument("--served-model-name", default="onegen-smollm2-wiki", help="(default: %(default)s)")
     p.add_argument("--question", default="Tell me about the climate of Alaska.", help="(default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=48, help="(default: %(default)s)")
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         with tempfile.TemporaryDirectory() as tmp:
             server = ServerProcess(["--checkpoint", str(args.checkpoint), "--index", str(args.index),
-                                    "--dtype", args.dtype, "--served-model-name", args.served_model_name],
+                                    "--dtype", args.dtype, "--retrieval-mode", args.retrieval_mode,
+                                    "--served-model-name", args.served_model_name],
                                    Path(tmp) / "server.log")
             try:
                 server.wait_ready(timeout=300)
