@@ -173,6 +173,14 @@ def split_articles(articles: list[str], heldout: float, seed: int) -> tuple[set[
     return set(order[n_held:]), set(order[:n_held])
 
 
+def split_rng(seed: int, split: str) -> random.Random:
+    """The random source of one split. Each split has its own, so ``eval.jsonl`` depends on the corpus, the seed
+    and the question settings alone: the mix's knobs (how many chat, text or general rows ``train.jsonl`` gets)
+    draw from the training split's source, and two recipes are measured on the same held-out questions. The
+    training split keeps ``Random(seed)``, as before the split sources, so its data is unchanged."""
+    return random.Random(seed if split == "train" else f"{seed}/{split}")
+
+
 def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig = PrepareConfig(),
             mix: MixConfig | None = None) -> dict:
     """Write corpus.jsonl, db.jsonl, train.jsonl, eval.jsonl and split.json into ``out``; returns the summary.
@@ -185,7 +193,6 @@ def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfi
     recs = read_passages(corpus)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(cfg.seed)
     by_article: dict[str, list[Record]] = defaultdict(list)
     for r in recs:
         by_article[r.article].append(r)
@@ -193,6 +200,7 @@ def prepare(corpus: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfi
     summary: dict[str, Any] = {"corpus": str(corpus), "passages": len(recs), "articles": len(by_article),
                                "heldout_articles": sorted(held_articles), "settings": cfg.__dict__}
     for split, articles in (("train", train_articles), ("eval", held_articles)):
+        rng = split_rng(cfg.seed, split)
         questions: list[Question] = []
         for a in sorted(articles):
             questions += questions_for_article(by_article[a], rng, max_per_passage=cfg.max_questions_per_passage,
